@@ -1,0 +1,40 @@
+import { createRequire } from 'node:module';
+import type { Logger } from '../util/logger.js';
+import { EventBus } from '../util/events.js';
+import { BlockGraph } from '../block/graph.js';
+import { ExportManager } from '../export/manager.js';
+
+const require = createRequire(import.meta.url);
+const pkg = require('../../package.json') as { version: string };
+
+/** The QEMU QMP level whose behaviour we follow (qemu-storage-daemon 7.2). */
+export const QEMU_LEVEL = { major: 7, minor: 2, micro: 0 } as const;
+export const BLOCKD_VERSION: string = pkg.version;
+
+/**
+ * Everything a command handler can reach. Built once by the composition root
+ * (cli/) and shared by every monitor and by the command line.
+ */
+export class Services {
+  readonly events = new EventBus();
+  readonly graph: BlockGraph;
+  readonly exports: ExportManager;
+  private shuttingDown: Promise<void> | undefined;
+
+  constructor(readonly log: Logger) {
+    this.graph = new BlockGraph(log.child({ component: 'block' }));
+    this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
+  }
+
+  /**
+   * Tear everything down in QSD's order: exports (one BLOCK_EXPORT_DELETED each),
+   * jobs, nodes (metadata flushed). Idempotent: later callers share the first run.
+   */
+  shutdown(): Promise<void> {
+    this.shuttingDown ??= (async () => {
+      await this.exports.closeAll();
+      await this.graph.closeAll();
+    })();
+    return this.shuttingDown;
+  }
+}
