@@ -1,0 +1,224 @@
+/**
+ * Block layer contracts.
+ *
+ * - `BlockDriver` is what a driver implements (file, raw, null-co, later qcow2 and filters).
+ *   Drivers are never called directly by upper layers: `io.ts` wraps them.
+ * - `BlockNode` is what other layers (exports, jobs, QMP) see of a node.
+ * - `BlockUser` is a permission-holding attachment to a node (QEMU's BlockBackend / BdrvChild).
+ *   Its `node` can be swapped by the graph (live overlays: `blockdev-snapshot` moves every parent
+ *   of a node onto the overlay), so users must read `user.node` / `user.io` on every request
+ *   instead of caching the node.
+ */
+// ---------------------------------------------------------------------------------------------
+// Block status
+
+/** Extent flags (bit mask). */
+export const EXTENT_DATA = 1;
+/** The range reads as zeroes. */
+export const EXTENT_ZERO = 2;
+/** The range is allocated in some layer of the chain (`depth` > 0). */
+export const EXTENT_ALLOCATED = 4;
+
+/**
+ * One block-status extent. `depth`: 1 = allocated in this node, N = in the N-th backing layer
+ * (this node is 1, its backing is 2, ...), 0 = unallocated in the whole chain
+ * (qemu:allocation-depth semantics).
+ */
+export interface BlockExtent {
+  offset: number;
+  length: number;
+  /** Bit mask of EXTENT_DATA | EXTENT_ZERO | EXTENT_ALLOCATED. */
+  flags: number;
+  depth: number;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Permissions (QEMU's BLK_PERM_* model)
+
+/** The permissions a user can take on a node, or share with other users. */
+export interface BlockPerms {
+  consistentRead?: boolean;
+  write?: boolean;
+  writeUnchanged?: boolean;
+  resize?: boolean;
+}
+
+/** Bit values; they match QEMU's BLK_PERM_* so that image lock bytes are compatible. */
+export const PERM_CONSISTENT_READ = 0x1;
+export const PERM_WRITE = 0x2;
+export const PERM_WRITE_UNCHANGED = 0x4;
+export const PERM_RESIZE = 0x8;
+export const PERM_ALL = 0xf;
+
+/** What `BlockNode.attach()` takes. */
+export interface BlockUserSpec {
+  /**
+   * How the user is named in permission errors, e.g. `an unnamed block device` for exports, or
+   * `node 'X'` for a parent node. `role` is the child role (`root`, `file`, `backing`, `target`).
+   */
+  name: string;
+  role?: string;
+  perm: BlockPerms;
+  shared: BlockPerms;
+  /** Kind of user, for `blockdev-del` checks: a backend (export/job) or a parent node. */
+  kind?: 'backend' | 'node';
+  /** A parent node (kind 'node'), for graph walking. */
+  parent?: BlockNode;
+}
+
+/** A permission-holding attachment to a node. */
+export interface BlockUser {
+  readonly spec: Readonly<BlockUserSpec>;
+  /** The node this user is currently attached to (changes when the graph moves parents). */
+  readonly node: BlockNode;
+  /** Shorthand for `node.io`. */
+  readonly io: BlockIO;
+  /** Change the permissions this user holds; throws BlockError('PERM_CONFLICT') on conflict. */
+  setPerms(perm: BlockPerms, shared: BlockPerms): void;
+  /** Release the permissions and detach. Idempotent. */
+  detach(): void;
+  /** Called by the graph after `node` changed (e.g. `blockdev-snapshot` moved this user). */
+  onNodeChanged?: (oldNode: BlockNode, newNode: BlockNode) => void;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drivers
+
+export interface WriteFlags {
+  /** Force unit access: data is on stable storage when the promise resolves. */
+  fua?: boolean;
+}
+
+export interface ZeroFlags extends WriteFlags {
+  /** The range may be deallocated (NBD: no NO_HOLE flag). */
+  mayUnmap?: boolean;
+  /** Fail with ENOTSUP instead of writing zero buffers (NBD FAST_ZERO). */
+  noFallback?: boolean;
+}
+
+/** What a driver can do natively; io.ts supplies fallbacks for the rest. */
+export interface DriverCaps {
+  /** Driver implements writeZeroes efficiently (no data written). */
+  writeZeroes: boolean;
+  /** Driver implements FUA itself; otherwise io.ts follows the write with a flush. */
+  fua: boolean;
+  /** Driver implements discard (otherwise discard is a successful no-op). */
+  discard: boolean;
+  /** Driver implements block status (otherwise "all data, allocated"). */
+  blockStatus: boolean;
+  /** Driver can change its length. */
+  resize: boolean;
+  /** Driver may answer some reads synchronously (tryReadSync). */
+  readSync: boolean;
+  /** Reads of unwritten ranges are guaranteed zero (NBD: can trust ZERO). */
+  zeroInit?: boolean;
+}
+
+/**
+ * A driver instance bound to one node. All ranges it receives are already checked by io.ts
+ * (inside [0, length], integers); buffers may have any alignment.
+ */
+export interface BlockDriver {
+  /** Driver name as in BlockdevDriver (`file`, `raw`, `null-co`, ...). */
+  readonly name: string;
+  readonly caps: DriverCaps;
+  /** Current virtual size in bytes. */
+  getLength(): number;
+  /** Fill `buf` (all of it) from `offset`. */
+  read(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Optional synchronous fast path: fill `buf` without blocking (e.g. preadv2(RWF_NOWAIT) from the
+   * page cache). Returns false when it would block or is unavailable; the caller then uses `read`.
+   */
+  tryReadSync?(buf: Buffer, offset: number): boolean;
+  write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void>;
+  writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
+  discard?(offset: number, length: number): Promise<void>;
+  flush(): Promise<void>;
+  /** Extents covering [offset, offset+length) in order, possibly shorter (never longer). */
+  blockStatus?(offset: number, length: number): Promise<BlockExtent[]>;
+  truncate?(size: number): Promise<void>;
+  close(): Promise<void>;
+  /** The `file` string of query-named-block-nodes (a path, `null-co://`, `json:{...}`). */
+  describeFilename(): string;
+  /** `image.actual-size` (allocated bytes on the host), when known. */
+  actualSize?(): Promise<number | undefined>;
+  /**
+   * Called when the cumulative permissions of the node's users change (file driver: image locks).
+   * Throws BlockError to refuse (e.g. `Failed to get "write" lock`).
+   */
+  checkPerms?(perm: number, shared: number): void;
+  setPerms?(perm: number, shared: number): void;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node-facing API
+
+/** Per-node I/O counters (query-blockstats, NBD statistics). */
+export interface BlockStats {
+  readOps: number;
+  readBytes: number;
+  writeOps: number;
+  writeBytes: number;
+  zeroOps: number;
+  zeroBytes: number;
+  discardOps: number;
+  discardBytes: number;
+  flushOps: number;
+  failedOps: number;
+}
+
+/**
+ * Called for every write-like request (write, write-zeroes, discard) on a node after range and
+ * permission checks and before the driver is asked; dirty bitmaps and write tracking (cbw) hook
+ * here. An async hook delays the write (copy-before-write); a throwing hook fails it.
+ */
+export type WriteHook = (
+  offset: number,
+  length: number,
+  kind: 'write' | 'zero' | 'discard',
+) => void | Promise<void>;
+
+/** The checked I/O wrapper of a node (`io.ts`). Every upper layer does I/O through it. */
+export interface BlockIO {
+  read(buf: Buffer, offset: number): Promise<void>;
+  /** Synchronous fast path; false means "use read()". Never throws for I/O reasons. */
+  tryReadSync(buf: Buffer, offset: number): boolean;
+  write(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;
+  writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
+  discard(offset: number, length: number): Promise<void>;
+  flush(): Promise<void>;
+  blockStatus(offset: number, length: number): Promise<BlockExtent[]>;
+  truncate(size: number): Promise<void>;
+  /** Current size. */
+  size(): number;
+  /** Write hooks (dirty bitmaps, write notifiers). Returns an unsubscribe function. */
+  addWriteHook(hook: WriteHook): () => void;
+  readonly stats: BlockStats;
+}
+
+/** A child edge of a node. */
+export interface BlockChild {
+  /** Role name: `file`, `backing`, `target`, ... */
+  readonly name: string;
+  readonly user: BlockUser;
+}
+
+export interface BlockNode {
+  readonly name: string;
+  readonly driverName: string;
+  readonly readOnly: boolean;
+  /** Created by a top-level blockdev-add (only those can be blockdev-del'd). */
+  readonly monitorOwned: boolean;
+  readonly io: BlockIO;
+  readonly driver: BlockDriver;
+  /** Child edges in creation order. */
+  readonly children: readonly BlockChild[];
+  /** Every user attached to this node (exports, jobs, parent nodes). */
+  readonly parents: readonly BlockUser[];
+  size(): number;
+  /** Take permissions on the node. Throws BlockError('PERM_CONFLICT' | 'READ_ONLY'). */
+  attach(spec: BlockUserSpec): BlockUser;
+  /** Reasons this node may not be deleted/changed (op blockers), e.g. `node is used as backing hd of 'Y'`. */
+  readonly blockers: Set<string>;
+}
