@@ -1,9 +1,361 @@
+/**
+ * The block node graph: registry, blockdev-add (children inline or by reference, QSD's option
+ * inheritance and auto names), blockdev-del (QSD's checks and order), queries, shutdown.
+ */
+import { randomInt } from 'node:crypto';
+import { BlockError } from '../util/errors.js';
 import type { Logger } from '../util/logger.js';
+import { FileDriver } from './drivers/file.js';
+import { NullDriver } from './drivers/null.js';
+import { RawDriver } from './drivers/raw.js';
+import { optError, type DriverOpenContext, type Options } from './drivers/common.js';
+import { nativeLoadError } from './native.js';
+import { BlockNodeImpl, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
+import type { BlockDriver, BlockNode } from './types.js';
 
-/** Placeholder until the block-core issue lands: the node graph. */
+/** Every value of QSD 7.2's BlockdevDriver enum, in its order. */
+export const BLOCKDEV_DRIVERS = [
+  'blkdebug', 'blklogwrites', 'blkreplay', 'blkverify', 'bochs', 'cloop', 'compress',
+  'copy-before-write', 'copy-on-read', 'dmg', 'file', 'snapshot-access', 'ftp', 'ftps', 'gluster',
+  'host_cdrom', 'host_device', 'http', 'https', 'iscsi', 'luks', 'nbd', 'nfs', 'null-aio',
+  'null-co', 'nvme', 'parallels', 'preallocate', 'qcow', 'qcow2', 'qed', 'quorum', 'raw', 'rbd',
+  'replication', 'ssh', 'throttle', 'vdi', 'vhdx', 'vmdk', 'vpc', 'vvfat',
+] as const;
+
+/** Node names: a letter, then letters, digits, '-', '.', '_'; at most 31 characters. */
+const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9._-]*$/;
+const NODE_NAME_MAX = 31;
+
+/** Options an inline child inherits from its parent (QEMU's bdrv_inherited_options). */
+interface Inherited {
+  readOnly: boolean;
+  autoReadOnly: boolean;
+  cacheDirect: boolean;
+  cacheNoFlush: boolean;
+  forceShare: boolean;
+}
+
+/** How a driver is opened: its child members and the factory. */
+interface DriverSpec {
+  children: readonly { member: string; required: boolean }[];
+  childPerms?: ChildPermFn;
+  open(ctx: DriverOpenContext, opts: Options): Promise<BlockDriver>;
+}
+
+const DRIVERS: Partial<Record<string, DriverSpec>> = {
+  file: { children: [], open: (ctx, o) => FileDriver.open(ctx, o) },
+  raw: {
+    children: [{ member: 'file', required: true }],
+    childPerms: formatChildPerms,
+    open: async (ctx, o) => new RawDriver(ctx, o),
+  },
+  'null-co': { children: [], open: async (_ctx, o) => new NullDriver('null-co', o) },
+  'null-aio': { children: [], open: async (_ctx, o) => new NullDriver('null-aio', o) },
+};
+
+/** Validate a user-supplied node name (QSD's texts). */
+export function checkNodeName(name: string): void {
+  if (!NODE_NAME_RE.test(name)) throw optError(`Invalid node-name: '${name}'`);
+  if (name.length > NODE_NAME_MAX) throw optError('Node name too long');
+}
+
 export class BlockGraph {
-  constructor(readonly log: Logger) {}
+  private readonly nodes = new Map<string, BlockNodeImpl>();
+  /** Creation order, for newest-first queries and parent-first shutdown. */
+  private order: BlockNodeImpl[] = [];
+  private autoCounter = 0;
 
-  /** Close every node, flushing metadata. */
-  async closeAll(): Promise<void> {}
+  constructor(readonly log: Logger) {
+    const why = nativeLoadError();
+    if (why) log.debug({ reason: why }, 'native block addon not in use, using the JS fallback');
+  }
+
+  /** Look a node up by name. */
+  get(name: string): BlockNode | undefined {
+    return this.nodes.get(name);
+  }
+
+  /** Look a node up or fail with QSD's `Cannot find device='X' nor node-name='X'`. */
+  find(name: string): BlockNode {
+    const n = this.nodes.get(name);
+    if (!n) {
+      throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${name}' nor node-name='${name}'`);
+    }
+    return n;
+  }
+
+  /** All nodes, newest first. */
+  list(): BlockNode[] {
+    return [...this.order].reverse();
+  }
+
+  private autoName(): string {
+    // '#block' + per-process counter + two random digits (QSD's format; tools treat it as opaque).
+    let name: string;
+    do {
+      name = `#block${this.autoCounter++}${String(randomInt(100)).padStart(2, '0')}`;
+    } while (this.nodes.has(name));
+    return name;
+  }
+
+  /**
+   * blockdev-add: open a node and its inline children. On failure everything opened by this
+   * call is closed again and the graph is unchanged.
+   */
+  async add(opts: Options): Promise<BlockNode> {
+    if (opts['node-name'] === undefined) throw optError("'node-name' must be specified for the root node");
+    const created: BlockNodeImpl[] = [];
+    try {
+      return await this.open(opts, undefined, created, 'root');
+    } catch (err) {
+      for (const n of created.reverse()) await this.destroy(n).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private async open(
+    opts: Options,
+    inherited: Inherited | undefined,
+    created: BlockNodeImpl[],
+    role: string,
+  ): Promise<BlockNodeImpl> {
+    const driverName = opts['driver'];
+    if (driverName === undefined) throw optError("Parameter 'driver' is missing");
+    if (typeof driverName !== 'string') throw optError("Invalid parameter type for 'driver', expected: string");
+    if (!(BLOCKDEV_DRIVERS as readonly string[]).includes(driverName)) {
+      throw optError(`Parameter 'driver' does not accept value '${driverName}'`);
+    }
+    const spec = DRIVERS[driverName];
+    if (!spec) throw optError(`Driver '${driverName}' is not supported by blockd`);
+
+    // Name first (QEMU assigns it before the driver opens its children).
+    let name: string;
+    const given = opts['node-name'];
+    if (given !== undefined) {
+      if (typeof given !== 'string') throw optError("Invalid parameter type for 'node-name', expected: string");
+      checkNodeName(given);
+      if (this.nodes.has(given)) throw optError(`Duplicate nodes with node-name='${given}'`);
+      name = given;
+    } else {
+      name = this.autoName();
+    }
+
+    const nodeOpts = this.effectiveOptions(opts, inherited, role);
+    if (nodeOpts.forceShare && !nodeOpts.readOnly) {
+      throw optError('force-share=on can only be used with read-only images');
+    }
+    // Reserve the name so that inline children cannot take it.
+    const reserved = name;
+    this.reserved.add(reserved);
+    try {
+      // Children: references must exist; inline definitions are opened now.
+      const children: { role: string; node: BlockNodeImpl }[] = [];
+      for (const c of spec.children) {
+        const ref = opts[c.member];
+        if (ref === undefined) {
+          if (c.required) throw optError(`Parameter '${c.member}' is missing`);
+          continue;
+        }
+        children.push({ role: c.member, node: await this.resolveChild(ref, c.member, nodeOpts, created) });
+      }
+
+      let nodeRef: BlockNodeImpl | undefined;
+      const ctx: DriverOpenContext = {
+        nodeName: name,
+        readOnly: nodeOpts.readOnly,
+        options: nodeOpts,
+        log: this.log.child({ node: name }),
+        childIO: (r) => {
+          const edge = nodeRef?.childEdges.find((e) => e.name === r);
+          const node = edge?.user.node ?? children.find((c) => c.role === r)?.node;
+          if (!node) throw new BlockError('NO_CHILD', 'EIO', `node '${name}' has no '${r}' child`);
+          return node.io;
+        },
+        childDriver: (r) => {
+          const edge = nodeRef?.childEdges.find((e) => e.name === r);
+          const node = edge?.user.node ?? children.find((c) => c.role === r)?.node;
+          if (!node) throw new BlockError('NO_CHILD', 'EIO', `node '${name}' has no '${r}' child`);
+          return node.driver;
+        },
+      };
+      const driver = await spec.open(ctx, opts);
+      const readOnly = driver instanceof FileDriver ? driver.readOnlyOpen : nodeOpts.readOnly;
+      const node = new BlockNodeImpl({
+        name,
+        driver,
+        readOnly,
+        monitorOwned: inherited === undefined,
+        options: nodeOpts,
+        ...(spec.childPerms ? { childPerms: spec.childPerms } : {}),
+      });
+      nodeRef = node;
+      this.register(node);
+      created.push(node);
+      for (const c of children) node.addChild(c.role, c.node);
+      this.log.debug({ node: name, driver: driverName }, 'block node opened');
+      return node;
+    } finally {
+      this.reserved.delete(reserved);
+    }
+  }
+
+  private readonly reserved = new Set<string>();
+
+  private register(node: BlockNodeImpl): void {
+    this.nodes.set(node.name, node);
+    this.order.push(node);
+  }
+
+  private effectiveOptions(opts: Options, inh: Inherited | undefined, role: string): NodeOptionsInfo & Inherited {
+    const bool = (k: string): boolean | undefined => {
+      const v = opts[k];
+      if (v === undefined) return undefined;
+      if (typeof v !== 'boolean') throw optError(`Invalid parameter type for '${k}', expected: boolean`);
+      return v;
+    };
+    const cache = opts['cache'];
+    if (cache !== undefined && (cache === null || typeof cache !== 'object' || Array.isArray(cache))) {
+      throw optError("Invalid parameter type for 'cache', expected: object");
+    }
+    const c = (cache ?? {}) as Options;
+    for (const k of Object.keys(c)) {
+      if (k !== 'direct' && k !== 'no-flush') throw optError(`Parameter 'cache.${k}' is unexpected`);
+    }
+    const cbool = (k: string): boolean | undefined => {
+      const v = c[k];
+      if (v === undefined) return undefined;
+      if (typeof v !== 'boolean') throw optError(`Invalid parameter type for 'cache.${k}', expected: boolean`);
+      return v;
+    };
+    const en = <T extends string>(k: string, values: readonly T[]): T | undefined => {
+      const v = opts[k];
+      if (v === undefined) return undefined;
+      if (typeof v !== 'string') throw optError(`Invalid parameter type for '${k}', expected: string`);
+      if (!(values as readonly string[]).includes(v)) throw optError(`Parameter '${k}' does not accept value '${v}'`);
+      return v as T;
+    };
+    if (bool('active') === false) throw optError("Option 'active=false' is not supported by blockd");
+    const backing = role === 'backing';
+    return {
+      // Backing children default to read-only; other inline children inherit.
+      readOnly: bool('read-only') ?? (backing ? true : (inh?.readOnly ?? false)),
+      autoReadOnly: bool('auto-read-only') ?? (backing ? false : (inh?.autoReadOnly ?? false)),
+      cacheDirect: cbool('direct') ?? inh?.cacheDirect ?? false,
+      cacheNoFlush: cbool('no-flush') ?? inh?.cacheNoFlush ?? false,
+      forceShare: bool('force-share') ?? inh?.forceShare ?? false,
+      // Lower layers default to unmap; the parent's policy still filters what reaches them.
+      discard: en('discard', ['ignore', 'unmap'] as const) ?? (inh ? 'unmap' : 'ignore'),
+      detectZeroes: en('detect-zeroes', ['off', 'on', 'unmap'] as const) ?? 'off',
+    };
+  }
+
+  private async resolveChild(
+    ref: unknown,
+    member: string,
+    parent: NodeOptionsInfo & Inherited,
+    created: BlockNodeImpl[],
+  ): Promise<BlockNodeImpl> {
+    if (typeof ref === 'string') {
+      const n = this.nodes.get(ref);
+      if (!n) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${ref}' nor node-name='${ref}'`);
+      return n;
+    }
+    if (ref === null || typeof ref !== 'object' || Array.isArray(ref)) {
+      throw optError(`Invalid parameter type for '${member}', expected: BlockdevRef`);
+    }
+    const childOpts = ref as Options;
+    const given = childOpts['node-name'];
+    if (typeof given === 'string' && this.reserved.has(given)) {
+      throw optError(`Duplicate nodes with node-name='${given}'`);
+    }
+    return this.open(childOpts, parent, created, member);
+  }
+
+  /**
+   * blockdev-del: checks in QSD's order (in use by an export/job, op blockers, not owned by the
+   * monitor, used as a child), then closes the node and the inline children only it used.
+   */
+  async del(name: string): Promise<void> {
+    const node = this.nodes.get(name);
+    if (!node) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Failed to find node with node-name='${name}'`);
+    if (node.hasBackendUsers()) throw new BlockError('IN_USE', 'EBUSY', `Node ${name} is in use`);
+    const blocker = node.blockers.values().next();
+    if (!blocker.done) throw new BlockError('BUSY', 'EBUSY', `Node '${name}' is busy: ${blocker.value}`);
+    if (!node.monitorOwned) throw new BlockError('NOT_OWNED', 'EPERM', `Node ${name} is not owned by the monitor`);
+    if (node.hasParentNodes()) throw new BlockError('IN_USE', 'EBUSY', `Block device ${name} is in use`);
+    await this.destroy(node);
+  }
+
+  /** Close a node, detach its children and take unowned children with no other parent along. */
+  private async destroy(node: BlockNodeImpl): Promise<void> {
+    if (!this.nodes.has(node.name)) return;
+    this.nodes.delete(node.name);
+    this.order = this.order.filter((n) => n !== node);
+    try {
+      await node.driver.close();
+    } catch (err) {
+      this.log.warn({ err, node: node.name }, 'error closing block node');
+    }
+    const edges = node.childEdges.splice(0);
+    for (const e of edges) {
+      const child = e.user.node;
+      e.user.detach();
+      if (!child.monitorOwned && child.parents.length === 0) await this.destroy(child);
+    }
+    this.log.debug({ node: node.name }, 'block node closed');
+  }
+
+  /** Close every node, parents before children, flushing data. */
+  async closeAll(): Promise<void> {
+    for (const n of this.list()) {
+      try {
+        await n.io.flush();
+      } catch (err) {
+        this.log.warn({ err, node: n.name }, 'flush on close failed');
+      }
+    }
+    while (this.order.length > 0) {
+      const top = [...this.order].reverse().find((n) => !n.hasParentNodes()) ?? this.order[this.order.length - 1];
+      if (!top) break;
+      await this.destroy(top);
+    }
+  }
+
+  /** One BlockDeviceInfo of query-named-block-nodes (QSD 7.2 member set and order). */
+  async describe(node: BlockNode): Promise<Record<string, unknown>> {
+    const n = node as BlockNodeImpl;
+    const extra = (await n.driver.queryImage?.()) ?? {};
+    const filename = n.driver.describeFilename();
+    const image: Record<string, unknown> = {
+      'virtual-size': n.size(),
+      filename,
+      format: n.driverName,
+      ...Object.fromEntries(Object.entries(extra).filter(([, v]) => v !== undefined)),
+    };
+    return {
+      'iops_rd': 0,
+      'detect_zeroes': n.options.detectZeroes,
+      image,
+      'iops_wr': 0,
+      ro: n.readOnly,
+      'node-name': n.name,
+      'backing_file_depth': 0,
+      drv: n.driverName,
+      iops: 0,
+      'bps_wr': 0,
+      'write_threshold': 0,
+      encrypted: false,
+      bps: 0,
+      'bps_rd': 0,
+      cache: { 'no-flush': n.options.cacheNoFlush, direct: n.options.cacheDirect, writeback: true },
+      file: filename,
+    };
+  }
+
+  /** query-named-block-nodes. `flat` only matters once nodes have backing images. */
+  async queryNamedBlockNodes(_flat = false): Promise<Record<string, unknown>[]> {
+    const out: Record<string, unknown>[] = [];
+    for (const n of this.list()) out.push(await this.describe(n));
+    return out;
+  }
 }

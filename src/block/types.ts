@@ -141,8 +141,16 @@ export interface BlockDriver {
   close(): Promise<void>;
   /** The `file` string of query-named-block-nodes (a path, `null-co://`, `json:{...}`). */
   describeFilename(): string;
-  /** `image.actual-size` (allocated bytes on the host), when known. */
-  actualSize?(): Promise<number | undefined>;
+  /**
+   * The options that describe this node in a `json:{...}` filename, in the order QEMU prints
+   * them (e.g. `{driver: 'file', filename: '/x'}`). Undefined = the plain filename is enough.
+   */
+  jsonOptions?(): Record<string, unknown>;
+  /**
+   * Driver-specific members of query-named-block-nodes' `image` (ImageInfo): `actual-size`,
+   * `dirty-flag`, `cluster-size`, `format-specific`, ...
+   */
+  queryImage?(): Promise<Record<string, unknown>>;
   /**
    * Called when the cumulative permissions of the node's users change (file driver: image locks).
    * Throws BlockError to refuse (e.g. `Failed to get "write" lock`).

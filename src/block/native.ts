@@ -1,0 +1,121 @@
+/**
+ * The optional native addon (native/blockd_native.c) and its pure-JS fallback.
+ *
+ * The fallback stays correct, only slower or less precise: seeking and hole punching throw
+ * ENOTSUP (the file driver then reports everything as data and writes zero buffers), there
+ * is no non-blocking read and no OFD locking (image locking is then in-process only).
+ * `BLOCKD_NO_ADDON=1` forces the fallback so tests cover both paths.
+ */
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface NativeOps {
+  /** True when the real addon is loaded. */
+  readonly available: boolean;
+  /** Next data offset at or after `offset`, or -1 if there is none before EOF. */
+  seekData(fd: number, offset: number): number;
+  /** Next hole offset at or after `offset` (EOF counts as a hole), or -1 past EOF. */
+  seekHole(fd: number, offset: number): number;
+  /** Deallocate a range (keep size). Throws with `code` ENOTSUP/EOPNOTSUPP when not possible. */
+  punchHole(fd: number, offset: number, length: number): void;
+  /** Zero a range without writing data (FALLOC_FL_ZERO_RANGE). Throws when not possible. */
+  zeroRange(fd: number, offset: number, length: number): void;
+  /** preadv2(RWF_NOWAIT): bytes read, or -1 when it would block / is unsupported. */
+  preadNowait(fd: number, buf: Buffer, offset: number): number;
+  /** OFD byte-range lock: type 0 unlock, 1 shared, 2 exclusive. Throws EAGAIN/EACCES on conflict. */
+  ofdLock(fd: number, start: number, length: number, type: 0 | 1 | 2): void;
+  /** Whether taking a lock of `type` on the range would conflict with another open file description. */
+  ofdTest(fd: number, start: number, length: number, type: 1 | 2): boolean;
+  /** A zeroed Buffer whose memory is `align`-aligned (O_DIRECT bounce buffers). */
+  allocAligned(size: number, align: number): Buffer;
+  /** The O_DIRECT open flag. */
+  readonly O_DIRECT: number;
+}
+
+interface RawAddon {
+  seekData(fd: number, offset: number): number;
+  seekHole(fd: number, offset: number): number;
+  punchHole(fd: number, offset: number, length: number): void;
+  zeroRange(fd: number, offset: number, length: number): void;
+  preadNowait(fd: number, buf: Buffer, offset: number): number;
+  ofdLock(fd: number, start: number, length: number, type: number): void;
+  ofdTest(fd: number, start: number, length: number, type: number): boolean;
+  allocAligned(size: number, align: number): Buffer;
+  oDirect(): number;
+}
+
+function notSupported(what: string): never {
+  const err = new Error(`${what}: Operation not supported`) as Error & { code: string };
+  err.code = 'ENOTSUP';
+  throw err;
+}
+
+/** Pure-JS stand-in: correct, never clever. */
+export const FALLBACK_OPS: NativeOps = {
+  available: false,
+  seekData: () => notSupported('seekData'),
+  seekHole: () => notSupported('seekHole'),
+  punchHole: () => notSupported('punchHole'),
+  zeroRange: () => notSupported('zeroRange'),
+  preadNowait: () => -1,
+  ofdLock: () => notSupported('ofdLock'),
+  ofdTest: () => false,
+  allocAligned: () => notSupported('allocAligned'),
+  // Linux x86/arm generic value; only used if the addon is missing, to open with O_DIRECT.
+  O_DIRECT: 0o40000,
+};
+
+function addonPath(): string | undefined {
+  const here = dirname(fileURLToPath(import.meta.url));
+  // src/block/native.ts and dist/block/native.js are both two levels below the root.
+  const p = join(here, '..', '..', 'native', 'build', 'Release', 'blockd_native.node');
+  return existsSync(p) ? p : undefined;
+}
+
+let cached: NativeOps | undefined;
+let loadError: string | undefined;
+
+/** The addon if it is built and not disabled, else the fallback. Loaded once. */
+export function nativeOps(): NativeOps {
+  if (cached) return cached;
+  if (process.env['BLOCKD_NO_ADDON'] === '1') return (cached = FALLBACK_OPS);
+  const p = addonPath();
+  if (!p) {
+    loadError = 'native addon not built (npm run build:addon)';
+    return (cached = FALLBACK_OPS);
+  }
+  try {
+    const require = createRequire(import.meta.url);
+    const a = require(p) as RawAddon;
+    cached = {
+      available: true,
+      seekData: (fd, o) => a.seekData(fd, o),
+      seekHole: (fd, o) => a.seekHole(fd, o),
+      punchHole: (fd, o, l) => a.punchHole(fd, o, l),
+      zeroRange: (fd, o, l) => a.zeroRange(fd, o, l),
+      preadNowait: (fd, b, o) => a.preadNowait(fd, b, o),
+      ofdLock: (fd, s, l, t) => a.ofdLock(fd, s, l, t),
+      ofdTest: (fd, s, l, t) => a.ofdTest(fd, s, l, t),
+      allocAligned: (n, al) => a.allocAligned(n, al),
+      O_DIRECT: a.oDirect(),
+    };
+  } catch (err) {
+    loadError = err instanceof Error ? err.message : String(err);
+    cached = FALLBACK_OPS;
+  }
+  return cached;
+}
+
+/** Why the addon is not in use (for a debug log line), or undefined. */
+export function nativeLoadError(): string | undefined {
+  nativeOps();
+  return loadError;
+}
+
+/** Tests only: forget the cached choice so BLOCKD_NO_ADDON is read again. */
+export function resetNativeOpsForTests(): void {
+  cached = undefined;
+  loadError = undefined;
+}
