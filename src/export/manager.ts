@@ -1,15 +1,277 @@
+/**
+ * The export registry: owns the NBD server and every block export, implements the NBD
+ * engine's `NbdBackend` on top of them, and carries QSD's rules for adding and removing
+ * exports (ids, names, permissions, safe/hard removal, BLOCK_EXPORT_DELETED).
+ */
 import type { Logger } from '../util/logger.js';
 import type { EventBus } from '../util/events.js';
+import { DaemonError, QmpError } from '../util/errors.js';
 import type { BlockGraph } from '../block/graph.js';
+import type { BlockUser } from '../block/types.js';
+import type { NbdBackend, NbdExportHandle, NbdExportSummary } from '../nbd/backend.js';
+import { NbdServer, type NbdBoundAddress, type NbdListenAddress } from '../nbd/server.js';
+import { strerror } from '../util/errors.js';
+import { NbdExport, type MultiConnMode } from './nbd-export.js';
 
-/** Placeholder until the NBD issue lands: the export registry. */
-export class ExportManager {
+/** QSD 7.2.22 (Debian) and upstream >= 9.1 default. */
+export const DEFAULT_MAX_CONNECTIONS = 100;
+/** NBD_MAX_STRING_SIZE. */
+const MAX_STRING = 4096;
+
+export interface NbdServerStartOptions {
+  addr: NbdListenAddress;
+  maxConnections?: number;
+  handshakeMaxSeconds?: number;
+  tlsCreds?: string;
+  tlsAuthz?: string;
+}
+
+export interface ExportAddOptions {
+  type: string;
+  id: string;
+  nodeName: string;
+  writable?: boolean;
+  writethrough?: boolean;
+  /** nbd */
+  name?: string;
+  description?: string;
+  allocationDepth?: boolean;
+  bitmaps?: ReadonlyArray<string | { node: string; name: string }>;
+  maxConnections?: number;
+  multiConn?: MultiConnMode;
+}
+
+/** What query-block-exports reports for one export. */
+export interface ExportInfo {
+  id: string;
+  type: 'nbd';
+  'node-name': string;
+  'shutting-down': boolean;
+  name: string;
+  writable: boolean;
+  'multi-conn': boolean;
+  'max-connections': number;
+  connections: number;
+  statistics: {
+    'rd-operations': number;
+    'rd-bytes': number;
+    'wr-operations': number;
+    'wr-bytes': number;
+    'zero-operations': number;
+    'trim-operations': number;
+    'flush-requested': number;
+    'flush-performed': number;
+    'connections-total': number;
+  };
+}
+
+/** Well-formed ids: a letter, then letters, digits, '-', '.', '_' (QEMU id_wellformed). */
+export function idWellFormed(id: string): boolean {
+  return /^[A-Za-z][A-Za-z0-9._-]*$/.test(id);
+}
+
+export class ExportManager implements NbdBackend {
+  private server: NbdServer | undefined;
+  private serverMax = DEFAULT_MAX_CONNECTIONS;
+  private bound: NbdBoundAddress | undefined;
+  /** Every export by id, in creation order (query lists newest first, like QSD). */
+  private readonly exports = new Map<string, NbdExport>();
+
   constructor(
     readonly graph: BlockGraph,
     readonly events: EventBus,
     readonly log: Logger,
   ) {}
 
-  /** Delete every export (emitting BLOCK_EXPORT_DELETED) and stop the NBD server. */
-  async closeAll(): Promise<void> {}
+  get serverRunning(): boolean {
+    return this.server !== undefined;
+  }
+
+  /** Where the NBD server listens (with the real port for port 0), if it runs. */
+  get serverAddress(): NbdBoundAddress | undefined {
+    return this.server ? this.bound : undefined;
+  }
+
+  // ------------------------------------------------------------------ NbdBackend
+
+  listExports(): readonly NbdExportSummary[] {
+    const out: NbdExportSummary[] = [];
+    for (const e of this.exports.values()) {
+      if (e.shuttingDown) continue;
+      out.push(e.description === undefined ? { name: e.name } : { name: e.name, description: e.description });
+    }
+    return out;
+  }
+
+  openExport(name: string): NbdExportHandle | DaemonError {
+    for (const e of this.exports.values()) {
+      if (e.name !== name) continue;
+      if (e.shuttingDown) {
+        return new DaemonError('EXPORT_SHUTDOWN', `export '${name}' is being removed`, { errno: 'ESHUTDOWN' });
+      }
+      return e;
+    }
+    return new DaemonError('EXPORT_NOT_FOUND', `export '${name}' not present`, { errno: 'ENOENT' });
+  }
+
+  // ------------------------------------------------------------------ server
+
+  async startServer(opts: NbdServerStartOptions): Promise<void> {
+    if (this.server) throw new QmpError('NBD server already running');
+    if (opts.tlsCreds !== undefined) {
+      // No TLS credential objects can exist yet (object-add has no tls-creds-* types).
+      throw new QmpError(`No TLS credentials with id '${opts.tlsCreds}'`);
+    }
+    const maxConnections = opts.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+    const server = new NbdServer({
+      backend: this,
+      maxConnections,
+      handshakeTimeoutMs: (opts.handshakeMaxSeconds ?? 10) * 1000,
+      log: this.log,
+    });
+    try {
+      this.bound = await server.listen(opts.addr);
+    } catch (err) {
+      throw new QmpError(bindErrorText(opts.addr, err));
+    }
+    this.server = server;
+    this.serverMax = maxConnections;
+    this.log.info({ addr: opts.addr, maxConnections }, 'NBD server started');
+  }
+
+  /** nbd-server-stop: hard-delete every NBD export (events before the reply), close the listener. */
+  async stopServer(): Promise<void> {
+    const server = this.server;
+    if (!server) throw new QmpError('NBD server not running');
+    await this.deleteAll();
+    this.server = undefined;
+    this.bound = undefined;
+    await server.close();
+    this.log.info('NBD server stopped');
+  }
+
+  /** Shutdown: every export deleted (one event each), then the server closed. */
+  async closeAll(): Promise<void> {
+    await this.deleteAll();
+    const server = this.server;
+    this.server = undefined;
+    if (server) await server.close();
+  }
+
+  private async deleteAll(): Promise<void> {
+    const all = [...this.exports.values()].reverse();
+    await Promise.all(all.map((e) => this.removeNow(e, 'server shutting down')));
+  }
+
+  // ------------------------------------------------------------------ exports
+
+  addExport(o: ExportAddOptions): void {
+    if (o.type !== 'nbd') {
+      throw new QmpError(`Export type '${o.type}' is not supported by blockd`);
+    }
+    if (!idWellFormed(o.id)) throw new QmpError('Invalid block export id');
+    if (this.exports.has(o.id)) throw new QmpError(`Block export id '${o.id}' is already in use`);
+    const node = this.graph.get(o.nodeName);
+    if (!node) throw new QmpError(`Cannot find device='' nor node-name='${o.nodeName}'`);
+    const writable = o.writable ?? false;
+    if (writable && node.readOnly) throw new QmpError('Cannot export read-only node as writable');
+    if (!this.server) throw new QmpError('NBD server not running');
+    const name = o.name ?? o.nodeName;
+    if (Buffer.byteLength(name) > MAX_STRING) throw new QmpError(`export name '${name}' too long`);
+    if (o.description !== undefined && Buffer.byteLength(o.description) > MAX_STRING) {
+      throw new QmpError(`description '${o.description}' too long`);
+    }
+    for (const e of this.exports.values()) {
+      if (e.name === name) throw new QmpError(`NBD server already has export named '${name}'`);
+    }
+    if (o.bitmaps && o.bitmaps.length > 0) {
+      const b = o.bitmaps[0]!;
+      // Dirty bitmaps are not part of the block layer yet: every name is unknown.
+      if (typeof b === 'string') throw new QmpError(`Bitmap '${b}' is not found`);
+      throw new QmpError(`Dirty bitmap '${b.name}' not found`);
+    }
+    const user: BlockUser = node.attach({
+      name: 'an unnamed block device',
+      role: 'root',
+      kind: 'backend',
+      perm: { consistentRead: true, write: writable },
+      shared: { consistentRead: true, write: true, writeUnchanged: true, resize: false },
+    });
+    const exp = new NbdExport(
+      {
+        id: o.id,
+        name,
+        ...(o.description === undefined ? {} : { description: o.description }),
+        writable,
+        writethrough: o.writethrough ?? false,
+        allocationDepth: o.allocationDepth ?? false,
+        maxConnections: o.maxConnections ?? 0,
+        multiConn: o.multiConn ?? 'auto',
+      },
+      user,
+      () => this.serverMax,
+      this.log,
+    );
+    this.exports.set(o.id, exp);
+    this.log.info({ export: o.id, name, node: o.nodeName, writable }, 'export added');
+  }
+
+  /**
+   * block-export-del. safe: refused while clients are connected. hard: clients are cut off;
+   * the reply goes first and BLOCK_EXPORT_DELETED follows once they are gone (QSD).
+   */
+  async deleteExport(id: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
+    const exp = this.exports.get(id);
+    if (!exp || exp.shuttingDown) throw new QmpError(`Export '${id}' is not found`);
+    if (exp.connectionCount > 0) {
+      if (mode === 'safe') throw new QmpError(`export '${id}' still in use`);
+      exp.shuttingDown = true;
+      void this.removeNow(exp, 'export deleted');
+      return;
+    }
+    await this.removeNow(exp, 'export deleted');
+  }
+
+  private async removeNow(exp: NbdExport, reason: string): Promise<void> {
+    exp.shuttingDown = true;
+    await exp.disconnectAll(reason);
+    if (this.exports.get(exp.id) !== exp) return;
+    exp.user.detach();
+    this.exports.delete(exp.id);
+    this.log.info({ export: exp.id }, 'export deleted');
+    this.events.emit('BLOCK_EXPORT_DELETED', { id: exp.id });
+  }
+
+  query(): ExportInfo[] {
+    return [...this.exports.values()].reverse().map((e) => ({
+      id: e.id,
+      type: 'nbd' as const,
+      'node-name': e.nodeName,
+      'shutting-down': e.shuttingDown,
+      name: e.name,
+      writable: !e.readOnly,
+      'multi-conn': e.multiConn,
+      'max-connections': e.opts.maxConnections,
+      connections: e.connectionCount,
+      statistics: {
+        'rd-operations': e.counters.readOps,
+        'rd-bytes': e.counters.readBytes,
+        'wr-operations': e.counters.writeOps,
+        'wr-bytes': e.counters.writeBytes,
+        'zero-operations': e.counters.zeroOps,
+        'trim-operations': e.counters.trimOps,
+        'flush-requested': e.counters.flushesRequested,
+        'flush-performed': e.counters.flushesPerformed,
+        'connections-total': e.counters.connectionsTotal,
+      },
+    }));
+  }
+}
+
+/** QEMU's wording for a listen failure. */
+function bindErrorText(addr: NbdListenAddress, err: unknown): string {
+  const cause = (err as { cause?: unknown }).cause ?? err;
+  if (addr.type === 'unix') return `Failed to bind socket to ${addr.path}: ${strerror(cause)}`;
+  if (addr.type === 'inet') return `Failed to bind socket: ${strerror(cause)}`;
+  return `Failed to use socket fd ${addr.fd}: ${strerror(cause)}`;
 }
