@@ -1,0 +1,434 @@
+/**
+ * Fixed-newstyle handshake as a pure state machine: it consumes decoded client input
+ * (client flags, then one option at a time) and returns the bytes to send plus the
+ * next state. The connection owns the socket and the framing; this module owns the
+ * negotiation rules, with replies and messages matching qemu-storage-daemon 7.2.
+ *
+ * States:
+ *   CLIENT_FLAGS --flags ok--> OPTIONS --GO ack / EXPORT_NAME--> TRANSMISSION
+ *        |                       |  \--ABORT / protocol violation--> CLOSED
+ *        \--unknown flag bits------------------------------------> CLOSED
+ */
+import { DaemonError } from '../util/errors.js';
+import type {
+  NbdBackend,
+  NbdConnectionInfo,
+  NbdExportHandle,
+  NbdMetaContext,
+  NbdSession,
+} from './backend.js';
+import {
+  decodeInfoRequest,
+  decodeMetaContextRequest,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoString,
+  encodeOptionReply,
+  encodeRepMetaContext,
+  encodeRepServer,
+  NBD_FLAG_C_FIXED_NEWSTYLE,
+  NBD_FLAG_C_NO_ZEROES,
+  NBD_FLAG_CAN_MULTI_CONN,
+  NBD_FLAG_FIXED_NEWSTYLE,
+  NBD_FLAG_HAS_FLAGS,
+  NBD_FLAG_NO_ZEROES,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_ROTATIONAL,
+  NBD_FLAG_SEND_CACHE,
+  NBD_FLAG_SEND_DF,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_INFO_BLOCK_SIZE,
+  NBD_INFO_DESCRIPTION,
+  NBD_INFO_NAME,
+  NBD_MAX_BUFFER_SIZE,
+  NBD_MAX_OPTION_SIZE,
+  NBD_MAX_STRING_SIZE,
+  NBD_OPT_ABORT,
+  NBD_OPT_EXPORT_NAME,
+  NBD_OPT_GO,
+  NBD_OPT_INFO,
+  NBD_OPT_LIST,
+  NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
+  NBD_OPT_STRUCTURED_REPLY,
+  NBD_REP_ACK,
+  NBD_REP_ERR_BLOCK_SIZE_REQD,
+  NBD_REP_ERR_INVALID,
+  NBD_REP_ERR_POLICY,
+  NBD_REP_ERR_SHUTDOWN,
+  NBD_REP_ERR_TOO_BIG,
+  NBD_REP_ERR_UNKNOWN,
+  NBD_REP_ERR_UNSUP,
+  NBD_REP_INFO,
+  NBD_REP_META_CONTEXT,
+  NBD_REP_SERVER,
+} from './protocol.js';
+
+export type HandshakeState = 'CLIENT_FLAGS' | 'OPTIONS' | 'TRANSMISSION' | 'CLOSED';
+
+/** A metadata context selected by SET_META_CONTEXT, with the id sent to the client. */
+export interface SelectedContext {
+  id: number;
+  context: NbdMetaContext;
+}
+
+/** What transmission needs once negotiation succeeded. */
+export interface NegotiatedExport {
+  exp: NbdExportHandle;
+  session: NbdSession;
+  structured: boolean;
+  /** Transmission flags as sent to this client. */
+  flags: number;
+  /** Selected contexts, in id order (empty: BLOCK_STATUS is refused). */
+  contexts: SelectedContext[];
+}
+
+export interface HandshakeStep {
+  out: Buffer[];
+  state: HandshakeState;
+  /** Why the connection closes (logged by the caller). */
+  reason?: string;
+  /** Set when state = TRANSMISSION. */
+  negotiated?: NegotiatedExport;
+}
+
+/**
+ * How the connection must deliver an option's payload: buffered for options we
+ * parse, drained (skipped without buffering) for options whose payload we ignore or
+ * refuse, or close the connection straight away (limits exceeded).
+ */
+export type PayloadMode = 'buffer' | 'drain' | 'close';
+
+/** Options we parse: their payload is buffered up to this size, else refused. */
+const MAX_PARSED_OPTION = 1024 * 1024;
+
+/** Connection facts the handshake passes to `onConnect`. */
+export type ConnectionFacts = Pick<NbdConnectionInfo, 'id' | 'clientAddress' | 'disconnect'>;
+
+/** Option names as QEMU prints them in `option '<name>' has unexpected length`. */
+const OPT_TEXT: Record<number, string> = {
+  [NBD_OPT_LIST]: 'list',
+  [NBD_OPT_STARTTLS]: 'starttls',
+  [NBD_OPT_STRUCTURED_REPLY]: 'structured reply',
+  [NBD_OPT_ABORT]: 'abort',
+};
+
+/** Transmission flags for `exp`, per connection (DF only with structured replies). */
+export function transmissionFlags(exp: NbdExportHandle, structured: boolean): number {
+  let f = NBD_FLAG_HAS_FLAGS;
+  if (exp.readOnly) f |= NBD_FLAG_READ_ONLY;
+  if (exp.canFlush) f |= NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+  if (exp.rotational) f |= NBD_FLAG_ROTATIONAL;
+  if (!exp.readOnly && exp.canTrim) f |= NBD_FLAG_SEND_TRIM;
+  if (!exp.readOnly && exp.canWriteZeroes) {
+    f |= NBD_FLAG_SEND_WRITE_ZEROES;
+    if (exp.canFastZero) f |= NBD_FLAG_SEND_FAST_ZERO;
+  }
+  if (structured) f |= NBD_FLAG_SEND_DF;
+  if (exp.multiConn) f |= NBD_FLAG_CAN_MULTI_CONN;
+  if (exp.canCache) f |= NBD_FLAG_SEND_CACHE;
+  return f;
+}
+
+/** Every context of an export, in provider order: the index is the context id (QEMU numbering). */
+export function allContexts(exp: NbdExportHandle): NbdMetaContext[] {
+  const out: NbdMetaContext[] = [];
+  for (const p of exp.metaContexts) out.push(...p.listContexts('', false));
+  return out;
+}
+
+function rep(option: number, type: number, payload?: Buffer): Buffer {
+  return encodeOptionReply(option, type, payload);
+}
+
+function repErr(option: number, type: number, message: string): Buffer {
+  let m = Buffer.from(message, 'utf8');
+  if (m.length > NBD_MAX_STRING_SIZE) m = m.subarray(0, NBD_MAX_STRING_SIZE);
+  return encodeOptionReply(option, type, m);
+}
+
+/** Reply type for a backend refusal of an export (see NbdBackend.openExport). */
+function refusalType(err: DaemonError): number {
+  switch (err.errno) {
+    case 'ESHUTDOWN':
+      return NBD_REP_ERR_SHUTDOWN;
+    case 'EPERM':
+    case 'EACCES':
+      return NBD_REP_ERR_POLICY;
+    default:
+      return NBD_REP_ERR_UNKNOWN;
+  }
+}
+
+export class Handshake {
+  state: HandshakeState = 'CLIENT_FLAGS';
+  private fixed = false;
+  private noZeroes = false;
+  private structured = false;
+  /** Export named by the last SET_META_CONTEXT, and what it selected. */
+  private metaExport: string | undefined;
+  private metaSelected: SelectedContext[] = [];
+
+  constructor(
+    private readonly backend: NbdBackend,
+    private readonly conn: ConnectionFacts,
+  ) {}
+
+  /** NBD spec: Newstyle negotiation; we always offer FIXED_NEWSTYLE and NO_ZEROES. */
+  greeting(): Buffer {
+    return encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+  }
+
+  onClientFlags(flags: number): HandshakeStep {
+    if (this.state !== 'CLIENT_FLAGS') throw new Error('client flags out of order');
+    if ((flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) !== 0) {
+      return this.close(`unsupported client flags 0x${(flags >>> 0).toString(16)}`);
+    }
+    this.fixed = (flags & NBD_FLAG_C_FIXED_NEWSTYLE) !== 0;
+    this.noZeroes = (flags & NBD_FLAG_C_NO_ZEROES) !== 0;
+    this.state = 'OPTIONS';
+    return { out: [], state: this.state };
+  }
+
+  /** Decide, from the option header alone, how its payload is delivered. */
+  payloadMode(option: number, length: number): PayloadMode {
+    if (length > NBD_MAX_OPTION_SIZE) return 'close';
+    if (!this.fixed && option !== NBD_OPT_EXPORT_NAME) return 'close';
+    switch (option) {
+      case NBD_OPT_EXPORT_NAME:
+        return length > NBD_MAX_STRING_SIZE ? 'close' : 'buffer';
+      case NBD_OPT_INFO:
+      case NBD_OPT_GO:
+      case NBD_OPT_LIST_META_CONTEXT:
+      case NBD_OPT_SET_META_CONTEXT:
+        return length > MAX_PARSED_OPTION ? 'drain' : 'buffer';
+      default:
+        return 'drain';
+    }
+  }
+
+  /**
+   * Handle one option. `payload` is the buffered payload, or undefined when it was
+   * drained (then `length` says how long it was).
+   */
+  onOption(option: number, length: number, payload: Buffer | undefined): HandshakeStep {
+    if (this.state !== 'OPTIONS') throw new Error('option out of order');
+    if (!this.fixed && option !== NBD_OPT_EXPORT_NAME) {
+      return this.close('non-fixed-newstyle client sent an option other than EXPORT_NAME');
+    }
+    if (payload === undefined && length > 0 && this.payloadMode(option, length) === 'buffer') {
+      throw new Error('payload expected');
+    }
+    if (
+      payload === undefined &&
+      (option === NBD_OPT_INFO ||
+        option === NBD_OPT_GO ||
+        option === NBD_OPT_LIST_META_CONTEXT ||
+        option === NBD_OPT_SET_META_CONTEXT)
+    ) {
+      return this.reply(repErr(option, NBD_REP_ERR_TOO_BIG, 'option too long'));
+    }
+    switch (option) {
+      case NBD_OPT_EXPORT_NAME:
+        return this.optExportName(payload ?? Buffer.alloc(0));
+      case NBD_OPT_ABORT:
+        // NBD spec: always ACK, then the client (or we) close.
+        this.state = 'CLOSED';
+        return { out: [rep(option, NBD_REP_ACK)], state: 'CLOSED', reason: 'client sent NBD_OPT_ABORT' };
+      case NBD_OPT_LIST:
+        if (length !== 0) return this.unexpectedLength(option);
+        return this.optList();
+      case NBD_OPT_STARTTLS:
+        if (length !== 0) return this.unexpectedLength(option);
+        return this.reply(repErr(option, NBD_REP_ERR_POLICY, 'TLS not configured'));
+      case NBD_OPT_STRUCTURED_REPLY:
+        if (length !== 0) return this.unexpectedLength(option);
+        if (this.structured) {
+          return this.reply(repErr(option, NBD_REP_ERR_INVALID, 'structured reply already negotiated'));
+        }
+        this.structured = true;
+        return this.reply(rep(option, NBD_REP_ACK));
+      case NBD_OPT_INFO:
+      case NBD_OPT_GO:
+        return this.optInfoGo(option, payload ?? Buffer.alloc(0));
+      case NBD_OPT_LIST_META_CONTEXT:
+      case NBD_OPT_SET_META_CONTEXT:
+        return this.optMetaContext(option, payload ?? Buffer.alloc(0));
+      default:
+        // Includes PEEK_EXPORT (withdrawn) and EXTENDED_HEADERS (not supported, like QSD 7.2).
+        return this.reply(repErr(option, NBD_REP_ERR_UNSUP, `Unsupported option ${option} (<unknown>)`));
+    }
+  }
+
+  private reply(...out: Buffer[]): HandshakeStep {
+    return { out, state: this.state };
+  }
+
+  private close(reason: string, out: Buffer[] = []): HandshakeStep {
+    this.state = 'CLOSED';
+    return { out, state: 'CLOSED', reason };
+  }
+
+  private unexpectedLength(option: number): HandshakeStep {
+    return this.reply(
+      repErr(option, NBD_REP_ERR_INVALID, `option '${OPT_TEXT[option] ?? option}' has unexpected length`),
+    );
+  }
+
+  private lookup(name: string): NbdExportHandle | DaemonError {
+    try {
+      return this.backend.openExport(name);
+    } catch (e) {
+      if (e instanceof DaemonError) return e;
+      throw e;
+    }
+  }
+
+  private optList(): HandshakeStep {
+    const out: Buffer[] = [];
+    for (const e of this.backend.listExports()) {
+      out.push(rep(NBD_OPT_LIST, NBD_REP_SERVER, encodeRepServer(e.name, e.description ?? '')));
+    }
+    out.push(rep(NBD_OPT_LIST, NBD_REP_ACK));
+    return this.reply(...out);
+  }
+
+  /** Enter transmission with `exp`; returns an error message when the export layer refuses. */
+  private connect(exp: NbdExportHandle): NegotiatedExport | DaemonError {
+    const contexts = this.metaExport === exp.name ? this.metaSelected : [];
+    const res = exp.onConnect({
+      ...this.conn,
+      exportName: exp.name,
+      readOnly: exp.readOnly,
+    });
+    if (res instanceof DaemonError) return res;
+    return {
+      exp,
+      session: res,
+      structured: this.structured,
+      flags: transmissionFlags(exp, this.structured),
+      contexts,
+    };
+  }
+
+  private optExportName(payload: Buffer): HandshakeStep {
+    const name = payload.toString('utf8');
+    const exp = this.lookup(name);
+    // NBD spec: EXPORT_NAME has no error reply; the only way to refuse is to close.
+    if (exp instanceof DaemonError) return this.close(`export '${name}' refused: ${exp.message}`);
+    const neg = this.connect(exp);
+    if (neg instanceof DaemonError) return this.close(`export '${name}' refused: ${neg.message}`);
+    this.state = 'TRANSMISSION';
+    return {
+      out: [encodeExportNameReply(exp.size, neg.flags, this.noZeroes)],
+      state: 'TRANSMISSION',
+      negotiated: neg,
+    };
+  }
+
+  private optInfoGo(option: number, payload: Buffer): HandshakeStep {
+    const req = decodeInfoRequest(payload);
+    if ('error' in req) return this.reply(repErr(option, NBD_REP_ERR_INVALID, req.error));
+    const exp = this.lookup(req.name);
+    if (exp instanceof DaemonError) return this.reply(repErr(option, refusalType(exp), exp.message));
+
+    const sendName = req.infos.includes(NBD_INFO_NAME);
+    const askedBlockSize = req.infos.includes(NBD_INFO_BLOCK_SIZE);
+    let neg: NegotiatedExport | undefined;
+    if (option === NBD_OPT_GO) {
+      const r = this.connect(exp);
+      if (r instanceof DaemonError) return this.reply(repErr(option, refusalType(r), r.message));
+      neg = r;
+    }
+
+    // QSD order: NAME (if asked), DESCRIPTION (if any), BLOCK_SIZE, EXPORT, ACK.
+    const out: Buffer[] = [];
+    if (sendName) out.push(rep(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_NAME, exp.name)));
+    if (exp.description) {
+      out.push(rep(option, NBD_REP_INFO, encodeInfoString(NBD_INFO_DESCRIPTION, exp.description)));
+    }
+    const bs = exp.blockSizes;
+    // A client that did not ask for BLOCK_SIZE is told minimum 1 (QEMU does the same
+    // and then tolerates unaligned requests from it).
+    const min = askedBlockSize ? bs.minimum : 1;
+    const pref = Math.max(bs.preferred, min);
+    const max = Math.min(bs.maximum, NBD_MAX_BUFFER_SIZE);
+    out.push(rep(option, NBD_REP_INFO, encodeInfoBlockSize(min, pref, max)));
+    const flags = neg ? neg.flags : transmissionFlags(exp, this.structured);
+    out.push(rep(option, NBD_REP_INFO, encodeInfoExport(exp.size, flags)));
+
+    if (option === NBD_OPT_INFO && !askedBlockSize && bs.minimum > 1) {
+      out.push(
+        repErr(option, NBD_REP_ERR_BLOCK_SIZE_REQD, 'request NBD_INFO_BLOCK_SIZE to use this export'),
+      );
+      return this.reply(...out);
+    }
+    out.push(rep(option, NBD_REP_ACK));
+    if (neg) {
+      this.state = 'TRANSMISSION';
+      return { out, state: 'TRANSMISSION', negotiated: neg };
+    }
+    return this.reply(...out);
+  }
+
+  private optMetaContext(option: number, payload: Buffer): HandshakeStep {
+    const isSet = option === NBD_OPT_SET_META_CONTEXT;
+    if (isSet) {
+      // NBD spec: SET replaces the previous selection even when it fails.
+      this.metaExport = undefined;
+      this.metaSelected = [];
+      if (!this.structured) {
+        return this.reply(
+          repErr(
+            option,
+            NBD_REP_ERR_INVALID,
+            "request option 'set meta context' when structured reply is not negotiated",
+          ),
+        );
+      }
+    }
+    const req = decodeMetaContextRequest(payload, isSet ? 'set' : 'list');
+    if ('error' in req) return this.reply(repErr(option, NBD_REP_ERR_INVALID, req.error));
+    const exp = this.lookup(req.name);
+    if (exp instanceof DaemonError) return this.reply(repErr(option, refusalType(exp), exp.message));
+
+    const all = allContexts(exp);
+    const picked = new Set<NbdMetaContext>();
+    if (req.queries.length === 0) {
+      // LIST with no query lists everything; SET with no query selects nothing.
+      if (!isSet) for (const c of all) picked.add(c);
+    } else {
+      for (const q of req.queries) {
+        const colon = q.indexOf(':');
+        if (colon <= 0) continue; // not namespace:leaf -> ignored, like QSD
+        const ns = q.slice(0, colon);
+        for (const p of exp.metaContexts) {
+          if (p.namespace !== ns) continue;
+          for (const c of p.listContexts(q, isSet)) picked.add(c);
+        }
+      }
+    }
+    const selected: SelectedContext[] = [];
+    for (const c of picked) {
+      const id = all.findIndex((x) => x.name === c.name);
+      if (id >= 0) selected.push({ id, context: all[id]! });
+    }
+    selected.sort((a, b) => a.id - b.id);
+    const out = selected.map((s) =>
+      rep(option, NBD_REP_META_CONTEXT, encodeRepMetaContext(isSet ? s.id : 0, s.context.name)),
+    );
+    out.push(rep(option, NBD_REP_ACK));
+    if (isSet) {
+      this.metaExport = exp.name;
+      this.metaSelected = selected;
+    }
+    return this.reply(...out);
+  }
+}

@@ -1,0 +1,198 @@
+/**
+ * NBD listener: accepts clients on a Unix socket, TCP host:port or an inherited fd and
+ * runs one {@link NbdConnection} per client.
+ *
+ * `maxConnections` works like QSD's `max-connections`: clients over the limit are
+ * not refused, they wait. QEMU stops polling the listening socket so they sit in the
+ * kernel backlog; Node cannot stop accepting, so we accept them and park the socket
+ * unread (no greeting) until a slot frees. Seen from the client it is the same: the
+ * connect succeeds and the greeting arrives when another client leaves.
+ */
+import { lstatSync, unlinkSync } from 'node:fs';
+import net from 'node:net';
+import type { Logger } from '../util/logger.js';
+import { DaemonError } from '../util/errors.js';
+import type { NbdBackend } from './backend.js';
+import { NbdConnection } from './connection.js';
+
+/** Where to listen (QAPI SocketAddress shapes, camelCase). */
+export type NbdListenAddress =
+  | { type: 'unix'; path: string }
+  | { type: 'inet'; host: string; port: number | string }
+  | { type: 'fd'; fd: number };
+
+export interface NbdServerOptions {
+  backend: NbdBackend;
+  log: Logger;
+  /** Server-wide client limit; 0 = unlimited. Clients over it are queued, not refused. */
+  maxConnections?: number;
+  /** Handshake deadline per client, ms; 0 = none. Default 10 s like QSD. */
+  handshakeTimeoutMs?: number;
+  /** Per-connection in-flight request window (default 64). */
+  maxInFlight?: number;
+  /** Per-connection in-flight data bytes before reading pauses (default 64 MiB). */
+  maxInFlightBytes?: number;
+}
+
+/** The bound address: `{type:'unix', path}` or `{type:'inet', host, port}` with the real port. */
+export type NbdBoundAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number } | { type: 'fd'; fd: number };
+
+export class NbdServer {
+  private readonly log: Logger;
+  private server: net.Server | undefined;
+  private readonly active = new Set<NbdConnection>();
+  private readonly waiting: net.Socket[] = [];
+  private nextId = 1;
+  private closing = false;
+  private unixPath: string | undefined;
+  private bound: NbdBoundAddress | undefined;
+
+  constructor(private readonly opts: NbdServerOptions) {
+    this.log = opts.log.child({ component: 'nbd' });
+  }
+
+  /** Number of clients being served (not counting queued ones). */
+  get connectionCount(): number {
+    return this.active.size;
+  }
+
+  /** Number of clients waiting for a slot. */
+  get queuedCount(): number {
+    return this.waiting.length;
+  }
+
+  get address(): NbdBoundAddress | undefined {
+    return this.bound;
+  }
+
+  /** Live connections (for the export layer's `query-block-exports`-style reports). */
+  connections(): readonly NbdConnection[] {
+    return [...this.active];
+  }
+
+  /** Start listening. Rejects with a DaemonError (errno from the OS) on failure. */
+  async listen(addr: NbdListenAddress): Promise<NbdBoundAddress> {
+    if (this.server) throw new DaemonError('NBD_SERVER_RUNNING', 'NBD server already running');
+    const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (s) => this.onSocket(s));
+    server.on('error', (err) => this.log.error({ err: err.message }, 'NBD listener error'));
+    if (addr.type === 'unix') {
+      // QEMU replaces a stale socket file; Node would fail with EADDRINUSE.
+      try {
+        if (lstatSync(addr.path).isSocket()) unlinkSync(addr.path);
+      } catch {
+        /* absent */
+      }
+    }
+    await new Promise<void>((resolve, reject) => {
+      const onErr = (err: NodeJS.ErrnoException) => {
+        server.off('listening', onOk);
+        reject(
+          new DaemonError('NBD_LISTEN', `Failed to bind socket: ${err.message}`, {
+            errno: err.code === 'EADDRINUSE' ? 'EBUSY' : 'EINVAL',
+            cause: err,
+          }),
+        );
+      };
+      const onOk = () => {
+        server.off('error', onErr);
+        resolve();
+      };
+      server.once('error', onErr);
+      server.once('listening', onOk);
+      if (addr.type === 'unix') server.listen(addr.path);
+      else if (addr.type === 'fd') server.listen({ fd: addr.fd });
+      else server.listen(Number(addr.port), addr.host);
+    });
+    this.server = server;
+    if (addr.type === 'unix') {
+      this.unixPath = addr.path;
+      this.bound = { type: 'unix', path: addr.path };
+    } else if (addr.type === 'fd') {
+      this.bound = { type: 'fd', fd: addr.fd };
+    } else {
+      const a = server.address() as net.AddressInfo;
+      this.bound = { type: 'inet', host: a.address, port: a.port };
+    }
+    this.log.info({ address: this.bound }, 'NBD server listening');
+    return this.bound;
+  }
+
+  private get limit(): number {
+    return this.opts.maxConnections ?? 0;
+  }
+
+  private onSocket(s: net.Socket): void {
+    if (this.closing) {
+      s.destroy();
+      return;
+    }
+    s.on('error', () => undefined);
+    if (this.limit > 0 && this.active.size >= this.limit) {
+      this.log.debug({ queued: this.waiting.length + 1 }, 'NBD connection limit reached, client queued');
+      this.waiting.push(s);
+      s.once('close', () => {
+        const i = this.waiting.indexOf(s);
+        if (i >= 0) this.waiting.splice(i, 1);
+      });
+      return;
+    }
+    this.startConnection(s);
+  }
+
+  private startConnection(s: net.Socket): void {
+    const id = this.nextId++;
+    const clientAddress =
+      s.remoteAddress !== undefined ? `${s.remoteAddress}:${s.remotePort ?? 0}` : 'unix';
+    const conn = new NbdConnection(s, {
+      id,
+      backend: this.opts.backend,
+      log: this.log,
+      clientAddress,
+      ...(this.opts.handshakeTimeoutMs !== undefined && { handshakeTimeoutMs: this.opts.handshakeTimeoutMs }),
+      ...(this.opts.maxInFlight !== undefined && { maxInFlight: this.opts.maxInFlight }),
+      ...(this.opts.maxInFlightBytes !== undefined && { maxInFlightBytes: this.opts.maxInFlightBytes }),
+    });
+    this.active.add(conn);
+    this.log.info({ conn: id, client: clientAddress }, 'NBD client connected');
+    void conn.closed.then(() => {
+      this.active.delete(conn);
+      this.admitWaiting();
+    });
+    conn.start();
+  }
+
+  private admitWaiting(): void {
+    while (!this.closing && this.waiting.length > 0 && (this.limit === 0 || this.active.size < this.limit)) {
+      const s = this.waiting.shift()!;
+      if (s.destroyed) continue;
+      this.startConnection(s);
+    }
+  }
+
+  /** Change the limit at runtime; raising it admits queued clients. */
+  setMaxConnections(n: number): void {
+    this.opts.maxConnections = n;
+    this.admitWaiting();
+  }
+
+  /** Stop listening and drop every client (in-flight requests are abandoned). */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    const server = this.server;
+    this.server = undefined;
+    for (const s of this.waiting.splice(0)) s.destroy();
+    const conns = [...this.active];
+    for (const c of conns) c.disconnect('NBD server stopping');
+    if (server) await new Promise<void>((r) => server.close(() => r()));
+    if (this.unixPath) {
+      try {
+        if (lstatSync(this.unixPath).isSocket()) unlinkSync(this.unixPath);
+      } catch {
+        /* already gone */
+      }
+    }
+    await Promise.all(conns.map((c) => c.closed));
+    this.log.info('NBD server stopped');
+  }
+}
