@@ -24,6 +24,12 @@ echo "== npm ci"
 if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error || exit 1
 else npm install --no-audit --no-fund --loglevel=error || exit 1; fi
 
+# npm ci runs the postinstall step that builds the native addon (native/); without it blockd
+# falls back to pure JS, which CI must not test by accident.
+if [ ! -f native/build/Release/blockd_native.node ]; then
+  node scripts/build-addon.mjs --strict || { [ "${CI:-}" = true ] && exit 1; }
+fi
+
 echo "== build"
 npm run --silent build || exit 1
 
