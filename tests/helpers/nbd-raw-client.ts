@@ -1,0 +1,152 @@
+/**
+ * Raw NBD client over a Unix socket for bad-input integration tests: it sends exact
+ * bytes and reads exact replies, with no protocol smarts of its own.
+ */
+import net from 'node:net';
+import {
+  decodeOptionReply,
+  encodeInfoRequest,
+  encodeMetaContextRequest,
+  encodeOption,
+  encodeRequest,
+  NBD_OPT_GO,
+  NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STRUCTURED_REPLY,
+  NBD_REP_ACK,
+  NBD_REP_FLAG_ERROR,
+  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_STRUCTURED_REPLY_MAGIC,
+  type OptionReply,
+} from '../../src/nbd/protocol.js';
+
+export type RawReply =
+  | { kind: 'simple'; error: number; cookie: Buffer }
+  | { kind: 'chunk'; flags: number; type: number; cookie: Buffer; payload: Buffer };
+
+export class RawNbdClient {
+  private buf = Buffer.alloc(0);
+  private waiters: Array<() => void> = [];
+  closed = false;
+
+  private constructor(readonly sock: net.Socket) {
+    sock.on('data', (d: Buffer) => {
+      this.buf = Buffer.concat([this.buf, d]);
+      this.wake();
+    });
+    sock.on('close', () => {
+      this.closed = true;
+      this.wake();
+    });
+    sock.on('error', () => undefined);
+  }
+
+  static connect(path: string): Promise<RawNbdClient> {
+    return new Promise((resolve, reject) => {
+      const s = net.createConnection(path);
+      s.once('connect', () => resolve(new RawNbdClient(s)));
+      s.once('error', reject);
+    });
+  }
+
+  private wake(): void {
+    for (const w of this.waiters.splice(0)) w();
+  }
+
+  /** Read exactly n bytes; resolves undefined if the server closes first. */
+  async read(n: number): Promise<Buffer | undefined> {
+    while (this.buf.length < n) {
+      if (this.closed) return undefined;
+      await new Promise<void>((r) => this.waiters.push(r));
+    }
+    const out = this.buf.subarray(0, n);
+    this.buf = this.buf.subarray(n);
+    return out;
+  }
+
+  /** Resolves true once the server has closed the connection. */
+  async waitClosed(): Promise<boolean> {
+    while (!this.closed) await new Promise<void>((r) => this.waiters.push(r));
+    return true;
+  }
+
+  write(b: Buffer): void {
+    this.sock.write(b);
+  }
+
+  async greeting(clientFlags = 3): Promise<Buffer | undefined> {
+    const g = await this.read(18);
+    const f = Buffer.alloc(4);
+    f.writeUInt32BE(clientFlags >>> 0, 0);
+    this.write(f);
+    return g;
+  }
+
+  async optionReply(): Promise<OptionReply | undefined> {
+    const h = await this.read(20);
+    if (!h) return undefined;
+    const len = h.readUInt32BE(16);
+    const p = len > 0 ? await this.read(len) : Buffer.alloc(0);
+    if (!p) return undefined;
+    return decodeOptionReply(Buffer.concat([h, p]));
+  }
+
+  /** Send an option and collect replies up to the final ACK or error. */
+  async option(opt: number, payload?: Buffer): Promise<OptionReply[]> {
+    this.write(encodeOption(opt, payload));
+    const out: OptionReply[] = [];
+    for (;;) {
+      const r = await this.optionReply();
+      if (!r) return out;
+      out.push(r);
+      if (r.type === NBD_REP_ACK || (r.type & NBD_REP_FLAG_ERROR) !== 0) return out;
+    }
+  }
+
+  /** Greeting, STRUCTURED_REPLY (optional), SET_META_CONTEXT (optional), GO. */
+  async handshake(
+    name: string,
+    o: { structured?: boolean; contexts?: string[] } = {},
+  ): Promise<OptionReply[]> {
+    await this.greeting();
+    if (o.structured ?? true) await this.option(NBD_OPT_STRUCTURED_REPLY);
+    if (o.contexts) await this.option(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest(name, o.contexts));
+    return this.option(NBD_OPT_GO, encodeInfoRequest(name, [3]));
+  }
+
+  request(type: number, offset: number | bigint, length: number, flags = 0, cookie = 1n, data?: Buffer): void {
+    const h = encodeRequest(type, flags, cookie, offset, length);
+    this.write(data ? Buffer.concat([h, data]) : h);
+  }
+
+  /** One simple reply (data not read) or one structured chunk. */
+  async reply(): Promise<RawReply | undefined> {
+    const m = await this.read(4);
+    if (!m) return undefined;
+    const magic = m.readUInt32BE(0);
+    if (magic === NBD_SIMPLE_REPLY_MAGIC) {
+      const r = await this.read(12);
+      if (!r) return undefined;
+      return { kind: 'simple', error: r.readUInt32BE(0), cookie: r.subarray(4, 12) };
+    }
+    if (magic !== NBD_STRUCTURED_REPLY_MAGIC) throw new Error(`bad reply magic ${magic.toString(16)}`);
+    const h = await this.read(16);
+    if (!h) return undefined;
+    const len = h.readUInt32BE(12);
+    const p = len > 0 ? await this.read(len) : Buffer.alloc(0);
+    if (!p) return undefined;
+    return { kind: 'chunk', flags: h.readUInt16BE(0), type: h.readUInt16BE(2), cookie: h.subarray(4, 12), payload: p };
+  }
+
+  /** Error number and message of an ERROR chunk or simple reply. */
+  static errorOf(r: RawReply | undefined): { error: number; message: string } | undefined {
+    if (!r) return undefined;
+    if (r.kind === 'simple') return { error: r.error, message: '' };
+    if (r.type !== 0x8001) return { error: 0, message: '' };
+    const ml = r.payload.readUInt16BE(4);
+    return { error: r.payload.readUInt32BE(0), message: r.payload.toString('utf8', 6, 6 + ml) };
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
