@@ -1,0 +1,252 @@
+/**
+ * Bad input and connection management, driven with raw sockets: every case must leave
+ * the server serving other clients.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
+import {
+  encodeInfoRequest,
+  encodeOption,
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_READ,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_OPT_GO,
+  NBD_OPT_LIST,
+  NBD_REP_ACK,
+  NBD_REP_ERR_UNSUP,
+  NBD_REP_SERVER,
+} from '../../src/nbd/protocol.js';
+import { silentLogger } from '../../src/util/logger.js';
+import { MemoryBackend } from '../helpers/nbd-memory-backend.js';
+import { RawNbdClient } from '../helpers/nbd-raw-client.js';
+
+let dir: string | undefined;
+let server: NbdServer | undefined;
+const clients: RawNbdClient[] = [];
+
+async function setup(opts: Partial<NbdServerOptions> = {}) {
+  dir = mkdtempSync(join(tmpdir(), 'nbd-raw-'));
+  const path = join(dir, 'nbd.sock');
+  const backend = new MemoryBackend([
+    { name: 'n', size: 64 << 20, canFastZero: false },
+    { name: 'ro', size: 1 << 20, readOnly: true },
+  ]);
+  server = new NbdServer({ backend, log: silentLogger(), ...opts });
+  await server.listen({ type: 'unix', path });
+  const connect = async () => {
+    const c = await RawNbdClient.connect(path);
+    clients.push(c);
+    return c;
+  };
+  return { path, backend, connect };
+}
+
+afterEach(async () => {
+  for (const c of clients.splice(0)) c.close();
+  await server?.close();
+  server = undefined;
+  if (dir) rmSync(dir, { recursive: true, force: true });
+  dir = undefined;
+});
+
+/** A fresh client that lists exports successfully (proof the server still works). */
+async function stillServes(connect: () => Promise<RawNbdClient>): Promise<void> {
+  const c = await connect();
+  await c.greeting();
+  const r = await c.option(NBD_OPT_LIST);
+  expect(r.map((x) => x.type)).toEqual([NBD_REP_SERVER, NBD_REP_SERVER, NBD_REP_ACK]);
+  c.close();
+}
+
+describe('NBD engine bad input', () => {
+  it('closes a connection whose option magic is wrong', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.greeting();
+    const bad = encodeOption(NBD_OPT_LIST);
+    bad.writeUInt32BE(0x12345678, 0);
+    c.write(bad);
+    expect(await c.waitClosed()).toBe(true);
+    await stillServes(connect);
+  });
+
+  it('survives a client that disconnects in the middle of an option', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.greeting();
+    c.write(encodeOption(NBD_OPT_GO, encodeInfoRequest('n')).subarray(0, 20));
+    c.close();
+    await stillServes(connect);
+  });
+
+  it('closes a connection sending an option longer than 32 MiB', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.greeting();
+    const h = encodeOption(99);
+    h.writeUInt32BE(32 * 1024 * 1024 + 1, 12);
+    c.write(h);
+    expect(await c.waitClosed()).toBe(true);
+  });
+
+  it('drains an unknown option and answers ERR_UNSUP', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.greeting();
+    const r = await c.option(1234, Buffer.alloc(100000, 7));
+    expect(r.map((x) => [x.type, x.payload.toString()])).toEqual([[NBD_REP_ERR_UNSUP, 'Unsupported option 1234 (<unknown>)']]);
+    const l = await c.option(NBD_OPT_LIST);
+    expect(l[l.length - 1]?.type).toBe(NBD_REP_ACK);
+  });
+
+  it('answers an unknown command with EINVAL and the QSD message', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    c.request(100, 0, 4096);
+    expect(RawNbdClient.errorOf(await c.reply())).toEqual({ error: 22, message: 'invalid request type (100) received' });
+  });
+
+  it('refuses a read past the end with EINVAL', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    c.request(NBD_CMD_READ, (64 << 20) - 10, 4096);
+    expect(RawNbdClient.errorOf(await c.reply())).toEqual({
+      error: 22,
+      message: 'operation past EOF; From: 67108854, Len: 4096, Size: 67108864',
+    });
+  });
+
+  it('refuses a 64 MiB read with EINVAL and keeps the connection', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    c.request(NBD_CMD_READ, 0, 64 << 20);
+    expect(RawNbdClient.errorOf(await c.reply())).toEqual({
+      error: 22,
+      message: 'len (67108864 ) is larger than max len (33554432)',
+    });
+    c.request(NBD_CMD_BLOCK_STATUS, 0, 0, 0, 2n);
+    expect(RawNbdClient.errorOf(await c.reply())?.message).toBe('need non-zero length');
+  });
+
+  it('drains a refused 64 MiB write and keeps the stream in sync', async () => {
+    const { connect, backend } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    c.request(NBD_CMD_WRITE, 0, 64 << 20, 0, 1n, Buffer.alloc(64 << 20, 1));
+    expect(RawNbdClient.errorOf(await c.reply())?.error).toBe(22);
+    c.request(NBD_CMD_WRITE, 0, 4, 0, 2n, Buffer.from('abcd'));
+    expect(await c.reply()).toMatchObject({ kind: 'simple', error: 0 });
+    expect(backend.get('n').data.subarray(0, 5).toString()).toBe('abcd\0');
+  });
+
+  it('refuses a write to a read-only export with EINVAL and drains its payload', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.handshake('ro');
+    c.request(NBD_CMD_WRITE, 0, 4, 0, 1n, Buffer.from('abcd'));
+    expect(RawNbdClient.errorOf(await c.reply())).toEqual({ error: 22, message: 'Export is read-only' });
+    c.request(NBD_CMD_READ, 0, 0, 0, 2n);
+    expect(await c.reply()).toMatchObject({ kind: 'chunk', type: 0, flags: 1 });
+  });
+
+  it('refuses FAST_ZERO when the export does not advertise it', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    c.request(NBD_CMD_WRITE_ZEROES, 0, 4096, NBD_CMD_FLAG_FAST_ZERO);
+    expect(RawNbdClient.errorOf(await c.reply())).toEqual({
+      error: 22,
+      message: 'unsupported flags for command write zeroes (got 0x10)',
+    });
+  });
+
+  it('answers a bad request magic with EINVAL and closes, like QSD', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    c.write(Buffer.alloc(28));
+    expect(RawNbdClient.errorOf(await c.reply())).toEqual({ error: 22, message: 'invalid magic (got 0x0)' });
+    expect(await c.waitClosed()).toBe(true);
+    await stillServes(connect);
+  });
+
+  it('does not apply a write whose client vanished mid-payload', async () => {
+    const { connect, backend } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    c.request(NBD_CMD_WRITE, 0, 1 << 20, 0, 1n, Buffer.alloc(1000, 9));
+    await new Promise((r) => setTimeout(r, 20));
+    c.close();
+    await stillServes(connect);
+    expect(backend.get('n').calls.filter((x) => x.op === 'write')).toEqual([]);
+    expect(backend.get('n').clients).toBe(0);
+  });
+});
+
+describe('NBD server connection management', () => {
+  it('handles hundreds of connections opening and closing', async () => {
+    const { connect, backend } = await setup();
+    const batch = async () => {
+      const c = await connect();
+      const r = await c.handshake('n');
+      expect(r[r.length - 1]?.type).toBe(NBD_REP_ACK);
+      c.request(NBD_CMD_READ, 0, 512);
+      await c.reply();
+      c.close();
+    };
+    for (let round = 0; round < 6; round++) await Promise.all(Array.from({ length: 50 }, batch));
+    for (let i = 0; i < 100 && (server!.connectionCount > 0 || backend.get('n').clients > 0); i++) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    expect(server!.connectionCount).toBe(0);
+    expect(backend.get('n').clients).toBe(0);
+  });
+
+  it('queues clients over maxConnections instead of refusing them', async () => {
+    const { connect } = await setup({ maxConnections: 1 });
+    const a = await connect();
+    expect(await a.read(18)).toBeDefined();
+    const b = await connect();
+    let bGreeted = false;
+    const bGreeting = b.read(18).then((g) => {
+      bGreeted = g !== undefined;
+    });
+    await new Promise((r) => setTimeout(r, 50));
+    expect(bGreeted).toBe(false);
+    expect(server!.queuedCount).toBe(1);
+    a.close();
+    await bGreeting;
+    expect(bGreeted).toBe(true);
+  });
+
+  it('closes clients that do not finish the handshake in time', async () => {
+    const { connect } = await setup({ handshakeTimeoutMs: 100 });
+    const c = await connect();
+    await c.read(18);
+    expect(await c.waitClosed()).toBe(true);
+  });
+
+  it('drops every client on close()', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    await server!.close();
+    expect(await c.waitClosed()).toBe(true);
+    expect(server!.connectionCount).toBe(0);
+  });
+
+  it('listens on TCP port 0 and reports the bound port', async () => {
+    const backend = new MemoryBackend([{ name: 'n', size: 1 << 20 }]);
+    server = new NbdServer({ backend, log: silentLogger() });
+    const a = await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 });
+    expect(a.type === 'inet' && a.port > 0).toBe(true);
+  });
+});
