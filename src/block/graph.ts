@@ -10,6 +10,7 @@ import { NullDriver } from './drivers/null.js';
 import { RawDriver } from './drivers/raw.js';
 import { optError, type DriverOpenContext, type Options } from './drivers/common.js';
 import { nativeLoadError } from './native.js';
+import { describeBitmaps } from './dirty-bitmap-set.js';
 import { BlockNodeImpl, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
 import type { BlockDriver, BlockNode } from './types.js';
 
@@ -344,6 +345,7 @@ export class BlockGraph {
       iops: 0,
       'bps_wr': 0,
       'write_threshold': 0,
+      ...bitmapMember(n),
       encrypted: false,
       bps: 0,
       'bps_rd': 0,
@@ -358,4 +360,10 @@ export class BlockGraph {
     for (const n of this.list()) out.push(await this.describe(n));
     return out;
   }
+}
+
+/** `dirty-bitmaps` of BlockDeviceInfo, left out when the node has none (QSD). */
+function bitmapMember(node: BlockNode): { 'dirty-bitmaps'?: unknown[] } {
+  const b = describeBitmaps(node);
+  return b ? { 'dirty-bitmaps': b } : {};
 }

@@ -2,10 +2,14 @@ import type { CommandDef } from '../types.js';
 import { controlCommands } from './control.js';
 import { blockCommands } from './block.js';
 import { nbdCommands } from './nbd.js';
+import { bitmapCommands } from './bitmap.js';
+import { transactionCommands } from './transaction.js';
 
 /** Every command handler; each must have a schema in schema/commands/<name>.json. */
 export const ALL_COMMANDS: readonly CommandDef[] = [
   ...controlCommands,
   ...blockCommands,
   ...nbdCommands,
+  ...bitmapCommands,
+  ...transactionCommands,
 ];
