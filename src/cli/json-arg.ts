@@ -57,7 +57,7 @@ class Lexer {
     const s = this.s;
     type St = 'start' | 'sign' | 'zero' | 'int' | 'dot' | 'frac' | 'e' | 'esign' | 'exp';
     const done: ReadonlySet<St> = new Set<St>(['zero', 'int', 'frac', 'exp']);
-    let st: St = 'start';
+    let st = 'start' as St;
     let p = start;
     const digit = (ch: string | undefined): boolean => ch !== undefined && ch >= '0' && ch <= '9';
     for (;;) {
