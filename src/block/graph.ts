@@ -8,6 +8,16 @@ import type { Logger } from '../util/logger.js';
 import { FileDriver } from './drivers/file.js';
 import { NullDriver } from './drivers/null.js';
 import { RawDriver } from './drivers/raw.js';
+import { Qcow2Driver } from './drivers/qcow2/qcow2.js';
+import {
+  BACKING_ROLE,
+  attachBacking,
+  backingDepth,
+  backingOf,
+  detachBackingBlocker,
+  probeFormat,
+  qcow2ChildPerms,
+} from './drivers/qcow2/backing.js';
 import { optError, type DriverOpenContext, type Options } from './drivers/common.js';
 import { nativeLoadError } from './native.js';
 import { describeBitmaps } from './dirty-bitmap-set.js';
@@ -40,6 +50,10 @@ interface Inherited {
 interface DriverSpec {
   children: readonly { member: string; required: boolean }[];
   childPerms?: ChildPermFn;
+  /** Child permissions that depend on whether the node is writable. */
+  childPermsFor?: (writable: boolean) => ChildPermFn;
+  /** The driver has a `backing` member (qcow2). */
+  backing?: boolean;
   open(ctx: DriverOpenContext, opts: Options): Promise<BlockDriver>;
 }
 
@@ -49,6 +63,12 @@ const DRIVERS: Partial<Record<string, DriverSpec>> = {
     children: [{ member: 'file', required: true }],
     childPerms: formatChildPerms,
     open: async (ctx, o) => new RawDriver(ctx, o),
+  },
+  qcow2: {
+    children: [{ member: 'file', required: true }],
+    childPermsFor: qcow2ChildPerms,
+    backing: true,
+    open: (ctx, o) => Qcow2Driver.open(ctx, o),
   },
   'null-co': { children: [], open: async (_ctx, o) => new NullDriver('null-co', o) },
   'null-aio': { children: [], open: async (_ctx, o) => new NullDriver('null-aio', o) },
@@ -178,6 +198,8 @@ export class BlockGraph {
           if (!node) throw new BlockError('NO_CHILD', 'EIO', `node '${name}' has no '${r}' child`);
           return node.driver;
         },
+        hasChild: (r) =>
+          (nodeRef?.childEdges.some((e) => e.name === r) ?? false) || children.some((c) => c.role === r),
       };
       const driver = await spec.open(ctx, opts);
       const readOnly = driver instanceof FileDriver ? driver.readOnlyOpen : nodeOpts.readOnly;
@@ -188,11 +210,13 @@ export class BlockGraph {
         monitorOwned: inherited === undefined,
         options: nodeOpts,
         ...(spec.childPerms ? { childPerms: spec.childPerms } : {}),
+        ...(spec.childPermsFor ? { childPerms: spec.childPermsFor(!readOnly) } : {}),
       });
       nodeRef = node;
       this.register(node);
       created.push(node);
       for (const c of children) node.addChild(c.role, c.node);
+      if (spec.backing) await this.openBacking(node, opts, nodeOpts, created);
       this.log.debug({ node: name, driver: driverName }, 'block node opened');
       return node;
     } finally {
@@ -201,6 +225,39 @@ export class BlockGraph {
   }
 
   private readonly reserved = new Set<string>();
+
+  /**
+   * The `backing` member of a format node: absent = the chain recorded in the image (opened
+   * read-only with automatic names), `null` (or deprecated "") = none, a name = that node,
+   * an object = an inline node.
+   */
+  private async openBacking(
+    node: BlockNodeImpl,
+    opts: Options,
+    parent: NodeOptionsInfo & Inherited,
+    created: BlockNodeImpl[],
+  ): Promise<void> {
+    const ref = opts[BACKING_ROLE];
+    if (ref === null || ref === '') return;
+    let child: BlockNodeImpl;
+    if (ref === undefined) {
+      const req = node.driver instanceof Qcow2Driver ? node.driver.backingRequest() : undefined;
+      if (!req) return;
+      try {
+        const driver = req.format ?? (await probeFormat(req.filename));
+        child = await this.open({ driver, file: { driver: 'file', filename: req.filename } }, parent, created, BACKING_ROLE);
+      } catch (err) {
+        throw optError(`Could not open backing file: ${err instanceof Error ? err.message : String(err)}`);
+      }
+    } else if (typeof ref === 'string') {
+      const n = this.nodes.get(ref);
+      if (!n) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${ref}' nor node-name='${ref}'`);
+      child = n;
+    } else {
+      child = await this.resolveChild(ref, BACKING_ROLE, parent, created);
+    }
+    attachBacking(node, child);
+  }
 
   private register(node: BlockNodeImpl): void {
     this.nodes.set(node.name, node);
@@ -300,6 +357,7 @@ export class BlockGraph {
     const edges = node.childEdges.splice(0);
     for (const e of edges) {
       const child = e.user.node;
+      if (e.name === BACKING_ROLE) detachBackingBlocker(node, child);
       e.user.detach();
       if (!child.monitorOwned && child.parents.length === 0) await this.destroy(child);
     }
@@ -323,16 +381,11 @@ export class BlockGraph {
   }
 
   /** One BlockDeviceInfo of query-named-block-nodes (QSD 7.2 member set and order). */
-  async describe(node: BlockNode): Promise<Record<string, unknown>> {
+  async describe(node: BlockNode, flat = true): Promise<Record<string, unknown>> {
     const n = node as BlockNodeImpl;
-    const extra = (await n.driver.queryImage?.()) ?? {};
     const filename = n.driver.describeFilename();
-    const image: Record<string, unknown> = {
-      'virtual-size': n.size(),
-      filename,
-      format: n.driverName,
-      ...Object.fromEntries(Object.entries(extra).filter(([, v]) => v !== undefined)),
-    };
+    const image = await this.imageInfo(n, flat);
+    const backing = backingOf(n);
     return {
       'iops_rd': 0,
       'detect_zeroes': n.options.detectZeroes,
@@ -340,11 +393,12 @@ export class BlockGraph {
       'iops_wr': 0,
       ro: n.readOnly,
       'node-name': n.name,
-      'backing_file_depth': 0,
+      'backing_file_depth': backingDepth(n),
       drv: n.driverName,
       iops: 0,
       'bps_wr': 0,
       'write_threshold': 0,
+      ...(backing ? { 'backing_file': backing.driver.describeFilename() } : {}),
       ...bitmapMember(n),
       encrypted: false,
       bps: 0,
@@ -354,13 +408,48 @@ export class BlockGraph {
     };
   }
 
+  /** ImageInfo of a node, QSD's member order; `backing-image` nested unless `flat`. */
+  private async imageInfo(n: BlockNode, flat: boolean, depth = 0): Promise<Record<string, unknown>> {
+    const extra = (await n.driver.queryImage?.()) ?? {};
+    const all: Record<string, unknown> = {
+      'virtual-size': n.size(),
+      filename: n.driver.describeFilename(),
+      format: n.driverName,
+      ...Object.fromEntries(Object.entries(extra).filter(([, v]) => v !== undefined)),
+    };
+    const backing = backingOf(n);
+    if (backing && !flat && depth < 64) all['backing-image'] = await this.imageInfo(backing, false, depth + 1);
+    const order = IMAGE_INFO_ORDER;
+    const keys = Object.keys(all).sort((a, b) => {
+      const ia = order.indexOf(a);
+      const ib = order.indexOf(b);
+      return (ia < 0 ? order.length : ia) - (ib < 0 ? order.length : ib);
+    });
+    return Object.fromEntries(keys.map((k) => [k, all[k]]));
+  }
+
   /** query-named-block-nodes. `flat` only matters once nodes have backing images. */
-  async queryNamedBlockNodes(_flat = false): Promise<Record<string, unknown>[]> {
+  async queryNamedBlockNodes(flat = false): Promise<Record<string, unknown>[]> {
     const out: Record<string, unknown>[] = [];
-    for (const n of this.list()) out.push(await this.describe(n));
+    for (const n of this.list()) out.push(await this.describe(n, flat));
     return out;
   }
 }
+
+/** Member order of ImageInfo as QSD 7.2 prints it. */
+const IMAGE_INFO_ORDER = [
+  'backing-image',
+  'backing-filename-format',
+  'virtual-size',
+  'filename',
+  'cluster-size',
+  'format',
+  'actual-size',
+  'format-specific',
+  'full-backing-filename',
+  'backing-filename',
+  'dirty-flag',
+];
 
 /** `dirty-bitmaps` of BlockDeviceInfo, left out when the node has none (QSD). */
 function bitmapMember(node: BlockNode): { 'dirty-bitmaps'?: unknown[] } {

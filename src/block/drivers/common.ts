@@ -16,6 +16,8 @@ export interface DriverOpenContext {
   childIO(role: string): BlockIO;
   /** The driver of a child (for json filenames). */
   childDriver(role: string): BlockDriver;
+  /** Whether a child edge with this role exists now (optional children such as `backing`). */
+  hasChild?(role: string): boolean;
 }
 
 export function optError(message: string): BlockError {

@@ -1,0 +1,1076 @@
+/**
+ * `qcow2`: the QEMU copy-on-write format driver over a `file` child, with an optional `backing`
+ * child (opened by the graph from the header or linked by name).
+ *
+ * Concurrency: reads and in-place writes to allocated clusters run without locks. Allocating
+ * writes take a per-guest-cluster lock (so two writes to one new cluster are serialised, writes
+ * to different clusters are not) and the metadata mutex only around the in-memory metadata
+ * change; guest data is never written under the metadata mutex.
+ *
+ * Crash safety (digest §7): data is written before the L2 entry that points at it; L2/L1 entries
+ * reach the disk only after the refcount increments they depend on (refblocks written + synced,
+ * unless lazy refcounts with the dirty bit set); clusters whose last reference goes away are
+ * freed only after that change is on disk (frees are deferred to the next metadata write-back).
+ */
+import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
+import { BlockError } from '../../../util/errors.js';
+import {
+  EXTENT_ALLOCATED,
+  EXTENT_DATA,
+  EXTENT_ZERO,
+  type BlockDriver,
+  type BlockExtent,
+  type BlockIO,
+  type DriverCaps,
+  type WriteFlags,
+  type ZeroFlags,
+} from '../../types.js';
+import {
+  BASE_MEMBERS,
+  optBool,
+  optError,
+  optSize,
+  qemuJson,
+  rejectUnknown,
+  type DriverOpenContext,
+  type Options,
+} from '../common.js';
+import {
+  AUTOCLEAR_KNOWN,
+  COMPAT_LAZY_REFCOUNTS,
+  HEADER_PROBE,
+  HI_COMPRESSED,
+  HI_COPIED,
+  HI_OFFSET_MASK,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
+  L1_HI_RESERVED,
+  L1_LO_RESERVED,
+  L2_HI_RESERVED,
+  L2_LO_RESERVED,
+  LO_OFFSET_MASK,
+  LO_ZERO_FLAG,
+  MAX_L1_SIZE,
+  corrupt,
+  parseHeader,
+  writeU64,
+  type BitmapsExt,
+  type Qcow2Header,
+} from './format.js';
+import { compressedDesc, decompressCluster, hasZstd } from './compress.js';
+import { Refcounts } from './refcount.js';
+import { KeyedLocks, Mutex, Storage } from './storage.js';
+
+const QCOW2_MEMBERS = [
+  ...BASE_MEMBERS,
+  'file',
+  'backing',
+  'lazy-refcounts',
+  'pass-discard-request',
+  'pass-discard-snapshot',
+  'pass-discard-other',
+  'overlap-check',
+  'cache-size',
+  'l2-cache-size',
+  'l2-cache-entry-size',
+  'refcount-cache-size',
+  'cache-clean-interval',
+  'encrypt',
+  'data-file',
+];
+
+/** QEMU's default maximum L2 cache (Linux): 32 MiB, or less when that covers the whole disk. */
+const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
+
+/** How one guest range maps (a run of clusters or subclusters of one kind). */
+type Seg =
+  | { kind: 'data'; guest: number; length: number; host: number }
+  | { kind: 'zero'; guest: number; length: number }
+  | { kind: 'unalloc'; guest: number; length: number }
+  | { kind: 'compressed'; guest: number; length: number; cluster: number; hi: number; lo: number };
+
+interface CachedL2 {
+  offset: number;
+  buf: Buffer;
+  dirty: boolean;
+}
+
+/** A decoded L2 entry. */
+interface Entry {
+  hi: number;
+  lo: number;
+  bitmap: number; // low 32 bits: alloc; high 32 bits in `zeroBits`
+  zeroBits: number;
+  type: 'unalloc' | 'normal' | 'zero-plain' | 'zero-alloc' | 'compressed';
+  host: number;
+  copied: boolean;
+}
+
+/** What the graph needs to open the backing file recorded in an image. */
+export interface BackingRequest {
+  /** Path as recorded in the header. */
+  recorded: string;
+  /** Resolved against the image's directory. */
+  filename: string;
+  format: string | undefined;
+}
+
+interface PendingFree {
+  cluster: number;
+  discard: boolean;
+}
+
+export class Qcow2Driver implements BlockDriver {
+  readonly name = 'qcow2';
+  readonly caps: DriverCaps;
+  readonly header: Qcow2Header;
+  readonly clusterSize: number;
+  private readonly clusterBits: number;
+  private readonly extL2: boolean;
+  private readonly entrySize: number;
+  private readonly l2Entries: number;
+  private readonly subclusterSize: number;
+  private readonly storage: Storage;
+  private readonly refcounts: Refcounts | undefined;
+  private l1: Buffer;
+  private readonly l2Cache = new Map<number, CachedL2>();
+  private readonly l2Loading = new Map<number, Promise<CachedL2>>();
+  private readonly l2Capacity: number;
+  private readonly meta = new Mutex();
+  private readonly clusterLocks = new KeyedLocks();
+  private pending: PendingFree[] = [];
+  private readonly decompressed = new Map<number, Promise<Buffer>>();
+  private lazy: boolean;
+  private dirtyBitSet: boolean;
+  private size: number;
+  private closed = false;
+  private readonly origFileSize: number;
+  private readonly passDiscardRequest: boolean;
+
+  private constructor(
+    private readonly ctx: DriverOpenContext,
+    private readonly opts: Options,
+    header: Qcow2Header,
+    l1: Buffer,
+    storage: Storage,
+    refcounts: Refcounts | undefined,
+    l2CacheBytes: number,
+    readonly writable: boolean,
+  ) {
+    this.header = header;
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.extL2 = (header.incompatible & INCOMPAT_EXTL2) !== 0n;
+    this.entrySize = this.extL2 ? 16 : 8;
+    this.l2Entries = this.clusterSize / this.entrySize;
+    this.subclusterSize = this.clusterSize / 32;
+    this.storage = storage;
+    this.refcounts = refcounts;
+    this.l1 = l1;
+    this.size = header.size;
+    this.origFileSize = storage.size();
+    this.l2Capacity = Math.max(2, Math.floor(l2CacheBytes / this.clusterSize));
+    const lazyOpt = optBool(opts, 'lazy-refcounts');
+    this.lazy = writable && (lazyOpt ?? (header.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n);
+    this.dirtyBitSet = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
+    this.passDiscardRequest = optBool(opts, 'pass-discard-request') ?? ctx.options.discard === 'unmap';
+    this.caps = {
+      writeZeroes: header.version === 3,
+      fua: false,
+      discard: ctx.options.discard === 'unmap',
+      blockStatus: true,
+      resize: true,
+      readSync: false,
+      zeroInit: false,
+    };
+  }
+
+  // ---- open ---------------------------------------------------------------------------------
+
+  static async open(ctx: DriverOpenContext, opts: Options): Promise<Qcow2Driver> {
+    rejectUnknown(opts, QCOW2_MEMBERS);
+    if (opts['encrypt'] !== undefined) throw optError("Option 'encrypt' is not supported by blockd");
+    if (opts['data-file'] !== undefined) throw optError("Option 'data-file' is not supported by blockd");
+    for (const k of ['pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other']) optBool(opts, k);
+    const cacheSize = optSize(opts, 'cache-size', 'int');
+    const l2CacheSize = optSize(opts, 'l2-cache-size', 'int');
+    const refcountCacheSize = optSize(opts, 'refcount-cache-size', 'int');
+    optSize(opts, 'l2-cache-entry-size', 'int');
+    optSize(opts, 'cache-clean-interval', 'int');
+    if (cacheSize !== undefined && l2CacheSize !== undefined && refcountCacheSize !== undefined) {
+      throw optError("cache-size, l2-cache-size and refcount-cache-size may not be set at the same time");
+    }
+    if (cacheSize !== undefined && l2CacheSize !== undefined && l2CacheSize > cacheSize) {
+      throw optError('l2-cache-size may not exceed cache-size');
+    }
+
+    const fileIO = (): BlockIO => ctx.childIO('file');
+    const fileSize = fileIO().size();
+    const probe = Buffer.alloc(Math.min(HEADER_PROBE, fileSize));
+    if (probe.length > 0) await fileIO().read(probe, 0);
+    if (probe.length < 72 || probe.readUInt32BE(0) !== 0x514649fb) {
+      throw optError('Image is not in qcow2 format');
+    }
+    const bits = probe.readUInt32BE(20);
+    if (bits < 9 || bits > 21) throw optError(`Unsupported cluster size: 2^${bits}`);
+    const cs = 2 ** bits;
+    const storage = new Storage(fileIO, cs);
+    const c0 = Buffer.alloc(Math.min(cs, fileSize));
+    await storage.read(c0, 0);
+    const h = parseHeader(c0, fileSize);
+    if (h.compressionType === 1 && !hasZstd()) {
+      ctx.log.warn('zstd compressed clusters cannot be read: this Node.js has no zstd');
+    }
+
+    const writable = !ctx.readOnly;
+    if (writable) {
+      if ((h.incompatible & INCOMPAT_CORRUPT) !== 0n) {
+        throw optError('qcow2: Image is corrupt; cannot be opened read/write');
+      }
+      if (h.nbSnapshots > 0) {
+        throw optError('qcow2 images with internal snapshots can only be opened read-only by blockd');
+      }
+      if (h.bitmaps !== undefined) {
+        throw optError('qcow2 images with persistent bitmaps can only be opened read-only by blockd');
+      }
+    }
+
+    const l1 = Buffer.alloc(h.l1Size * 8);
+    if (l1.length) await storage.read(l1, h.l1TableOffset);
+
+    // Cache sizing, QEMU's rules: by default enough L2 to cover the disk, capped at 32 MiB;
+    // refcount cache a quarter of the L2 cache, at least 4 clusters.
+    const l2Entries = cs / ((h.incompatible & INCOMPAT_EXTL2) !== 0n ? 16 : 8);
+    const coverAll = Math.ceil(h.size / (cs * l2Entries)) * cs;
+    let l2Bytes: number;
+    let rcBytes: number;
+    if (l2CacheSize !== undefined) {
+      l2Bytes = l2CacheSize;
+      rcBytes = refcountCacheSize ?? (cacheSize !== undefined ? cacheSize - l2CacheSize : Math.max(4 * cs, l2Bytes / 4));
+    } else if (cacheSize !== undefined) {
+      rcBytes = refcountCacheSize ?? Math.max(4 * cs, cacheSize / 4);
+      l2Bytes = Math.max(2 * cs, cacheSize - rcBytes);
+    } else {
+      l2Bytes = Math.min(DEFAULT_L2_CACHE_MAX, Math.max(coverAll, 2 * cs));
+      rcBytes = refcountCacheSize ?? Math.max(4 * cs, l2Bytes / 4);
+    }
+
+    let refcounts: Refcounts | undefined;
+    const driverRef: { d?: Qcow2Driver } = {};
+    if (writable) {
+      const table = await Refcounts.readTable(storage, h.refcountTableOffset, h.refcountTableClusters, cs);
+      refcounts = new Refcounts(
+        {
+          storage,
+          writeReftablePointer: async (offset, clusters) => {
+            const b = Buffer.alloc(12);
+            writeU64(b, 0, offset);
+            b.writeUInt32BE(clusters, 8);
+            await storage.write(b, 48);
+            await storage.flush();
+            if (driverRef.d) {
+              driverRef.d.header.refcountTableOffset = offset;
+              driverRef.d.header.refcountTableClusters = clusters;
+            }
+          },
+        },
+        bits,
+        h.refcountOrder,
+        table,
+        h.refcountTableOffset,
+        h.refcountTableClusters,
+        Math.max(4, Math.floor(rcBytes / cs)),
+      );
+    }
+    const d = new Qcow2Driver(ctx, opts, h, l1, storage, refcounts, l2Bytes, writable);
+    driverRef.d = d;
+    if (writable) await d.prepareWritable();
+    return d;
+  }
+
+  /** Read-write open: repair a dirty image, clear unknown autoclear bits. */
+  private async prepareWritable(): Promise<void> {
+    const h = this.header;
+    if ((h.incompatible & INCOMPAT_DIRTY) !== 0n) {
+      throw optError(
+        "qcow2: Image is dirty (lazy refcounts, not cleanly closed); repair it with 'qemu-img check -r all' first",
+      );
+    }
+    if (h.version === 3 && (h.autoclear & ~AUTOCLEAR_KNOWN) !== 0n) {
+      h.autoclear &= AUTOCLEAR_KNOWN;
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(h.autoclear, 0);
+      await this.storage.write(b, 88);
+      await this.storage.flush();
+    }
+  }
+
+  // ---- info for the graph ---------------------------------------------------------------------
+
+  /** The backing file recorded in the header (undefined = none). */
+  backingRequest(): BackingRequest | undefined {
+    const rec = this.header.backingFile;
+    if (rec === undefined || rec === '') return undefined;
+    let filename = rec;
+    const base = this.ctx.childDriver('file').describeFilename();
+    if (!isAbsolute(rec) && !base.startsWith('json:') && !rec.includes(':')) {
+      filename = resolvePath(dirname(base), rec);
+    }
+    return { recorded: rec, filename, format: this.header.backingFormat };
+  }
+
+  /** The bitmaps extension (for the persistent bitmaps code), or undefined. */
+  bitmapsExtension(): (BitmapsExt & { consistent: boolean }) | undefined {
+    const b = this.header.bitmaps;
+    if (!b) return undefined;
+    return { ...b, consistent: (this.header.autoclear & 1n) !== 0n };
+  }
+
+  private backing(): BlockIO | undefined {
+    if (this.ctx.hasChild && !this.ctx.hasChild('backing')) return undefined;
+    try {
+      return this.ctx.childIO('backing');
+    } catch {
+      return undefined;
+    }
+  }
+
+  getLength(): number {
+    return this.size;
+  }
+
+  // ---- L1 / L2 --------------------------------------------------------------------------------
+
+  private l1Entry(i: number): { offset: number; copied: boolean } {
+    if (i * 8 + 8 > this.l1.length) return { offset: 0, copied: false };
+    const hi = this.l1.readUInt32BE(i * 8);
+    const lo = this.l1.readUInt32BE(i * 8 + 4);
+    if ((hi & L1_HI_RESERVED) !== 0 || (lo & L1_LO_RESERVED) !== 0) {
+      throw this.corruption(`L1 entry ${i} has reserved bits set`);
+    }
+    const offset = (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
+    if (offset % this.clusterSize !== 0) throw this.corruption(`L2 table offset of L1 entry ${i} is unaligned`);
+    return { offset, copied: (hi & HI_COPIED) !== 0 };
+  }
+
+  private corruption(msg: string): BlockError {
+    this.ctx.log.error({ reason: msg }, 'qcow2 metadata corruption');
+    return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
+  }
+
+  private touch(t: CachedL2): void {
+    this.l2Cache.delete(t.offset);
+    this.l2Cache.set(t.offset, t);
+  }
+
+  private evictClean(): void {
+    if (this.l2Cache.size <= this.l2Capacity) return;
+    for (const [off, t] of this.l2Cache) {
+      if (this.l2Cache.size <= this.l2Capacity) break;
+      if (!t.dirty) this.l2Cache.delete(off);
+    }
+  }
+
+  /** The L2 table at `offset` (cached; concurrent misses share one read). */
+  private async loadL2(offset: number): Promise<CachedL2> {
+    const hit = this.l2Cache.get(offset);
+    if (hit) {
+      this.touch(hit);
+      return hit;
+    }
+    let p = this.l2Loading.get(offset);
+    if (!p) {
+      p = (async () => {
+        const buf = Buffer.alloc(this.clusterSize);
+        await this.storage.read(buf, offset);
+        const t: CachedL2 = { offset, buf, dirty: false };
+        const again = this.l2Cache.get(offset);
+        if (again) return again;
+        this.l2Cache.set(offset, t);
+        this.evictClean();
+        return t;
+      })();
+      this.l2Loading.set(offset, p);
+      p.finally(() => this.l2Loading.delete(offset)).catch(() => undefined);
+    }
+    return p;
+  }
+
+  private decode(t: CachedL2 | undefined, idx: number): Entry {
+    if (!t) return { hi: 0, lo: 0, bitmap: 0, zeroBits: 0, type: 'unalloc', host: 0, copied: false };
+    const at = idx * this.entrySize;
+    const hi = t.buf.readUInt32BE(at);
+    const lo = t.buf.readUInt32BE(at + 4);
+    const bitmap = this.extL2 ? t.buf.readUInt32BE(at + 12) : 0;
+    const zeroBits = this.extL2 ? t.buf.readUInt32BE(at + 8) : 0;
+    const copied = (hi & HI_COPIED) !== 0;
+    if ((hi & HI_COMPRESSED) !== 0) {
+      if (copied) throw this.corruption('Compressed cluster has the COPIED flag set');
+      if (this.extL2 && (bitmap !== 0 || zeroBits !== 0)) {
+        throw this.corruption('Compressed cluster has a non-zero subcluster bitmap');
+      }
+      return { hi, lo, bitmap, zeroBits, type: 'compressed', host: 0, copied: false };
+    }
+    if ((hi & L2_HI_RESERVED) !== 0 || (lo & L2_LO_RESERVED) !== 0) {
+      throw this.corruption(`L2 entry at 0x${(t.offset + at).toString(16)} has reserved bits set`);
+    }
+    const host = (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
+    if (host % this.clusterSize !== 0) throw this.corruption('Data cluster offset is not cluster aligned');
+    const zero = !this.extL2 && (lo & LO_ZERO_FLAG) !== 0;
+    if (zero && this.header.version === 2) throw this.corruption('Zero cluster entry found in pre-v3 image');
+    if (this.extL2) {
+      if (host !== 0 && (bitmap & zeroBits) !== 0) throw this.corruption('Invalid subcluster bitmap');
+      if (host === 0 && bitmap !== 0) throw this.corruption('Subcluster allocated in an unallocated cluster');
+    }
+    let type: Entry['type'];
+    if (zero) type = host !== 0 ? 'zero-alloc' : 'zero-plain';
+    else type = host !== 0 ? 'normal' : 'unalloc';
+    return { hi, lo, bitmap, zeroBits, type, host, copied };
+  }
+
+  /** L2 table of L1 index `l1i` for reading (undefined = unallocated). */
+  private async l2Read(l1i: number): Promise<CachedL2 | undefined> {
+    const e = this.l1Entry(l1i);
+    if (e.offset === 0) return undefined;
+    return this.loadL2(e.offset);
+  }
+
+  /** Map [guest, guest+length) into segments (both inside the disk). */
+  private async segments(guest: number, length: number): Promise<Seg[]> {
+    const out: Seg[] = [];
+    const cs = this.clusterSize;
+    const push = (s: Seg): void => {
+      const last = out[out.length - 1];
+      if (last && last.kind === s.kind && last.guest + last.length === s.guest) {
+        if (last.kind === 'data' && s.kind === 'data') {
+          if (last.host + last.length === s.host) {
+            last.length += s.length;
+            return;
+          }
+        } else if (last.kind !== 'compressed') {
+          last.length += s.length;
+          return;
+        }
+      }
+      out.push(s);
+    };
+    let pos = guest;
+    const end = guest + length;
+    while (pos < end) {
+      const g = Math.floor(pos / cs);
+      const l1i = Math.floor(g / this.l2Entries);
+      const t = await this.l2Read(l1i);
+      const tableEnd = Math.min(end, (l1i + 1) * this.l2Entries * cs);
+      while (pos < tableEnd) {
+        const gc = Math.floor(pos / cs);
+        const inOff = pos - gc * cs;
+        const n = Math.min(cs - inOff, tableEnd - pos);
+        const e = this.decode(t, gc % this.l2Entries);
+        if (e.type === 'compressed') {
+          push({ kind: 'compressed', guest: pos, length: n, cluster: gc, hi: e.hi, lo: e.lo });
+        } else if (!this.extL2) {
+          if (e.type === 'normal') push({ kind: 'data', guest: pos, length: n, host: e.host + inOff });
+          else if (e.type === 'unalloc') push({ kind: 'unalloc', guest: pos, length: n });
+          else push({ kind: 'zero', guest: pos, length: n });
+        } else {
+          // Per subcluster.
+          const sc = this.subclusterSize;
+          let p = inOff;
+          while (p < inOff + n) {
+            const x = Math.floor(p / sc);
+            const m = Math.min((x + 1) * sc, inOff + n) - p;
+            const bit = 2 ** x;
+            const alloc = Math.floor(e.bitmap / bit) % 2 === 1;
+            const zero = Math.floor(e.zeroBits / bit) % 2 === 1;
+            const gp = gc * cs + p;
+            if (alloc) push({ kind: 'data', guest: gp, length: m, host: e.host + p });
+            else if (zero) push({ kind: 'zero', guest: gp, length: m });
+            else push({ kind: 'unalloc', guest: gp, length: m });
+            p += m;
+          }
+        }
+        pos += n;
+      }
+    }
+    return out;
+  }
+
+  // ---- read -----------------------------------------------------------------------------------
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    const segs = await this.segments(offset, buf.length);
+    await Promise.all(segs.map((s) => this.readSeg(s, buf.subarray(s.guest - offset, s.guest - offset + s.length))));
+  }
+
+  private async readSeg(s: Seg, out: Buffer): Promise<void> {
+    switch (s.kind) {
+      case 'data':
+        return this.storage.read(out, s.host);
+      case 'zero':
+        out.fill(0);
+        return;
+      case 'unalloc':
+        return this.readBacking(out, s.guest);
+      case 'compressed': {
+        const data = await this.decompress(s.cluster, s.hi, s.lo);
+        const inOff = s.guest - s.cluster * this.clusterSize;
+        data.copy(out, 0, inOff, inOff + s.length);
+      }
+    }
+  }
+
+  /** Read from the backing chain; past its end (or without one) the data is zero. */
+  private async readBacking(out: Buffer, guest: number): Promise<void> {
+    const b = this.backing();
+    const bsize = b ? b.size() : 0;
+    const n = Math.max(0, Math.min(out.length, bsize - guest));
+    if (n < out.length) out.fill(0, n);
+    if (n > 0 && b) await b.read(out.subarray(0, n), guest);
+  }
+
+  private decompress(cluster: number, hi: number, lo: number): Promise<Buffer> {
+    const key = cluster;
+    const hit = this.decompressed.get(key);
+    if (hit) return hit;
+    const p = (async () => {
+      const d = compressedDesc(hi, lo, this.clusterBits);
+      const src = Buffer.alloc(Math.min(d.length, this.clusterSize * 2 + 512));
+      await this.storage.read(src, d.offset);
+      const out = Buffer.alloc(this.clusterSize);
+      await decompressCluster(src, out, this.header.compressionType);
+      return out;
+    })();
+    this.decompressed.set(key, p);
+    p.catch(() => this.decompressed.delete(key));
+    while (this.decompressed.size > 8) {
+      const first = this.decompressed.keys().next().value as number;
+      this.decompressed.delete(first);
+    }
+    return p;
+  }
+
+  // ---- block status ---------------------------------------------------------------------------
+
+  async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    // Bound the work per call: one L2 table's worth.
+    const span = this.l2Entries * this.clusterSize;
+    const end = Math.min(offset + length, (Math.floor(offset / span) + 1) * span);
+    const segs = await this.segments(offset, end - offset);
+    const out: BlockExtent[] = [];
+    for (const s of segs) {
+      if (s.kind === 'data' || s.kind === 'compressed') {
+        out.push({ offset: s.guest, length: s.length, flags: EXTENT_DATA | EXTENT_ALLOCATED, depth: 1 });
+      } else if (s.kind === 'zero') {
+        out.push({ offset: s.guest, length: s.length, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 1 });
+      } else {
+        const b = this.backing();
+        const bsize = b ? b.size() : 0;
+        let pos = s.guest;
+        const sEnd = s.guest + s.length;
+        if (b && pos < bsize) {
+          const bEnd = Math.min(sEnd, bsize);
+          while (pos < bEnd) {
+            const ext = await b.blockStatus(pos, bEnd - pos);
+            if (ext.length === 0) break;
+            for (const e of ext) {
+              out.push({ offset: e.offset, length: e.length, flags: e.flags, depth: e.depth > 0 ? e.depth + 1 : 0 });
+              pos = e.offset + e.length;
+            }
+          }
+          // Return what we have: the caller asks again for the rest.
+          if (pos < sEnd) {
+            if (pos >= bsize) out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO, depth: 0 });
+            break;
+          }
+        } else {
+          out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO, depth: 0 });
+        }
+      }
+    }
+    return out;
+  }
+
+  // ---- write ----------------------------------------------------------------------------------
+
+  private checkWritable(): void {
+    if (!this.writable || !this.refcounts) {
+      throw new BlockError('READ_ONLY', 'EPERM', `Node '${this.ctx.nodeName}' is read-only`);
+    }
+    if (this.closed) throw new BlockError('CLOSED', 'EIO', `Node '${this.ctx.nodeName}' is closed`);
+  }
+
+  async write(buf: Buffer, offset: number, _flags: WriteFlags): Promise<void> {
+    this.checkWritable();
+    const cs = this.clusterSize;
+    const tasks: Promise<void>[] = [];
+    let pos = 0;
+    while (pos < buf.length) {
+      const guest = offset + pos;
+      const g = Math.floor(guest / cs);
+      const inOff = guest - g * cs;
+      const n = Math.min(cs - inOff, buf.length - pos);
+      tasks.push(this.writeCluster(g, inOff, buf.subarray(pos, pos + n)));
+      pos += n;
+    }
+    await Promise.all(tasks);
+  }
+
+  private async lookup(g: number): Promise<Entry> {
+    const t = await this.l2Read(Math.floor(g / this.l2Entries));
+    return this.decode(t, g % this.l2Entries);
+  }
+
+  /** Whether a write into this cluster can go straight to its host cluster. */
+  private inPlace(e: Entry): boolean {
+    return e.type === 'normal' && e.copied && (!this.extL2 || e.bitmap === 0xffffffff);
+  }
+
+  private async writeCluster(g: number, inOff: number, data: Buffer): Promise<void> {
+    const e = await this.lookup(g);
+    if (this.inPlace(e)) {
+      await this.storage.write(data, e.host + inOff);
+      return;
+    }
+    await this.clusterLocks.run(g, async () => {
+      const cur = await this.lookup(g);
+      if (this.inPlace(cur)) {
+        await this.storage.write(data, cur.host + inOff);
+        return;
+      }
+      const cs = this.clusterSize;
+      let full: Buffer;
+      if (inOff === 0 && data.length === cs) {
+        full = data;
+      } else {
+        full = Buffer.alloc(cs);
+        if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
+        data.copy(full, inOff);
+      }
+      // Reuse the host cluster when we own it (zero-alloc, or a partly allocated ext-L2 cluster).
+      const reuse = (cur.type === 'zero-alloc' || cur.type === 'normal') && cur.copied;
+      const host = reuse ? cur.host : await this.meta.run(() => this.allocClusters(1));
+      await this.storage.write(full, host);
+      await this.meta.run(async () => {
+        await this.setEntry(g, host, reuse ? undefined : cur, 'data');
+      });
+    });
+  }
+
+  /** Read the guest view of a whole cluster (the part inside the disk; zero beyond). */
+  private async readCluster(g: number, out: Buffer): Promise<void> {
+    const start = g * this.clusterSize;
+    const n = Math.min(this.clusterSize, this.size - start);
+    if (n < out.length) out.fill(0, Math.max(0, n));
+    if (n > 0) await this.read(out.subarray(0, n), start);
+  }
+
+  private async allocClusters(n: number): Promise<number> {
+    const rc = this.refcounts;
+    if (!rc) throw new BlockError('READ_ONLY', 'EPERM', 'image is read-only');
+    return rc.alloc(n);
+  }
+
+  /** Clusters an entry holds references to (for freeing). */
+  private refsOf(e: Entry): number[] {
+    if (e.type === 'normal' || e.type === 'zero-alloc') return [e.host / this.clusterSize];
+    if (e.type === 'compressed') {
+      const d = compressedDesc(e.hi, e.lo, this.clusterBits);
+      const first = Math.floor(d.offset / this.clusterSize);
+      const last = Math.floor((d.offset + d.length - 1) / this.clusterSize);
+      const out: number[] = [];
+      for (let c = first; c <= last; c++) out.push(c);
+      return out;
+    }
+    return [];
+  }
+
+  /**
+   * Under the metadata mutex: point guest cluster `g` at `host` (data), or make it zero/unallocated.
+   * `old` (the entry being replaced) has its references freed after the change is on disk.
+   */
+  private async setEntry(
+    g: number,
+    host: number,
+    old: Entry | undefined,
+    mode: 'data' | 'zero-plain' | 'zero-alloc' | 'unalloc',
+    discard = false,
+  ): Promise<void> {
+    const t = await this.l2Write(Math.floor(g / this.l2Entries));
+    const at = (g % this.l2Entries) * this.entrySize;
+    const current = this.decode(t, g % this.l2Entries);
+    if (old) {
+      for (const c of this.refsOf(current)) this.pending.push({ cluster: c, discard });
+    }
+    let hi = 0;
+    let lo = 0;
+    let alloc = 0;
+    let zeros = 0;
+    const setHost = (): void => {
+      hi = (Math.floor(host / 0x100000000) & HI_OFFSET_MASK) | HI_COPIED;
+      lo = host >>> 0;
+    };
+    if (mode === 'data') {
+      setHost();
+      alloc = 0xffffffff;
+    } else if (mode === 'zero-alloc') {
+      setHost();
+      if (this.extL2) zeros = 0xffffffff;
+      else lo |= LO_ZERO_FLAG;
+    } else if (mode === 'zero-plain') {
+      if (this.extL2) zeros = 0xffffffff;
+      else lo = LO_ZERO_FLAG;
+    }
+    t.buf.writeUInt32BE(hi >>> 0, at);
+    t.buf.writeUInt32BE(lo >>> 0, at + 4);
+    if (this.extL2) {
+      t.buf.writeUInt32BE(zeros >>> 0, at + 8);
+      t.buf.writeUInt32BE(alloc >>> 0, at + 12);
+    }
+    t.dirty = true;
+    // A reader may have evicted the (then clean) table meanwhile: this copy is the current one.
+    this.touch(t);
+    await this.maybeWriteback();
+  }
+
+  /** Under the metadata mutex: a private, cached L2 table for L1 index `l1i`. */
+  private async l2Write(l1i: number): Promise<CachedL2> {
+    if (l1i >= this.header.l1Size) throw this.corruption('L1 index out of range');
+    const e = this.l1Entry(l1i);
+    if (e.offset !== 0 && e.copied) {
+      const t = await this.loadL2(e.offset);
+      this.touch(t);
+      return t;
+    }
+    const newOff = await this.allocClusters(1);
+    const buf = Buffer.alloc(this.clusterSize);
+    if (e.offset !== 0) {
+      const old = await this.loadL2(e.offset);
+      old.buf.copy(buf);
+    }
+    await this.syncRefcounts();
+    await this.storage.write(buf, newOff);
+    const t: CachedL2 = { offset: newOff, buf, dirty: false };
+    this.l2Cache.set(newOff, t);
+    await this.writeL1Entry(l1i, newOff);
+    if (e.offset !== 0) {
+      this.l2Cache.delete(e.offset);
+      this.pending.push({ cluster: e.offset / this.clusterSize, discard: false });
+    }
+    this.evictClean();
+    return t;
+  }
+
+  private async writeL1Entry(l1i: number, offset: number): Promise<void> {
+    await this.markDirtyIfLazy();
+    const b = Buffer.alloc(8);
+    if (offset !== 0) {
+      b.writeUInt32BE(((Math.floor(offset / 0x100000000) & HI_OFFSET_MASK) | HI_COPIED) >>> 0, 0);
+      b.writeUInt32BE(offset >>> 0, 4);
+    }
+    await this.storage.write(b, this.header.l1TableOffset + l1i * 8);
+    b.copy(this.l1, l1i * 8);
+  }
+
+  /** Refcount increments reach the disk before metadata that depends on them. */
+  private async syncRefcounts(): Promise<void> {
+    const rc = this.refcounts;
+    if (!rc) return;
+    if (await rc.writeDirty()) {
+      if (!this.lazy) await this.storage.flush();
+    }
+  }
+
+  private async markDirtyIfLazy(): Promise<void> {
+    if (!this.lazy || this.dirtyBitSet || this.header.version !== 3) return;
+    this.header.incompatible |= INCOMPAT_DIRTY;
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(this.header.incompatible, 0);
+    await this.storage.write(b, 72);
+    await this.storage.flush();
+    this.dirtyBitSet = true;
+  }
+
+  private dirtyL2Count(): number {
+    let n = 0;
+    for (const t of this.l2Cache.values()) if (t.dirty) n++;
+    return n;
+  }
+
+  private async maybeWriteback(): Promise<void> {
+    if (this.l2Cache.size > this.l2Capacity && this.dirtyL2Count() > this.l2Capacity / 2) {
+      await this.writeback();
+    }
+    this.evictClean();
+  }
+
+  /**
+   * Under the metadata mutex: refcount blocks, then L2 tables, then deferred frees.
+   * The caller syncs afterwards (flush) when it needs durability.
+   */
+  private async writeback(): Promise<void> {
+    const dirty = [...this.l2Cache.values()].filter((t) => t.dirty);
+    await this.syncRefcounts();
+    if (dirty.length) await this.markDirtyIfLazy();
+    for (const t of dirty) {
+      await this.storage.write(t.buf, t.offset);
+      t.dirty = false;
+    }
+    if (this.pending.length) {
+      await this.storage.flush();
+      const frees = this.pending;
+      this.pending = [];
+      const rc = this.refcounts;
+      if (rc) {
+        for (const f of frees) {
+          const left = await rc.update(f.cluster, -1);
+          if (left === 0 && f.discard && this.passDiscardRequest) {
+            await this.storage.discard(f.cluster * this.clusterSize, this.clusterSize).catch(() => undefined);
+          }
+        }
+        await rc.writeDirty();
+      }
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.writable && this.refcounts && !this.closed) {
+      await this.meta.run(() => this.writeback());
+    }
+    await this.storage.flush();
+  }
+
+  // ---- zeroes and discard ---------------------------------------------------------------------
+
+  async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    this.checkWritable();
+    if (this.header.version !== 3) {
+      throw new BlockError('NOT_SUPPORTED', 'ENOTSUP', 'qcow2 v2 images have no zero clusters');
+    }
+    await this.clearRange(offset, length, async (g, cur) => {
+      if (flags.mayUnmap || !cur.copied || cur.type === 'compressed' || cur.type === 'unalloc' ||
+          cur.type === 'zero-plain') {
+        const hasRefs = this.refsOf(cur).length > 0;
+        await this.setEntry(g, 0, hasRefs ? cur : undefined, 'zero-plain', true);
+      } else {
+        await this.setEntry(g, cur.host, undefined, 'zero-alloc');
+      }
+    }, true);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkWritable();
+    const hasBacking = this.backing() !== undefined;
+    await this.clearRange(offset, length, async (g, cur) => {
+      const allocated = cur.type === 'normal' || cur.type === 'zero-alloc' || cur.type === 'compressed';
+      const hasRefs = this.refsOf(cur).length > 0;
+      if (hasBacking || allocated) {
+        if (this.header.version >= 3) await this.setEntry(g, 0, hasRefs ? cur : undefined, 'zero-plain', true);
+        else await this.setEntry(g, 0, hasRefs ? cur : undefined, 'unalloc', true);
+      }
+    }, false);
+  }
+
+  /**
+   * Apply `fn` to every whole cluster of the range (under its cluster lock and the metadata
+   * mutex); partial head/tail clusters are written as zero bytes when `zeroPartial`, ignored
+   * otherwise (discard). The range end at the disk end counts as a cluster end.
+   */
+  private async clearRange(
+    offset: number,
+    length: number,
+    fn: (g: number, cur: Entry) => Promise<void>,
+    zeroPartial: boolean,
+  ): Promise<void> {
+    const cs = this.clusterSize;
+    const end = offset + length;
+    let pos = offset;
+    const tasks: Promise<void>[] = [];
+    while (pos < end) {
+      const g = Math.floor(pos / cs);
+      const cStart = g * cs;
+      const cEnd = Math.min(cStart + cs, this.size);
+      const n = Math.min(cEnd, end) - pos;
+      if (pos === cStart && pos + n === cEnd) {
+        tasks.push(
+          this.clusterLocks.run(g, async () => {
+            await this.meta.run(async () => fn(g, await this.lookup(g)));
+          }),
+        );
+      } else if (zeroPartial) {
+        tasks.push(this.writeCluster(g, pos - cStart, Buffer.alloc(n)));
+      }
+      pos += n;
+    }
+    await Promise.all(tasks);
+  }
+
+  // ---- resize ---------------------------------------------------------------------------------
+
+  async truncate(size: number): Promise<void> {
+    this.checkWritable();
+    if (size % 512 !== 0) {
+      throw new BlockError('BAD_SIZE', 'EINVAL', 'The new size must be a multiple of 512');
+    }
+    if (this.header.nbSnapshots > 0) {
+      throw new BlockError('NOT_SUPPORTED', 'ENOTSUP', "Can't resize an image which has snapshots");
+    }
+    const old = this.size;
+    if (size === old) return;
+    const cs = this.clusterSize;
+    const needL1 = Math.ceil(size / (cs * this.l2Entries));
+    if (size < old) {
+      // Free every cluster past the new end (whole clusters only), then L2 tables wholly past it.
+      const firstFree = Math.ceil(size / cs) * cs;
+      if (size % cs !== 0) {
+        // Zero the tail of the last cluster so that growing again reads zeroes there.
+        const g = Math.floor(size / cs);
+        const tailLen = Math.min((g + 1) * cs, old) - size;
+        if (tailLen > 0 && this.header.version === 3) await this.writeCluster(g, size - g * cs, Buffer.alloc(tailLen));
+      }
+      if (firstFree < old) {
+        await this.clearRange(firstFree, old - firstFree, async (g, cur) => {
+          if (this.refsOf(cur).length > 0 || cur.type !== 'unalloc') {
+            await this.setEntry(g, 0, cur, 'unalloc', true);
+          }
+        }, false);
+      }
+      await this.meta.run(async () => {
+        await this.writeback();
+        for (let i = needL1; i < this.header.l1Size; i++) {
+          const e = this.l1Entry(i);
+          if (e.offset === 0) continue;
+          await this.writeL1Entry(i, 0);
+          this.l2Cache.delete(e.offset);
+          this.pending.push({ cluster: e.offset / cs, discard: true });
+        }
+        await this.writeSize(size);
+        await this.writeback();
+      });
+      this.size = size;
+      return;
+    }
+    await this.meta.run(async () => {
+      if (needL1 > this.header.l1Size) await this.growL1(needL1);
+      await this.writeSize(size);
+    });
+    this.size = size;
+    // A longer backing file must not show through the new area.
+    const b = this.backing();
+    if (b && b.size() > old && this.header.version === 3) {
+      await this.writeZeroes(old, Math.min(size, b.size()) - old, {});
+    }
+  }
+
+  private async writeSize(size: number): Promise<void> {
+    await this.syncRefcounts();
+    const b = Buffer.alloc(8);
+    writeU64(b, 0, size);
+    await this.storage.write(b, 24);
+    await this.storage.flush();
+    this.header.size = size;
+  }
+
+  private async growL1(need: number): Promise<void> {
+    const cs = this.clusterSize;
+    // QEMU grows the L1 table by about 1.5x.
+    let entries = Math.max(need, Math.floor((this.header.l1Size * 3) / 2));
+    if (entries * 8 > MAX_L1_SIZE) entries = need;
+    if (entries * 8 > MAX_L1_SIZE) throw new BlockError('BAD_SIZE', 'EFBIG', 'Image size too big for qcow2 L1 table');
+    const clusters = Math.ceil((entries * 8) / cs);
+    const newOff = await this.allocClusters(clusters);
+    const buf = Buffer.alloc(clusters * cs);
+    this.l1.copy(buf);
+    await this.syncRefcounts();
+    await this.markDirtyIfLazy();
+    await this.storage.write(buf, newOff);
+    await this.storage.flush();
+    const hdr = Buffer.alloc(12);
+    hdr.writeUInt32BE(entries, 0);
+    writeU64(hdr, 4, newOff);
+    await this.storage.write(hdr, 36);
+    await this.storage.flush();
+    const oldOff = this.header.l1TableOffset;
+    const oldClusters = Math.ceil((this.header.l1Size * 8) / cs);
+    this.header.l1TableOffset = newOff;
+    this.header.l1Size = entries;
+    this.l1 = buf.subarray(0, entries * 8);
+    if (oldOff !== 0) {
+      for (let i = 0; i < oldClusters; i++) this.pending.push({ cluster: oldOff / cs + i, discard: true });
+    }
+  }
+
+  // ---- close / info ---------------------------------------------------------------------------
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (this.writable && this.refcounts) {
+      await this.meta.run(async () => {
+        await this.writeback();
+        await this.storage.flush();
+        const rc = this.refcounts;
+        if (rc) {
+          // Drop the sparse growth past the last used cluster.
+          const used = Math.max(this.origFileSize, (rc.highestAllocated + 1) * this.clusterSize);
+          if (this.storage.size() > used) await this.storage.truncate(used).catch(() => undefined);
+        }
+        if (this.dirtyBitSet) {
+          this.header.incompatible &= ~INCOMPAT_DIRTY;
+          const b = Buffer.alloc(8);
+          b.writeBigUInt64BE(this.header.incompatible, 0);
+          await this.storage.write(b, 72);
+          await this.storage.flush();
+          this.dirtyBitSet = false;
+        }
+      });
+    }
+    this.closed = true;
+  }
+
+  describeFilename(): string {
+    const f = this.ctx.childDriver('file');
+    return f.describeFilename();
+  }
+
+  jsonOptions(): Record<string, unknown> {
+    const f = this.ctx.childDriver('file');
+    return { driver: 'qcow2', file: f.jsonOptions?.() ?? f.describeFilename() };
+  }
+
+  /** `json:{...}` is only needed when the file child has no plain name. */
+  describeJson(): string {
+    return `json:${qemuJson(this.jsonOptions())}`;
+  }
+
+  async queryImage(): Promise<Record<string, unknown>> {
+    const child = this.ctx.childDriver('file');
+    const sub = (await child.queryImage?.()) ?? {};
+    const h = this.header;
+    const out: Record<string, unknown> = {
+      'cluster-size': this.clusterSize,
+      'format-specific': {
+        type: 'qcow2',
+        data:
+          h.version === 2
+            ? { compat: '0.10', 'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib', 'refcount-bits': 16 }
+            : {
+                compat: '1.1',
+                'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
+                'lazy-refcounts': (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+                'refcount-bits': 2 ** h.refcountOrder,
+                corrupt: (h.incompatible & INCOMPAT_CORRUPT) !== 0n,
+                'extended-l2': this.extL2,
+              },
+      },
+      'actual-size': sub['actual-size'],
+      'dirty-flag': false,
+    };
+    const br = this.backingRequest();
+    if (br) {
+      out['backing-filename'] = br.recorded;
+      out['full-backing-filename'] = br.filename;
+      if (br.format !== undefined) out['backing-filename-format'] = br.format;
+    }
+    return out;
+  }
+}

@@ -1,0 +1,110 @@
+/**
+ * The qcow2 driver's view of its `file` child: reads past EOF return zeroes (images need not end
+ * on a cluster boundary), writes past EOF grow the file first (in chunks, because a resize drains
+ * the child's in-flight I/O), and a small async mutex used for metadata updates.
+ */
+import type { BlockIO } from '../../types.js';
+
+/** A FIFO async mutex. */
+export class Mutex {
+  private tail: Promise<void> = Promise.resolve();
+  private held = 0;
+
+  get locked(): boolean {
+    return this.held > 0;
+  }
+
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    const prev = this.tail;
+    let release!: () => void;
+    this.tail = new Promise<void>((r) => (release = r));
+    this.held++;
+    try {
+      await prev;
+      return await fn();
+    } finally {
+      this.held--;
+      release();
+    }
+  }
+}
+
+/** Per-key serialisation (allocating writes to one guest cluster). */
+export class KeyedLocks {
+  private readonly tails = new Map<number, Promise<void>>();
+
+  async run<T>(key: number, fn: () => Promise<T>): Promise<T> {
+    const prev = this.tails.get(key);
+    let release!: () => void;
+    const mine = new Promise<void>((r) => (release = r));
+    this.tails.set(key, mine);
+    try {
+      if (prev) await prev;
+      return await fn();
+    } finally {
+      if (this.tails.get(key) === mine) this.tails.delete(key);
+      release();
+    }
+  }
+}
+
+export class Storage {
+  private growing: Promise<void> | undefined;
+
+  constructor(
+    private readonly io: () => BlockIO,
+    private readonly clusterSize: number,
+  ) {}
+
+  size(): number {
+    return this.io().size();
+  }
+
+  /** Read; the part past EOF reads as zeroes. */
+  async read(buf: Buffer, offset: number): Promise<void> {
+    const size = this.io().size();
+    const n = Math.max(0, Math.min(buf.length, size - offset));
+    if (n < buf.length) buf.fill(0, n);
+    if (n > 0) await this.io().read(n === buf.length ? buf : buf.subarray(0, n), offset);
+  }
+
+  /** Write, growing the file first when the range ends past EOF. */
+  async write(buf: Buffer, offset: number): Promise<void> {
+    await this.ensureSize(offset + buf.length);
+    await this.io().write(buf, offset);
+  }
+
+  /** Make the file at least `end` bytes long (sparse growth in chunks). */
+  async ensureSize(end: number): Promise<void> {
+    while (this.io().size() < end) {
+      if (this.growing) {
+        await this.growing;
+        continue;
+      }
+      const cur = this.io().size();
+      const chunk = Math.min(64 << 20, Math.max(1 << 20, Math.floor(cur / 8)));
+      const target = Math.ceil((Math.max(end, cur + chunk)) / this.clusterSize) * this.clusterSize;
+      this.growing = this.io().truncate(target);
+      try {
+        await this.growing;
+      } finally {
+        this.growing = undefined;
+      }
+    }
+  }
+
+  /** Set the exact file length (shrinking the unused tail on close). */
+  async truncate(size: number): Promise<void> {
+    await this.io().truncate(size);
+  }
+
+  flush(): Promise<void> {
+    return this.io().flush();
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    const size = this.io().size();
+    const n = Math.min(length, size - offset);
+    if (n > 0) await this.io().discard(offset, n);
+  }
+}
