@@ -7,7 +7,8 @@ import type { Logger } from '../util/logger.js';
 import type { EventBus } from '../util/events.js';
 import { DaemonError, QmpError } from '../util/errors.js';
 import type { BlockGraph } from '../block/graph.js';
-import type { BlockUser } from '../block/types.js';
+import type { BlockNode, BlockUser } from '../block/types.js';
+import { CHECK_ALLOW_RO, bitmapsOf, findInChain, type NamedBitmap } from '../block/dirty-bitmap-set.js';
 import type { NbdBackend, NbdExportHandle, NbdExportSummary } from '../nbd/backend.js';
 import { NbdServer, type NbdBoundAddress, type NbdListenAddress } from '../nbd/server.js';
 import { strerror } from '../util/errors.js';
@@ -184,12 +185,7 @@ export class ExportManager implements NbdBackend {
     for (const e of this.exports.values()) {
       if (e.name === name) throw new QmpError(`NBD server already has export named '${name}'`);
     }
-    if (o.bitmaps && o.bitmaps.length > 0) {
-      const b = o.bitmaps[0]!;
-      // Dirty bitmaps are not part of the block layer yet: every name is unknown.
-      if (typeof b === 'string') throw new QmpError(`Bitmap '${b}' is not found`);
-      throw new QmpError(`Dirty bitmap '${b.name}' not found`);
-    }
+    const bitmaps = this.resolveBitmaps(node, o.bitmaps ?? [], writable);
     const user: BlockUser = node.attach({
       name: 'an unnamed block device',
       role: 'root',
@@ -207,11 +203,14 @@ export class ExportManager implements NbdBackend {
         allocationDepth: o.allocationDepth ?? false,
         maxConnections: o.maxConnections ?? 0,
         multiConn: o.multiConn ?? 'auto',
+        bitmaps,
       },
       user,
       () => this.serverMax,
       this.log,
     );
+    // Busy only once the export exists: a refused export leaves its bitmaps as they were.
+    for (const b of bitmaps) b.setBusy(true);
     this.exports.set(o.id, exp);
     this.log.info({ export: o.id, name, node: o.nodeName, writable }, 'export added');
   }
@@ -237,9 +236,43 @@ export class ExportManager implements NbdBackend {
     await exp.disconnectAll(reason);
     if (this.exports.get(exp.id) !== exp) return;
     exp.user.detach();
+    for (const b of exp.opts.bitmaps ?? []) b.setBusy(false);
     this.exports.delete(exp.id);
     this.log.info({ export: exp.id }, 'export deleted');
     this.events.emit('BLOCK_EXPORT_DELETED', { id: exp.id });
+  }
+
+  /**
+   * The bitmaps an NBD export offers as `qemu:dirty-bitmap:NAME` (QSD 7.2 rules, qmp.md §4.3):
+   * a plain name is searched on the node and down its backing/filter chain, `{node, name}` names
+   * any node. A busy or inconsistent bitmap is refused. A read-only export refuses an enabled
+   * bitmap found by plain name on a writable node (7.2 does not apply this to `{node, name}`).
+   */
+  private resolveBitmaps(
+    node: BlockNode,
+    specs: ReadonlyArray<string | { node: string; name: string }>,
+    writable: boolean,
+  ): NamedBitmap[] {
+    const out: NamedBitmap[] = [];
+    for (const spec of specs) {
+      let bm: NamedBitmap;
+      if (typeof spec === 'string') {
+        const found = findInChain(node, spec);
+        if (!found) throw new QmpError(`Bitmap '${spec}' is not found`);
+        bm = found.bitmap;
+        bm.check(CHECK_ALLOW_RO);
+        if (!writable && !found.node.readOnly && bm.recording) {
+          throw new QmpError(`Enabled bitmap '${spec}' incompatible with readonly export`);
+        }
+      } else {
+        const holder = this.graph.get(spec.node);
+        if (!holder) throw new QmpError(`Node '${spec.node}' not found`);
+        bm = bitmapsOf(holder).find(spec.name);
+        bm.check(CHECK_ALLOW_RO);
+      }
+      out.push(bm);
+    }
+    return out;
   }
 
   query(): ExportInfo[] {

@@ -18,7 +18,9 @@ import type {
   NbdExtent,
 } from '../nbd/backend.js';
 import { DEFAULT_BLOCK_SIZES, StaticContextProvider } from '../nbd/backend.js';
-import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/protocol.js';
+import { NBD_STATE_DIRTY, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/protocol.js';
+import type { DirtyBitmap } from '../block/dirty-bitmap.js';
+import type { NamedBitmap } from '../block/dirty-bitmap-set.js';
 
 export type MultiConnMode = 'auto' | 'on' | 'off';
 
@@ -32,6 +34,8 @@ export interface NbdExportOptions {
   /** Per-export connection limit (blockd extension); 0 = only the server's limit. */
   maxConnections: number;
   multiConn: MultiConnMode;
+  /** Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (context ids follow this order). */
+  bitmaps?: readonly NamedBitmap[];
 }
 
 /** Per-export counters (query-block-exports, beyond QSD). */
@@ -84,6 +88,23 @@ function toNbdExtents(
     pos = eEnd;
   }
   if (out.length === 0) out.push({ length: Math.min(length, 0xffffffff), flags: 0 });
+  return out;
+}
+
+/**
+ * `qemu:dirty-bitmap:*` extents: NBD_STATE_DIRTY (1) for dirty granules, 0 for clean ones.
+ * Runs are granule-aligned inside the request; anything past the bitmap's size (a bitmap on a
+ * smaller backing node) reads as clean.
+ */
+export function bitmapExtents(bits: DirtyBitmap, offset: number, length: number, maxExtents: number): NbdExtent[] {
+  const out: NbdExtent[] = [];
+  const max = Math.max(1, maxExtents);
+  for (const e of bits.extents(offset, length, max)) {
+    // NBD extent lengths are u32: cut long runs (the client asks again for the rest).
+    out.push({ length: Math.min(e.length, 0x80000000), flags: e.dirty ? NBD_STATE_DIRTY : 0 });
+    if (e.length > 0x80000000) break;
+  }
+  if (out.length === 0) out.push({ length: Math.min(length, 0x80000000), flags: 0 });
   return out;
 }
 
@@ -147,6 +168,12 @@ export class NbdExport implements NbdExportHandle {
       qemu.push({
         name: 'qemu:allocation-depth',
         blockStatus: (o, l, m) => this.status(o, l, m, (e) => e.depth),
+      });
+    }
+    for (const bm of opts.bitmaps ?? []) {
+      qemu.push({
+        name: `qemu:dirty-bitmap:${bm.name}`,
+        blockStatus: async (o, l, m) => bitmapExtents(bm.bits, o, Math.min(l, STATUS_CHUNK), m),
       });
     }
     this.metaContexts = [

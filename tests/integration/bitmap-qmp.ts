@@ -1,0 +1,148 @@
+/**
+ * Test harness shared by the bitmap integration tests: an in-process daemon (Services) driven
+ * through the real schema validation and command handlers, plus tool helpers.
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { createConnection } from 'node:net';
+import { existsSync } from 'node:fs';
+import { promisify } from 'node:util';
+import { Services } from '../../src/qmp/services.js';
+import { SchemaRegistry } from '../../src/qmp/schema-registry.js';
+import { ALL_COMMANDS } from '../../src/qmp/commands/index.js';
+import type { CommandContext } from '../../src/qmp/types.js';
+import { silentLogger } from '../../src/util/logger.js';
+import { DaemonError } from '../../src/util/errors.js';
+
+export const run = promisify(execFile);
+const CI = process.env.CI === 'true';
+const reg = SchemaRegistry.load();
+const byName = new Map(ALL_COMMANDS.map((c) => [c.name, c]));
+
+export type Reply = { return: unknown } | { error: { class: string; desc: string } };
+
+/** Whether an external tool is installed (a failure under CI=true). */
+export async function haveTool(cmd: string, args: string[] = ['--version']): Promise<boolean> {
+  try {
+    await run(cmd, args);
+    return true;
+  } catch {
+    if (CI) throw new Error(`${cmd} is required under CI`);
+    return false;
+  }
+}
+
+/** An in-process blockd with a QMP-like call interface. */
+export class Daemon {
+  readonly svc = new Services(silentLogger());
+  private readonly ctx: CommandContext = {
+    services: this.svc,
+    log: this.svc.log,
+    origin: 'qmp',
+    afterReply: () => undefined,
+  };
+
+  async qmp(name: string, args: Record<string, unknown> = {}): Promise<Reply> {
+    try {
+      reg.validateArguments(name, args);
+      const c = byName.get(name);
+      if (!c) throw new Error(`no handler for ${name}`);
+      return { return: await c.run(args, this.ctx) };
+    } catch (e) {
+      if (e instanceof DaemonError) return { error: { class: e.qmpClass, desc: e.message } };
+      throw e;
+    }
+  }
+
+  async ok(name: string, args: Record<string, unknown> = {}): Promise<unknown> {
+    const r = await this.qmp(name, args);
+    if ('error' in r) throw new Error(`${name} failed: ${r.error.desc}`);
+    return r.return;
+  }
+
+  async err(name: string, args: Record<string, unknown>): Promise<string> {
+    const r = await this.qmp(name, args);
+    if (!('error' in r)) throw new Error(`${name} unexpectedly succeeded`);
+    return r.error.desc;
+  }
+
+  async bitmaps(node: string): Promise<Array<Record<string, unknown>> | undefined> {
+    const all = (await this.ok('query-named-block-nodes')) as Array<Record<string, unknown>>;
+    return all.find((n) => n['node-name'] === node)?.['dirty-bitmaps'] as Array<Record<string, unknown>> | undefined;
+  }
+
+  shutdown(): Promise<void> {
+    return this.svc.shutdown();
+  }
+}
+
+/** `nbdinfo --map=CTX` as [offset, length, flags] rows. */
+export async function nbdMap(uri: string, ctx: string): Promise<[number, number, number][]> {
+  const { stdout } = await run('nbdinfo', [`--map=${ctx}`, uri]);
+  return stdout
+    .trim()
+    .split('\n')
+    .filter((l) => l.trim() !== '')
+    .map((l) => {
+      const [o, n, f] = l.trim().split(/\s+/);
+      return [Number(o), Number(n), Number(f)];
+    });
+}
+
+/** A minimal QMP client for a reference qemu-storage-daemon. */
+export class RefQsd {
+  private buf = '';
+  private waiters: Array<(line: Record<string, unknown>) => void> = [];
+  private constructor(
+    private readonly proc: ChildProcess,
+    private readonly sock: ReturnType<typeof createConnection>,
+  ) {
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      this.buf += d;
+      let i: number;
+      while ((i = this.buf.indexOf('\n')) >= 0) {
+        const line = JSON.parse(this.buf.slice(0, i)) as Record<string, unknown>;
+        this.buf = this.buf.slice(i + 1);
+        if ('event' in line) continue;
+        this.waiters.shift()?.(line);
+      }
+    });
+  }
+
+  static async start(qmpPath: string, args: string[] = []): Promise<RefQsd> {
+    const proc = spawn(
+      'qemu-storage-daemon',
+      ['--chardev', `socket,id=m,path=${qmpPath},server=on,wait=off`, '--monitor', 'm', ...args],
+      { stdio: 'ignore' },
+    );
+    for (let i = 0; i < 200 && !existsSync(qmpPath); i++) await new Promise((r) => setTimeout(r, 25));
+    const sock = createConnection(qmpPath);
+    await new Promise<void>((res, rej) => {
+      sock.once('connect', () => res());
+      sock.once('error', rej);
+    });
+    const q = new RefQsd(proc, sock);
+    await q.next(); // greeting
+    await q.cmd('qmp_capabilities');
+    return q;
+  }
+
+  private next(): Promise<Record<string, unknown>> {
+    return new Promise((r) => this.waiters.push(r));
+  }
+
+  async cmd(name: string, args?: Record<string, unknown>): Promise<Record<string, unknown>> {
+    const p = this.next();
+    this.sock.write(JSON.stringify(args ? { execute: name, arguments: args } : { execute: name }) + '\n');
+    return p;
+  }
+
+  async stop(): Promise<void> {
+    this.sock.destroy();
+    if (this.proc.exitCode === null) {
+      const done = new Promise((r) => this.proc.once('exit', r));
+      this.proc.kill('SIGTERM');
+      await done;
+    }
+  }
+}
