@@ -20,6 +20,11 @@ export class Services {
   readonly graph: BlockGraph;
   readonly exports: ExportManager;
   private shuttingDown: Promise<void> | undefined;
+  /**
+   * Set by the composition root: what `quit` does once its `{}` reply is written
+   * (close monitors and chardevs, remove the pidfile, exit 0). QMP never exits by itself.
+   */
+  onQuit: (() => void | Promise<void>) | undefined;
 
   constructor(readonly log: Logger) {
     this.graph = new BlockGraph(log.child({ component: 'block' }));

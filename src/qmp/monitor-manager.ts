@@ -1,0 +1,70 @@
+/**
+ * Chardevs and the monitors attached to them (`--chardev` + `--monitor`).
+ */
+import type { Logger } from '../util/logger.js';
+import { DaemonError } from '../util/errors.js';
+import type { Services } from './services.js';
+import type { Dispatcher } from './dispatcher.js';
+import { Chardev, type ChardevOptions, type ChardevOpenOptions } from './chardev.js';
+import { MonitorSession, type MonitorOptions } from './monitor.js';
+
+export class MonitorManager {
+  private readonly chardevs = new Map<string, Chardev>();
+  private readonly sessions = new Set<MonitorSession>();
+  private readonly log: Logger;
+
+  constructor(
+    private readonly services: Services,
+    private readonly dispatcher: Dispatcher,
+    log: Logger,
+  ) {
+    this.log = log.child({ component: 'monitors' });
+  }
+
+  /** Create and open a chardev. Errors are CliErrors worded like QSD. */
+  async addChardev(options: ChardevOptions, open: ChardevOpenOptions = {}): Promise<Chardev> {
+    if (this.chardevs.has(options.id)) {
+      throw new DaemonError('CHARDEV_EXISTS', `attempt to add duplicate chardev '${options.id}'`);
+    }
+    const c = new Chardev(options, this.log);
+    this.chardevs.set(options.id, c);
+    try {
+      await c.open(open);
+    } catch (err) {
+      this.chardevs.delete(options.id);
+      await c.close();
+      throw err;
+    }
+    return c;
+  }
+
+  chardev(id: string): Chardev | undefined {
+    return this.chardevs.get(id);
+  }
+
+  /** Attach a QMP monitor to a chardev (`--monitor chardev=ID,pretty=...`). */
+  attach(chardevId: string, opts: MonitorOptions = {}): void {
+    const c = this.chardevs.get(chardevId);
+    if (c === undefined) throw new DaemonError('CHARDEV_NOT_FOUND', `chardev "${chardevId}" not found`);
+    if (c.attached) throw new DaemonError('CHARDEV_IN_USE', `Device '${chardevId}' is in use`);
+    c.setHandler((peer) => {
+      const s = new MonitorSession(peer, this.services, this.dispatcher, this.log, opts);
+      this.sessions.add(s);
+      peer.onClose(() => this.sessions.delete(s));
+    });
+  }
+
+  /** Live sessions (tests). */
+  activeSessions(): number {
+    return this.sessions.size;
+  }
+
+  /** Close every session and chardev; unix socket files we created are removed. */
+  async close(): Promise<void> {
+    for (const s of [...this.sessions]) s.close();
+    this.sessions.clear();
+    const all = [...this.chardevs.values()];
+    this.chardevs.clear();
+    await Promise.all(all.map((c) => c.close()));
+  }
+}
