@@ -188,6 +188,26 @@ describe('QMP monitor over a unix socket', () => {
     c.close();
   });
 
+  it('answers a 100 MiB line without newline with an error, in bounded memory', async () => {
+    const other = await QmpTestClient.connect({ path: join(dir, 'other.sock') }).catch(() => undefined);
+    expect(other).toBeUndefined();
+    await manager.addChardev(unixOpts('o', join(dir, 'other.sock')));
+    manager.attach('o');
+    const watcher = await QmpTestClient.connect({ path: join(dir, 'other.sock') }, { negotiate: true });
+    const c = await QmpTestClient.connect({ path: sock }, { negotiate: true });
+    const before = process.memoryUsage();
+    c.send('{"execute": "');
+    const mib = Buffer.alloc(1024 * 1024, 0x61);
+    for (let i = 0; i < 100; i++) c.send(mib);
+    expect((await c.next()).error).toEqual({ class: 'GenericError', desc: 'JSON token size limit exceeded' });
+    const after = process.memoryUsage();
+    const grown = after.heapUsed + after.arrayBuffers - (before.heapUsed + before.arrayBuffers);
+    expect(grown).toBeLessThan(400 * 1024 * 1024);
+    expect((await watcher.cmd('query-version', undefined, 'w')).id).toBe('w');
+    c.close();
+    watcher.close();
+  });
+
   it('refuses a second monitor on one chardev and unknown chardevs', () => {
     expect(() => manager.attach('m')).toThrow("Device 'm' is in use");
     expect(() => manager.attach('zz')).toThrow('chardev "zz" not found');
