@@ -17,10 +17,11 @@ import {
   detachBackingBlocker,
   probeFormat,
   qcow2ChildPerms,
+  snapshotGraph,
 } from './drivers/qcow2/backing.js';
 import { optError, type DriverOpenContext, type Options } from './drivers/common.js';
 import { nativeLoadError } from './native.js';
-import { describeBitmaps } from './dirty-bitmap-set.js';
+import { describeBitmaps, loadPersistentBitmaps, storePersistentBitmaps } from './dirty-bitmap-set.js';
 import { BlockNodeImpl, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
 import type { BlockDriver, BlockNode } from './types.js';
 
@@ -217,6 +218,7 @@ export class BlockGraph {
       created.push(node);
       for (const c of children) node.addChild(c.role, c.node);
       if (spec.backing) await this.openBacking(node, opts, nodeOpts, created);
+      await loadPersistentBitmaps(node);
       this.log.debug({ node: name, driver: driverName }, 'block node opened');
       return node;
     } finally {
@@ -350,6 +352,11 @@ export class BlockGraph {
     this.nodes.delete(node.name);
     this.order = this.order.filter((n) => n !== node);
     try {
+      await storePersistentBitmaps(node);
+    } catch (err) {
+      this.log.warn({ err, node: node.name }, 'could not store persistent dirty bitmaps');
+    }
+    try {
       await node.driver.close();
     } catch (err) {
       this.log.warn({ err, node: node.name }, 'error closing block node');
@@ -362,6 +369,18 @@ export class BlockGraph {
       if (!child.monitorOwned && child.parents.length === 0) await this.destroy(child);
     }
     this.log.debug({ node: node.name }, 'block node closed');
+  }
+
+  /**
+   * blockdev-snapshot: `overlay` (a qcow2 node without backing) gets `node` as its backing and
+   * takes over every parent of `node` (exports, jobs, parent nodes).
+   */
+  snapshot(nodeName: string, overlayName: string): void {
+    const node = this.nodes.get(nodeName);
+    if (!node) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${nodeName}' nor node-name='${nodeName}'`);
+    const overlay = this.nodes.get(overlayName);
+    if (!overlay) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${overlayName}' nor node-name='${overlayName}'`);
+    snapshotGraph(node, overlay);
   }
 
   /** Close every node, parents before children, flushing data. */

@@ -3,6 +3,7 @@ import type { Logger } from '../util/logger.js';
 import { EventBus } from '../util/events.js';
 import { BlockGraph } from '../block/graph.js';
 import { ExportManager } from '../export/manager.js';
+import { JobManager } from '../block/jobs.js';
 
 const require = createRequire(import.meta.url);
 const pkg = require('../../package.json') as { version: string };
@@ -19,6 +20,8 @@ export class Services {
   readonly events = new EventBus();
   readonly graph: BlockGraph;
   readonly exports: ExportManager;
+  /** Jobs (blockdev-create, ...): JOB_STATUS_CHANGE events go to the bus. */
+  readonly jobs = new JobManager((event, data) => this.events.emit(event, data));
   private shuttingDown: Promise<void> | undefined;
   /**
    * Set by the composition root: what `quit` does once its `{}` reply is written
@@ -38,6 +41,7 @@ export class Services {
   shutdown(): Promise<void> {
     this.shuttingDown ??= (async () => {
       await this.exports.closeAll();
+      await this.jobs.closeAll();
       await this.graph.closeAll();
     })();
     return this.shuttingDown;

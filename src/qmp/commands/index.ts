@@ -4,6 +4,7 @@ import { blockCommands } from './block.js';
 import { nbdCommands } from './nbd.js';
 import { bitmapCommands } from './bitmap.js';
 import { transactionCommands } from './transaction.js';
+import { imageCommands } from './image.js';
 
 /** Every command handler; each must have a schema in schema/commands/<name>.json. */
 export const ALL_COMMANDS: readonly CommandDef[] = [
@@ -12,4 +13,5 @@ export const ALL_COMMANDS: readonly CommandDef[] = [
   ...nbdCommands,
   ...bitmapCommands,
   ...transactionCommands,
+  ...imageCommands,
 ];

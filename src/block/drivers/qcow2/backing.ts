@@ -124,6 +124,9 @@ export function snapshotGraph(node: BlockNodeImpl, overlay: BlockNodeImpl): void
   }
   const blocker = [...node.blockers].find((b) => b.startsWith('node is used as backing hd of'));
   if (blocker) throw new BlockError('BUSY', 'EBUSY', `Node '${node.name}' is busy: ${blocker}`);
+  if (overlay.hasBackendUsers()) {
+    throw new BlockError('BAD_OPTION', 'EINVAL', 'The overlay is already in use');
+  }
   if (backingOf(overlay)) {
     throw new BlockError('BAD_OPTION', 'EINVAL', `The overlay already has a backing image`);
   }

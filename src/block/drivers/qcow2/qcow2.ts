@@ -55,11 +55,14 @@ import {
   corrupt,
   parseHeader,
   writeU64,
+  buildHeader,
   type BitmapsExt,
   type Qcow2Header,
 } from './format.js';
 import { compressedDesc, decompressCluster, hasZstd } from './compress.js';
 import { Refcounts } from './refcount.js';
+import { Qcow2BitmapStore } from '../../dirty-bitmap-qcow2.js';
+import type { LoadedBitmap, NamedBitmap } from '../../dirty-bitmap-set.js';
 import { KeyedLocks, Mutex, Storage } from './storage.js';
 
 const QCOW2_MEMBERS = [
@@ -231,9 +234,6 @@ export class Qcow2Driver implements BlockDriver {
       if (h.nbSnapshots > 0) {
         throw optError('qcow2 images with internal snapshots can only be opened read-only by blockd');
       }
-      if (h.bitmaps !== undefined) {
-        throw optError('qcow2 images with persistent bitmaps can only be opened read-only by blockd');
-      }
     }
 
     const l1 = Buffer.alloc(h.l1Size * 8);
@@ -325,6 +325,56 @@ export class Qcow2Driver implements BlockDriver {
     const b = this.header.bitmaps;
     if (!b) return undefined;
     return { ...b, consistent: (this.header.autoclear & 1n) !== 0n };
+  }
+
+  // ---- persistent dirty bitmaps (format code in block/dirty-bitmap-qcow2.ts) ------------------
+
+  private bitmapStore: Qcow2BitmapStore | undefined;
+
+  private bitmaps(): Qcow2BitmapStore {
+    this.bitmapStore ??= new Qcow2BitmapStore({
+      nodeName: this.ctx.nodeName,
+      header: this.header,
+      clusterSize: this.clusterSize,
+      writable: this.writable,
+      imageSize: () => this.size,
+      fileSize: () => this.storage.size(),
+      read: (b, o) => this.storage.read(b, o),
+      write: (b, o) => this.storage.write(b, o),
+      flush: () => this.storage.flush(),
+      alloc: (n) => this.allocClusters(n),
+      free: async (o) => {
+        await this.refcounts?.update(o / this.clusterSize, -1);
+      },
+      syncRefcounts: async () => {
+        await this.refcounts?.writeDirty();
+        await this.storage.flush();
+      },
+      writeHeader: async () => {
+        await this.storage.write(buildHeader(this.header), 0);
+        await this.storage.flush();
+      },
+    });
+    return this.bitmapStore;
+  }
+
+  /** PersistentBitmapDriver: vet `block-dirty-bitmap-add persistent=true`. */
+  canStoreBitmap(name: string, _granularity: number): void {
+    this.bitmaps().canStore(name, this.header.bitmaps?.nbBitmaps ?? 0);
+  }
+
+  /** PersistentBitmapDriver: read the bitmap directory at open (read-write: mark in_use). */
+  loadBitmaps(): Promise<LoadedBitmap[]> {
+    return this.meta.run(() => this.bitmaps().load());
+  }
+
+  /** PersistentBitmapDriver: store the persistent bitmaps (clean close, before close()). */
+  storeBitmaps(list: readonly NamedBitmap[]): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    return this.meta.run(async () => {
+      await this.writeback();
+      await this.bitmaps().store(list);
+    });
   }
 
   private backing(): BlockIO | undefined {
@@ -1057,6 +1107,7 @@ export class Qcow2Driver implements BlockDriver {
                 compat: '1.1',
                 'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
                 'lazy-refcounts': (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+                ...(this.bitmapStore?.formatInfo() ? { bitmaps: this.bitmapStore.formatInfo() } : {}),
                 'refcount-bits': 2 ** h.refcountOrder,
                 corrupt: (h.incompatible & INCOMPAT_CORRUPT) !== 0n,
                 'extended-l2': this.extL2,
