@@ -7,7 +7,7 @@
  *   are both back to zero, or as soon as either goes negative (so `{"a":1]}` gives two
  *   errors, as in QEMU).
  * - Single-quoted strings and the `\'` escape are accepted.
- * - After a lexical error the lexer skips input until a structural character, a control
+ * - After a lexical error the lexer skips input until a structural character (`{}[]:,`), a control
  *   character other than TAB, or a 0xFE/0xFF byte, and starts again from there.
  * - Limits: 64 MiB of token bytes per message (and per token), 2 Mi tokens per message,
  *   nesting depth 1024. The lexer never holds more than one token, so a huge unterminated
@@ -98,7 +98,7 @@ export class JsonStreamParser {
       const c = buf[i] as number;
       switch (this.lex) {
         case 'recovery':
-          if (c === 0x5b || c === 0x5d || c === 0x7b || c === 0x7d || (c < 0x20 && c !== 0x09) || c >= 0xfe) {
+          if (structural(c) !== undefined || (c < 0x20 && c !== 0x09) || c >= 0xfe) {
             this.lex = 'start';
             continue; // look at this byte again
           }
