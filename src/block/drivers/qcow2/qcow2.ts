@@ -630,9 +630,12 @@ export class Qcow2Driver implements BlockDriver {
           }
           // Return what we have: the caller asks again for the rest.
           if (pos < sEnd) {
-            if (pos >= bsize) out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO, depth: 0 });
+            // Past the backing file's end QEMU reports zeroes "allocated" in the backing layer.
+            if (pos >= bsize) out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 2 });
             break;
           }
+        } else if (b) {
+          out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 2 });
         } else {
           out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO, depth: 0 });
         }
