@@ -127,8 +127,11 @@ interface ReadCtx {
 export class NbdConnection {
   readonly id: number;
   readonly clientAddress: string;
-  private readonly log: Logger;
+  private readonly baseLog: Logger;
+  private childLog: Logger | undefined;
   private readonly trace: boolean;
+  /** Info-level logging is on (checked once: building log arguments costs on the connect path). */
+  private readonly infoOn: boolean;
   private readonly backend: NbdBackend;
   private readonly hs: Handshake;
   private readonly reader = new FrameReader();
@@ -171,6 +174,8 @@ export class NbdConnection {
   private finalized = false;
   /** socket.end() was called: nothing more may be written. */
   private ending = false;
+  /** The client sent NBD_CMD_DISC: close as soon as every reply is out. */
+  private disconnectOnDisc = false;
   private resolveClosed!: () => void;
   /** Resolves once the socket is closed and every request has settled. */
   readonly closed: Promise<void> = new Promise((r) => (this.resolveClosed = r));
@@ -182,8 +187,9 @@ export class NbdConnection {
     this.id = opts.id;
     this.clientAddress = opts.clientAddress;
     this.backend = opts.backend;
-    this.log = opts.log.child({ conn: opts.id });
-    this.trace = this.log.isLevelEnabled('trace');
+    this.baseLog = opts.log;
+    this.trace = opts.log.isLevelEnabled('trace');
+    this.infoOn = opts.log.isLevelEnabled('info');
     this.maxInFlight = Math.max(1, opts.maxInFlight ?? 64);
     this.maxInFlightBytes = Math.max(1, opts.maxInFlightBytes ?? 64 * 1024 * 1024);
     this.hs = new Handshake(this.backend, {
@@ -201,9 +207,16 @@ export class NbdConnection {
     }
   }
 
+  /** The per-connection logger, created on first use (a pino child costs a few µs per connect). */
+  private get log(): Logger {
+    return (this.childLog ??= this.baseLog.child({ conn: this.id }));
+  }
+
   /** Send the greeting and start reading. */
   start(): void {
-    this.socket.setNoDelay?.(true);
+    // Greeting first, so the client works on it while we finish setting up.
+    this.queue(this.hs.greeting());
+    this.flush();
     this.socket.on('data', (chunk: Buffer) => {
       this.reader.push(chunk);
       this.pump();
@@ -217,14 +230,13 @@ export class NbdConnection {
       this.writeBlocked = false;
       this.maybeResume();
     });
-    this.queue(this.hs.greeting());
     this.socket.resume();
   }
 
   /** Close the connection now (export removed, server stopping). */
   disconnect(reason: string): void {
     if (this.state === 'CLOSED') return;
-    this.log.info({ reason }, 'disconnecting NBD client');
+    if (this.infoOn) this.log.info({ reason }, 'disconnecting NBD client');
     this.socket.destroy();
   }
 
@@ -327,12 +339,14 @@ export class NbdConnection {
 
   private applyStep(step: HandshakeStep): void {
     for (const b of step.out) this.queue(b);
+    // Handshake replies go out at once (the client waits for them); bookkeeping comes after.
+    this.flush();
     switch (step.state) {
       case 'OPTIONS':
         this.state = 'OPTION_HEADER';
         return;
       case 'CLOSED':
-        this.log.info({ reason: step.reason }, 'NBD client closed during handshake');
+        if (this.infoOn) this.log.info({ reason: step.reason }, 'NBD client closed during handshake');
         this.endAfterFlush();
         return;
       case 'TRANSMISSION': {
@@ -347,6 +361,7 @@ export class NbdConnection {
         this.size = neg.exp.size;
         this.hasSyncRead = typeof neg.exp.tryReadSync === 'function';
         this.state = 'REQUEST';
+        if (!this.infoOn) return;
         this.log.info(
           {
             client: this.clientAddress,
@@ -418,9 +433,10 @@ export class NbdConnection {
       offset >= 0 ? String(offset) : b.readBigUInt64BE(p + 16).toString(); // b still valid here
 
     if (type === NBD_CMD_DISC) {
-      this.log.info('client sent NBD_CMD_DISC');
+      if (this.infoOn) this.log.info('client sent NBD_CMD_DISC');
       this.state = 'DISCONNECTING';
       this.socket.pause();
+      this.disconnectOnDisc = true;
       this.maybeFinishDisconnect();
       return;
     }
@@ -793,6 +809,12 @@ export class NbdConnection {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.flush();
     this.ending = true;
+    if (this.disconnectOnDisc && this.socket.writableLength === 0) {
+      // Everything is in the kernel and the client has said goodbye: close now, like QEMU,
+      // instead of a shutdown round through the stream machinery.
+      this.socket.destroy();
+      return;
+    }
     this.socket.end(() => this.socket.destroy());
   }
 
@@ -820,7 +842,7 @@ export class NbdConnection {
   private finalize(): void {
     if (this.finalized) return;
     this.finalized = true;
-    this.log.info({ client: this.clientAddress, export: this.exp?.name }, 'NBD client disconnected');
+    if (this.infoOn) this.log.info({ client: this.clientAddress, export: this.exp?.name }, 'NBD client disconnected');
     try {
       this.session?.onDisconnect();
     } catch (err) {

@@ -34,6 +34,10 @@ export interface NbdServerOptions {
   maxInFlightBytes?: number;
 }
 
+function ignoreError(): void {
+  /* the connection logs socket errors; queued sockets have nobody else to */
+}
+
 /** The bound address: `{type:'unix', path}` or `{type:'inet', host, port}` with the real port. */
 export type NbdBoundAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number } | { type: 'fd'; fd: number };
 
@@ -47,8 +51,11 @@ export class NbdServer {
   private unixPath: string | undefined;
   private bound: NbdBoundAddress | undefined;
 
+  private readonly infoOn: boolean;
+
   constructor(private readonly opts: NbdServerOptions) {
     this.log = opts.log.child({ component: 'nbd' });
+    this.infoOn = this.log.isLevelEnabled('info');
   }
 
   /** Number of clients being served (not counting queued ones). */
@@ -126,7 +133,7 @@ export class NbdServer {
       s.destroy();
       return;
     }
-    s.on('error', () => undefined);
+    s.on('error', ignoreError);
     if (this.limit > 0 && this.active.size >= this.limit) {
       this.log.debug({ queued: this.waiting.length + 1 }, 'NBD connection limit reached, client queued');
       this.waiting.push(s);
@@ -141,19 +148,23 @@ export class NbdServer {
 
   private startConnection(s: net.Socket): void {
     const id = this.nextId++;
+    // A unix peer has no address; asking the handle for one costs a syscall per connect.
     const clientAddress =
-      s.remoteAddress !== undefined ? `${s.remoteAddress}:${s.remotePort ?? 0}` : 'unix';
+      this.bound?.type !== 'unix' && s.remoteAddress !== undefined
+        ? `${s.remoteAddress}:${s.remotePort ?? 0}`
+        : 'unix';
+    const o = this.opts;
     const conn = new NbdConnection(s, {
       id,
-      backend: this.opts.backend,
+      backend: o.backend,
       log: this.log,
       clientAddress,
-      ...(this.opts.handshakeTimeoutMs !== undefined && { handshakeTimeoutMs: this.opts.handshakeTimeoutMs }),
-      ...(this.opts.maxInFlight !== undefined && { maxInFlight: this.opts.maxInFlight }),
-      ...(this.opts.maxInFlightBytes !== undefined && { maxInFlightBytes: this.opts.maxInFlightBytes }),
+      handshakeTimeoutMs: o.handshakeTimeoutMs,
+      maxInFlight: o.maxInFlight,
+      maxInFlightBytes: o.maxInFlightBytes,
     });
     this.active.add(conn);
-    this.log.info({ conn: id, client: clientAddress }, 'NBD client connected');
+    if (this.infoOn) this.log.info({ conn: id, client: clientAddress }, 'NBD client connected');
     void conn.closed.then(() => {
       this.active.delete(conn);
       this.admitWaiting();
