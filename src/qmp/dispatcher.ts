@@ -73,6 +73,11 @@ export class Dispatcher {
     return this.has(name) && this.schema.commandSchema(name)['allow-oob'] === true;
   }
 
+  /** Check `args` against the command's schema only (throws QmpError like execute would). */
+  validate(name: string, args: Record<string, unknown>): void {
+    this.schema.validateArguments(name, args);
+  }
+
   /**
    * Validate and run one command, after every command queued before it has finished.
    * Throws a DaemonError (QmpError for unknown commands and bad arguments).

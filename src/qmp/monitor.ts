@@ -180,6 +180,13 @@ export class MonitorSession {
       return fail('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
     }
     if (this.negotiated && name === 'qmp_capabilities') {
+      // QEMU runs the command's argument checks before its handler refuses it.
+      try {
+        this.dispatcher.validate(name, (isObject(req.arguments) ? plainNumbers(req.arguments) : {}) as Record<string, unknown>);
+      } catch (err) {
+        if (err instanceof DaemonError) return fail(err.qmpClass, err.message);
+        throw err;
+      }
       return fail('CommandNotFound', 'Capabilities negotiation is already complete, command ignored');
     }
     if (!this.dispatcher.has(name)) {
