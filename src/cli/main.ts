@@ -268,9 +268,10 @@ export async function run(args: readonly string[], script: string = process.argv
     }
   }
   if (channel !== undefined) {
-    channel.ready();
-    // Relative paths in later commands resolve from '/', as with QSD.
+    // Relative paths in later commands resolve from '/', as with QSD (before the parent
+    // is released, so "parent exited" implies the daemon's final state).
     process.chdir('/');
+    channel.ready();
   }
   log.info({ pid: process.pid }, 'blockd ready');
 }
