@@ -146,6 +146,7 @@ export class SchemaRegistry {
   private readonly events = new Map<string, EventSchemaFile>();
   private readonly types = new Map<string, JsonSchema>();
   private readonly validators = new Map<string, ValidateFunction>();
+  private variants = new Set<string>();
   private readonly ajv: Ajv2020;
 
   private constructor(readonly dir: string) {
@@ -222,24 +223,40 @@ export class SchemaRegistry {
         this.ajv.addSchema({ ...v, $id: `${BASE}variant/${name}.json` });
       }
     }
-    const compile = (id: string, schema: JsonSchema): ValidateFunction => {
-      try {
-        return this.ajv.compile({ ...this.prep(schema, variants), $id: id });
-      } catch (err) {
-        throw new Error(`cannot compile schema ${id}: ${(err as Error).message}`, { cause: err });
-      }
-    };
+    this.variants = variants;
+  }
+
+  private compile(id: string, schema: JsonSchema): ValidateFunction {
+    try {
+      return this.ajv.compile({ ...this.prep(schema, this.variants), $id: id });
+    } catch (err) {
+      throw new Error(`cannot compile schema ${id}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /** The argument validator of a command, compiled on first use (keeps startup fast). */
+  private validatorOf(name: string): ValidateFunction | undefined {
+    let v = this.validators.get(name);
+    if (v !== undefined) return v;
+    const c = this.commands.get(name);
+    if (c === undefined) return undefined;
+    const args: JsonSchema = c.arguments ?? { type: 'object', properties: {}, additionalProperties: false };
+    v = this.compile(`${BASE}compiled/commands/${name}.args.json`, args);
+    this.validators.set(name, v);
+    return v;
+  }
+
+  /**
+   * Compile everything now: every command's arguments and returns, every event and type.
+   * Startup does not need it (validators compile lazily); tests use it to catch bad schemas.
+   */
+  compileAll(): void {
     for (const [name, c] of this.commands) {
-      const args: JsonSchema = c.arguments ?? {
-        type: 'object',
-        properties: {},
-        additionalProperties: false,
-      };
-      this.validators.set(name, compile(`${BASE}compiled/commands/${name}.args.json`, args));
-      if (c.returns !== undefined) compile(`${BASE}compiled/commands/${name}.returns.json`, c.returns);
+      this.validatorOf(name);
+      if (c.returns !== undefined) this.compile(`${BASE}compiled/commands/${name}.returns.json`, c.returns);
     }
     for (const [name, e] of this.events) {
-      if (e.data !== undefined) compile(`${BASE}compiled/events/${name}.json`, e.data);
+      if (e.data !== undefined) this.compile(`${BASE}compiled/events/${name}.json`, e.data);
     }
     for (const name of this.types.keys()) {
       // Compiling each type on its own finds dangling $refs early.
@@ -369,7 +386,7 @@ export class SchemaRegistry {
    * `QmpError` worded like QEMU (the first error its input visitor would hit).
    */
   validateArguments(command: string, args: unknown): void {
-    const validate = this.validators.get(command);
+    const validate = this.validatorOf(command);
     if (validate === undefined) throw new Error(`no schema for command ${command}`);
     if (validate(args)) return;
     const schema: JsonSchema = this.commandSchema(command).arguments ?? {

@@ -40,6 +40,7 @@ describe('SchemaRegistry loading', () => {
 
   it('loads and compiles every JSON file of the repository schema', () => {
     const real = SchemaRegistry.load();
+    real.compileAll();
     const root = fileURLToPath(new URL('../../../schema/', import.meta.url));
     const count = (d: string): number =>
       readdirSync(d).reduce((n, f) => {
