@@ -317,3 +317,34 @@ export async function defaultGranularity(node: BlockNode): Promise<number> {
   if (typeof cs !== 'number' || !(cs > 0)) return DEFAULT_GRANULARITY;
   return Math.min(65536, Math.max(4096, cs));
 }
+
+/**
+ * Open: load the bitmaps a persistent driver keeps in its image (blockdev-add fails with the
+ * driver's error when the directory is corrupt).
+ */
+export async function loadPersistentBitmaps(node: BlockNode): Promise<void> {
+  const d = node.driver;
+  if (!isPersistentBitmapDriver(d)) return;
+  const loaded = await d.loadBitmaps();
+  if (loaded.length === 0) return;
+  const set = bitmapsOf(node);
+  for (const l of loaded) {
+    const bits = new DirtyBitmap(node.size(), l.granularity);
+    if (!l.inconsistent) await l.load(bits);
+    set.insert(
+      new NamedBitmap(l.name, bits, {
+        recording: l.enabled,
+        persistent: true,
+        inconsistent: l.inconsistent,
+        readonly: l.readonly,
+      }),
+    );
+  }
+}
+
+/** Clean close: hand the node's persistent bitmaps to its driver to store. */
+export async function storePersistentBitmaps(node: BlockNode): Promise<void> {
+  const d = node.driver;
+  if (!isPersistentBitmapDriver(d)) return;
+  await d.storeBitmaps(existingBitmapsOf(node)?.persistent() ?? []);
+}
