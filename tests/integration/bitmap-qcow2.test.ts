@@ -253,4 +253,34 @@ describe('persistent dirty bitmaps in qcow2', () => {
     await d.shutdown();
     expect(await imgBitmaps(img)).toEqual([{ flags: ['auto'], name: 'p', granularity: 65536 }]);
   });
+
+  it('finds a bitmap named by string down the backing chain of an exported overlay', async () => {
+    if (!(await haveTool('qemu-img')) || !(await haveTool('nbdinfo'))) return;
+    const base = join(dir, 'base.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', base, '1M']);
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', img]);
+    await open('base', base);
+    await d.ok('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'top',
+      backing: 'base',
+      file: { driver: 'file', filename: img },
+    });
+    await d.ok('block-dirty-bitmap-add', { node: 'base', name: 'bb', granularity: 4096 });
+    await d.svc.graph.find('base').io.write(Buffer.alloc(4096, 1), 8192);
+    const sock = join(dir, 'nbd.sock');
+    await d.ok('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+    expect(await d.err('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'top', bitmaps: ['bb'] })).toBe(
+      "Enabled bitmap 'bb' incompatible with readonly export",
+    );
+    await d.ok('block-dirty-bitmap-disable', { node: 'base', name: 'bb' });
+    await d.ok('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'top', bitmaps: ['bb'] });
+    const { stdout } = await run('nbdinfo', ['--map=qemu:dirty-bitmap:bb', `nbd+unix:///top?socket=${sock}`]);
+    expect(stdout.trim().split('\n').map((l) => l.trim().split(/\s+/).slice(0, 3).map(Number))).toEqual([
+      [0, 8192, 0],
+      [8192, 4096, 1],
+      [12288, (1 << 20) - 12288, 0],
+    ]);
+    expect((await d.bitmaps('base'))![0]!['busy']).toBe(true);
+  });
 });
