@@ -4,6 +4,8 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import type { BlockGraph } from '../../src/block/graph.js';
 import type { BlockNode } from '../../src/block/types.js';
 import {
@@ -164,6 +166,36 @@ describe.skipIf(!tools)('qcow2 writes checked by qemu-img', () => {
     expect(c.code, c.out).toBe(0);
     const expected = Buffer.alloc(2 * MiB);
     expected.fill(7, MiB - 8192, MiB - 4096);
+    expect(firstDiff(contentOf(img, dir), expected)).toBe(-1);
+  });
+
+  it('sets the dirty bit while lazy refcounts are in use and clears it on close', async () => {
+    const img = join(dir, 'l.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', 'lazy_refcounts=on', img, '1M');
+    const node = await openQcow2(g, 'q', img);
+    await node.io.write(Buffer.alloc(4096, 1), 0);
+    await node.io.flush();
+    const incompat = (): bigint => readFileSync(img).readBigUInt64BE(72);
+    expect(incompat() & 1n).toBe(1n);
+    await g.del('q');
+    expect(incompat() & 1n).toBe(0n);
+    expect(check(img).code).toBe(0);
+  });
+
+  it('repairs the refcounts of a dirty image left by a crashed qemu-io', async () => {
+    const img = join(dir, 'd.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', 'lazy_refcounts=on', img, '2M');
+    // qemu-io's abort kills it with SIGABRT, leaving the dirty bit and stale refcounts behind.
+    spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 128k', '-c', 'abort', img], { stdio: 'ignore' });
+    expect(check(img).code).toBe(2);
+    const node = await openQcow2(g, 'q', img);
+    await node.io.write(Buffer.alloc(4096, 0x43), MiB);
+    await g.del('q');
+    const c = check(img);
+    expect(c.code, c.out).toBe(0);
+    const expected = Buffer.alloc(2 * MiB);
+    expected.fill(0x42, 0, 128 * KiB);
+    expected.fill(0x43, MiB, MiB + 4096);
     expect(firstDiff(contentOf(img, dir), expected)).toBe(-1);
   });
 

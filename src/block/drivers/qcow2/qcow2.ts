@@ -293,9 +293,11 @@ export class Qcow2Driver implements BlockDriver {
   private async prepareWritable(): Promise<void> {
     const h = this.header;
     if ((h.incompatible & INCOMPAT_DIRTY) !== 0n) {
-      throw optError(
-        "qcow2: Image is dirty (lazy refcounts, not cleanly closed); repair it with 'qemu-img check -r all' first",
-      );
+      try {
+        await this.rebuildRefcounts();
+      } catch (err) {
+        throw optError(`Could not repair dirty image: ${err instanceof Error ? err.message : String(err)}`);
+      }
     }
     if (h.version === 3 && (h.autoclear & ~AUTOCLEAR_KNOWN) !== 0n) {
       h.autoclear &= AUTOCLEAR_KNOWN;
@@ -304,6 +306,77 @@ export class Qcow2Driver implements BlockDriver {
       await this.storage.write(b, 88);
       await this.storage.flush();
     }
+  }
+
+  /**
+   * Dirty image (lazy refcounts, not closed cleanly): count every reference from the metadata
+   * and write a fresh refcount structure after the last used cluster (self-describing, like a
+   * table growth), switch the header to it, then clear the dirty bit. The old table and blocks
+   * simply become free clusters.
+   */
+  private async rebuildRefcounts(): Promise<void> {
+    const h = this.header;
+    const cs = this.clusterSize;
+    const rc = this.refcounts;
+    if (!rc) return;
+    let n = Math.ceil(this.storage.size() / cs);
+    const counts = new Map<number, number>();
+    const ref = (c: number): void => {
+      counts.set(c, (counts.get(c) ?? 0) + 1);
+      if (c + 1 > n) n = c + 1;
+    };
+    ref(0);
+    for (let i = 0; i < Math.ceil((h.l1Size * 8) / cs); i++) ref(h.l1TableOffset / cs + i);
+    for (let i = 0; i < h.l1Size; i++) {
+      const e = this.l1Entry(i);
+      if (e.offset === 0) continue;
+      ref(e.offset / cs);
+      const t: CachedL2 = { offset: e.offset, buf: Buffer.alloc(cs), dirty: false };
+      await this.storage.read(t.buf, e.offset);
+      for (let j = 0; j < this.l2Entries; j++) for (const c of this.refsOf(this.decode(t, j))) ref(c);
+    }
+    const max = rc.order >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** rc.order) - 1;
+    for (const v of counts.values()) if (v > max) throw corrupt('refcount overflow');
+    // New structure at cluster n: `blocks` refcount blocks, then the table.
+    const perBlock = rc.perBlock;
+    let blocks = 1;
+    let tableClusters = 1;
+    for (;;) {
+      const end = n + blocks + tableClusters;
+      const needBlocks = Math.ceil(end / perBlock);
+      const needTable = Math.ceil((needBlocks * 8) / cs);
+      if (needBlocks === blocks && needTable === tableClusters) break;
+      blocks = Math.max(blocks, needBlocks);
+      tableClusters = Math.max(tableClusters, needTable);
+    }
+    const base = n;
+    for (let i = 0; i < blocks + tableClusters; i++) ref(base + i);
+    const blockBuf = Buffer.alloc(blocks * cs);
+    const width = 2 ** rc.order;
+    for (const [c, v] of counts) {
+      const blk = blockBuf.subarray(Math.floor(c / perBlock) * cs, Math.floor(c / perBlock) * cs + cs);
+      setCount(blk, c % perBlock, v, width);
+    }
+    const table = Buffer.alloc(tableClusters * cs);
+    for (let b = 0; b < blocks; b++) writeU64(table, b * 8, (base + b) * cs);
+    await this.storage.write(blockBuf, base * cs);
+    await this.storage.write(table, (base + blocks) * cs);
+    await this.storage.flush();
+    const ptr = Buffer.alloc(12);
+    writeU64(ptr, 0, (base + blocks) * cs);
+    ptr.writeUInt32BE(tableClusters, 8);
+    await this.storage.write(ptr, 48);
+    await this.storage.flush();
+    h.refcountTableOffset = (base + blocks) * cs;
+    h.refcountTableClusters = tableClusters;
+    h.incompatible &= ~INCOMPAT_DIRTY;
+    const inc = Buffer.alloc(8);
+    inc.writeBigUInt64BE(h.incompatible, 0);
+    await this.storage.write(inc, 72);
+    await this.storage.flush();
+    this.dirtyBitSet = false;
+    rc.replaceTable(table, h.refcountTableOffset, tableClusters);
+    this.ctx.log.warn('qcow2: repaired the refcounts of a dirty image');
   }
 
   // ---- info for the graph ---------------------------------------------------------------------
@@ -1126,5 +1199,19 @@ export class Qcow2Driver implements BlockDriver {
       if (br.format !== undefined) out['backing-filename-format'] = br.format;
     }
     return out;
+  }
+}
+
+/** Set refcount entry `i` of one refcount block to `v` (widths 1..64 bits). */
+function setCount(buf: Buffer, i: number, v: number, width: number): void {
+  if (width === 64) writeU64(buf, i * 8, v);
+  else if (width === 32) buf.writeUInt32BE(v, i * 4);
+  else if (width === 16) buf.writeUInt16BE(v, i * 2);
+  else if (width === 8) buf[i] = v;
+  else {
+    const perByte = 8 / width;
+    const idx = Math.floor(i / perByte);
+    const shift = (i % perByte) * width;
+    buf[idx] = ((buf[idx] ?? 0) & ~(((1 << width) - 1) << shift)) | (v << shift);
   }
 }

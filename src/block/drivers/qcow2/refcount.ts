@@ -324,9 +324,15 @@ export class Refcounts {
     return false;
   }
 
-  /** Drop the cache (after a rebuild). */
-  reset(): void {
+  /** Switch to a rebuilt table (drops the block cache). */
+  replaceTable(tableBuf: Buffer, offset: number, clusters: number): void {
     this.blocks.clear();
     this.freeHint = 0;
+    this.table = [];
+    for (let i = 0; i + 8 <= tableBuf.length; i += 8) this.table.push(this.parseTableEntry(tableBuf, i));
+    this.tableOffset = offset;
+    this.tableClusters = clusters;
+    const last = offset / this.cs + clusters - 1;
+    if (last > this.highestAllocated) this.highestAllocated = last;
   }
 }
