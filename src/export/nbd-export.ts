@@ -100,11 +100,11 @@ export function bitmapExtents(bits: DirtyBitmap, offset: number, length: number,
   const out: NbdExtent[] = [];
   const max = Math.max(1, maxExtents);
   for (const e of bits.extents(offset, length, max)) {
-    // NBD extent lengths are u32: cut long runs (the client asks again for the rest).
-    out.push({ length: Math.min(e.length, 0x80000000), flags: e.dirty ? NBD_STATE_DIRTY : 0 });
-    if (e.length > 0x80000000) break;
+    // NBD extent lengths are u32: cut longer runs (the client asks again for the rest).
+    out.push({ length: Math.min(e.length, 0xffffffff), flags: e.dirty ? NBD_STATE_DIRTY : 0 });
+    if (e.length > 0xffffffff) break;
   }
-  if (out.length === 0) out.push({ length: Math.min(length, 0x80000000), flags: 0 });
+  if (out.length === 0) out.push({ length: Math.min(length, 0xffffffff), flags: 0 });
   return out;
 }
 
@@ -173,7 +173,8 @@ export class NbdExport implements NbdExportHandle {
     for (const bm of opts.bitmaps ?? []) {
       qemu.push({
         name: `qemu:dirty-bitmap:${bm.name}`,
-        blockStatus: async (o, l, m) => bitmapExtents(bm.bits, o, Math.min(l, STATUS_CHUNK), m),
+        // In-memory: answer the whole request (no STATUS_CHUNK cap), fewer round trips.
+        blockStatus: async (o, l, m) => bitmapExtents(bm.bits, o, l, m),
       });
     }
     this.metaContexts = [
