@@ -8,6 +8,7 @@ import type { Logger } from '../util/logger.js';
 import { FileDriver } from './drivers/file.js';
 import { NullDriver } from './drivers/null.js';
 import { RawDriver } from './drivers/raw.js';
+import { CopyBeforeWriteDriver, cbwChildPerms } from './drivers/copy-before-write.js';
 import { Qcow2Driver } from './drivers/qcow2/qcow2.js';
 import {
   BACKING_ROLE,
@@ -70,6 +71,14 @@ const DRIVERS: Partial<Record<string, DriverSpec>> = {
     childPermsFor: qcow2ChildPerms,
     backing: true,
     open: (ctx, o) => Qcow2Driver.open(ctx, o),
+  },
+  'copy-before-write': {
+    children: [
+      { member: 'file', required: true },
+      { member: 'target', required: true },
+    ],
+    childPerms: cbwChildPerms,
+    open: (ctx, o) => CopyBeforeWriteDriver.open(ctx, o),
   },
   'null-co': { children: [], open: async (_ctx, o) => new NullDriver('null-co', o) },
   'null-aio': { children: [], open: async (_ctx, o) => new NullDriver('null-aio', o) },
