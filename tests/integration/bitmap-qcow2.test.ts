@@ -283,4 +283,24 @@ describe('persistent dirty bitmaps in qcow2', () => {
     ]);
     expect((await d.bitmaps('base'))![0]!['busy']).toBe(true);
   });
+
+  it('loads bitmaps of a read-only image read-only, as qemu-storage-daemon does', async () => {
+    if (!(await haveTool('qemu-img'))) return;
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1M']);
+    await run('qemu-img', ['bitmap', '--add', img, 'pre']);
+    await open('a', img, true);
+    expect(await d.bitmaps('a')).toEqual([
+      { name: 'pre', recording: true, persistent: true, busy: false, granularity: 65536, count: 0 },
+    ]);
+    const ro = "Bitmap 'pre' is readonly and cannot be modified";
+    expect(await d.err('block-dirty-bitmap-clear', { node: 'a', name: 'pre' })).toBe(ro);
+    expect(await d.err('block-dirty-bitmap-remove', { node: 'a', name: 'pre' })).toBe(ro);
+    await d.ok('block-dirty-bitmap-disable', { node: 'a', name: 'pre' });
+    await d.ok('block-dirty-bitmap-enable', { node: 'a', name: 'pre' });
+    await d.ok('block-dirty-bitmap-add', { node: 'a', name: 't' });
+    await d.ok('block-dirty-bitmap-merge', { node: 'a', target: 't', bitmaps: ['pre'] });
+    expect(await d.err('block-dirty-bitmap-merge', { node: 'a', target: 'pre', bitmaps: ['t'] })).toBe(ro);
+    await d.ok('blockdev-del', { 'node-name': 'a' });
+    expect(await imgBitmaps(img)).toEqual([{ flags: ['auto'], name: 'pre', granularity: 65536 }]);
+  });
 });

@@ -275,6 +275,28 @@ describe('dirty bitmap commands', () => {
       expect(await bitmaps('n0')).toBeUndefined();
     });
 
+    it('reports bad action arguments with the paths qemu-storage-daemon prints', async () => {
+      expect(await err('transaction', { actions: [{ type: 'abort' }] })).toBe("Parameter 'actions[0].data' is missing");
+      expect(await err('transaction', { actions: [{ type: 'bogus', data: {} }] })).toBe(
+        "Parameter 'type' does not accept value 'bogus'",
+      );
+      expect(
+        await err('transaction', { actions: [act('block-dirty-bitmap-add', { node: 'n0', name: 'x', bogus: 1 })] }),
+      ).toBe("Parameter 'actions[0].data.bogus' is unexpected");
+      expect(await err('block-dirty-bitmap-merge', { node: 'n0', target: 'x', bitmaps: [5] })).toBe(
+        "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr",
+      );
+      expect(await err('block-dirty-bitmap-add', { node: 'n0', name: 'x', granularity: 2 ** 32 })).toBe(
+        "Parameter 'granularity' expects uint32_t",
+      );
+    });
+
+    it('names transaction actions blockd does not implement yet', async () => {
+      expect(await err('transaction', { actions: [act('blockdev-backup', { device: 'n0' })] })).toBe(
+        "Transaction action 'blockdev-backup' is not supported by blockd",
+      );
+    });
+
     it('validates action data against the command schema', async () => {
       expect(
         await err('transaction', { actions: [act('block-dirty-bitmap-add', { node: 'n0' })] }),
