@@ -6,6 +6,7 @@ iotests/check compares the printed output with the test's golden `.out` file.
 """
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -68,10 +69,18 @@ def dumps(obj):
     return json.dumps(filter_qmp(obj), sort_keys=True)
 
 
+_QEMU_IO_TIMING = re.compile(r'^(.*), \d+ ops; [0-9:.]+ sec \(.*\)$', re.M)
+
+
+def filter_qemu_io(text):
+    """Drop the timing part of qemu-io's summary lines."""
+    return _QEMU_IO_TIMING.sub(r'\1, X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)', text)
+
+
 def run(cmd, check=False, log_output=True, env=None):
     """Run a command, print its filtered output (stdout+stderr) and return (rc, output)."""
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    out = p.stdout
+    out = filter_qemu_io(p.stdout)
     if log_output and out:
         sys.stdout.write(out if out.endswith('\n') else out + '\n')
         sys.stdout.flush()
@@ -183,8 +192,9 @@ class Daemon:
         with open(self.stderr_path) as f:
             return f.read()
 
-    def qmp(self, name, **args):
-        return self.qmp_client.cmd(name, {k.replace('_', '-'): v for k, v in args.items()} or None)
+    def qmp(self, _command, **args):
+        """Run a command; keyword names use '_' for '-' (node_name -> node-name)."""
+        return self.qmp_client.cmd(_command, {k.replace('_', '-'): v for k, v in args.items()} or None)
 
     def qmp_log(self, name, args=None, filters=()):
         """Send a command and print the request and the reply (key-sorted), and events."""
