@@ -28,6 +28,11 @@ export const MIN_GRANULARITY = 512;
 export const MAX_GRANULARITY = 2 ** 31;
 
 const LITTLE_ENDIAN = endianness() === 'LE';
+/**
+ * Most chunks one bitmap may have: 2^26 chunks = 2^41 bits (1 PiB at 512 B, 128 EiB at 64 KiB),
+ * an index of 768 MiB. Beyond that the index alone would not fit in memory.
+ */
+const MAX_CHUNKS = 2 ** 26;
 
 function popcount32(x: number): number {
   x -= (x >>> 1) & 0x55555555;
@@ -82,6 +87,13 @@ export class DirtyBitmap {
     this.sizeBytes = size;
     this.nbits = Math.ceil(size / granularity);
     const nchunks = Math.ceil(this.nbits / CHUNK_BITS);
+    if (nchunks > MAX_CHUNKS) {
+      throw new BlockError(
+        'BITMAP_TOO_LARGE',
+        'ENOMEM',
+        `Cannot allocate a dirty bitmap of ${this.nbits} bits (granularity ${granularity} is too fine for ${size} bytes)`,
+      );
+    }
     this.leaves = new Array<Uint32Array | undefined>(nchunks);
     this.counts = new Uint32Array(nchunks);
   }
@@ -359,8 +371,11 @@ export class DirtyBitmap {
       throw new BlockError('RANGE', 'EINVAL', `invalid bitmap size ${size}`);
     }
     const nbits = Math.ceil(size / this.granularity);
-    if (nbits < this.nbits) this.resetBits(nbits, this.nbits);
     const nchunks = Math.ceil(nbits / CHUNK_BITS);
+    if (nchunks > MAX_CHUNKS) {
+      throw new BlockError('BITMAP_TOO_LARGE', 'ENOMEM', `Cannot grow a dirty bitmap to ${nbits} bits`);
+    }
+    if (nbits < this.nbits) this.resetBits(nbits, this.nbits);
     const leaves = this.leaves.slice(0, nchunks);
     leaves.length = nchunks;
     const counts = new Uint32Array(nchunks);

@@ -49,6 +49,11 @@ describe('DirtyBitmap', () => {
     expect(() => new DirtyBitmap(1 << 20, 1000)).toThrow('Granularity must be power of 2 and at least 512');
   });
 
+  it('refuses a bitmap whose index would not fit in memory instead of crashing', () => {
+    expect(() => new DirtyBitmap(2 ** 53 - 1, 512)).toThrow(/Cannot allocate a dirty bitmap/);
+    expect(new DirtyBitmap(2 ** 45, 512).dirtyBits).toBe(0);
+  });
+
   it('marks every granule a byte range touches and counts dirty bytes as bits times granularity', () => {
     const b = new DirtyBitmap(100352, 65536);
     b.mark(100351, 1);
