@@ -77,6 +77,8 @@ export class ExportManager implements NbdBackend {
   private bound: NbdBoundAddress | undefined;
   /** Every export by id, in creation order (query lists newest first, like QSD). */
   private readonly exports = new Map<string, NbdExport>();
+  /** Per export id: users that keep the nodes of its exported bitmaps alive. */
+  private readonly bitmapHolders = new Map<string, BlockUser[]>();
 
   constructor(
     readonly graph: BlockGraph,
@@ -185,7 +187,8 @@ export class ExportManager implements NbdBackend {
     for (const e of this.exports.values()) {
       if (e.name === name) throw new QmpError(`NBD server already has export named '${name}'`);
     }
-    const bitmaps = this.resolveBitmaps(node, o.bitmaps ?? [], writable);
+    const holders: BlockNode[] = [];
+    const bitmaps = this.resolveBitmaps(node, o.bitmaps ?? [], writable, holders);
     const user: BlockUser = node.attach({
       name: 'an unnamed block device',
       role: 'root',
@@ -211,6 +214,20 @@ export class ExportManager implements NbdBackend {
     );
     // Busy only once the export exists: a refused export leaves its bitmaps as they were.
     for (const b of bitmaps) b.setBusy(true);
+    // Nodes holding exported bitmaps stay until the export is gone (QSD 7.2 aborts on that
+    // blockdev-del; blockd answers `Node X is in use`). The user takes no permissions.
+    const held = holders
+      .filter((h, i) => h !== node && holders.indexOf(h) === i)
+      .map((h) =>
+        h.attach({
+          name: 'an unnamed block device',
+          role: 'root',
+          kind: 'backend',
+          perm: {},
+          shared: { consistentRead: true, write: true, writeUnchanged: true, resize: true },
+        }),
+      );
+    if (held.length) this.bitmapHolders.set(o.id, held);
     this.exports.set(o.id, exp);
     this.log.info({ export: o.id, name, node: o.nodeName, writable }, 'export added');
   }
@@ -237,6 +254,8 @@ export class ExportManager implements NbdBackend {
     if (this.exports.get(exp.id) !== exp) return;
     exp.user.detach();
     for (const b of exp.opts.bitmaps ?? []) b.setBusy(false);
+    for (const u of this.bitmapHolders.get(exp.id) ?? []) u.detach();
+    this.bitmapHolders.delete(exp.id);
     this.exports.delete(exp.id);
     this.log.info({ export: exp.id }, 'export deleted');
     this.events.emit('BLOCK_EXPORT_DELETED', { id: exp.id });
@@ -252,6 +271,7 @@ export class ExportManager implements NbdBackend {
     node: BlockNode,
     specs: ReadonlyArray<string | { node: string; name: string }>,
     writable: boolean,
+    holders: BlockNode[],
   ): NamedBitmap[] {
     const out: NamedBitmap[] = [];
     for (const spec of specs) {
@@ -260,6 +280,7 @@ export class ExportManager implements NbdBackend {
         const found = findInChain(node, spec);
         if (!found) throw new QmpError(`Bitmap '${spec}' is not found`);
         bm = found.bitmap;
+        holders.push(found.node);
         bm.check(CHECK_ALLOW_RO);
         if (!writable && !found.node.readOnly && bm.recording) {
           throw new QmpError(`Enabled bitmap '${spec}' incompatible with readonly export`);
@@ -268,6 +289,7 @@ export class ExportManager implements NbdBackend {
         const holder = this.graph.get(spec.node);
         if (!holder) throw new QmpError(`Node '${spec.node}' not found`);
         bm = bitmapsOf(holder).find(spec.name);
+        holders.push(holder);
         bm.check(CHECK_ALLOW_RO);
       }
       out.push(bm);

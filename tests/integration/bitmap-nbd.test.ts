@@ -168,6 +168,15 @@ describe('dirty bitmaps in NBD exports', () => {
     await d.ok('block-dirty-bitmap-remove', { node: 'ro', name: 'r' });
   });
 
+  it('keeps the node of an exported bitmap from being deleted while the export exists', async () => {
+    await d.ok('blockdev-add', { driver: 'null-co', 'node-name': 'n1', size: 100000 });
+    await d.ok('block-dirty-bitmap-add', { node: 'n1', name: 'r', disabled: true });
+    await d.ok('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'n0', bitmaps: [{ node: 'n1', name: 'r' }] });
+    expect(await d.err('blockdev-del', { 'node-name': 'n1' })).toBe('Node n1 is in use');
+    await d.ok('block-export-del', { id: 'e' });
+    await d.ok('blockdev-del', { 'node-name': 'n1' });
+  });
+
   it('exports a bitmap through the legacy nbd-server-add', async () => {
     if (!(await haveTool('nbdinfo'))) return;
     await d.ok('block-dirty-bitmap-add', { node: 'n0', name: 'a', granularity: 4096 });
