@@ -343,6 +343,38 @@ export class Qcow2BitmapStore {
     this.entries = next;
   }
 
+  /**
+   * `block-dirty-bitmap-remove` of a persistent bitmap: drop its entry from the image at once
+   * (a new directory in new clusters, then the header, then the old clusters are freed). The
+   * other entries keep their flags (in_use while open).
+   */
+  async removeStored(name: string): Promise<void> {
+    if (!this.loaded || !this.host.writable) return;
+    const victim = this.entries.find((e) => e.name === name);
+    const oldExt = this.host.header.bitmaps;
+    if (!victim || !oldExt) return;
+    const h = this.host.header;
+    const cs = this.host.clusterSize;
+    const rest = this.entries.filter((e) => e !== victim);
+    if (rest.length > 0) {
+      const dir = buildDirectory(rest);
+      const dirOffset = await this.host.alloc(Math.ceil(dir.length / cs));
+      await this.host.write(dir, dirOffset);
+      await this.host.syncRefcounts();
+      h.bitmaps = { nbBitmaps: rest.length, directorySize: dir.length, directoryOffset: dirOffset };
+    } else {
+      delete h.bitmaps;
+      h.autoclear &= ~AUTOCLEAR_BITMAPS;
+    }
+    await this.host.writeHeader();
+    for (let c = 0; c < Math.ceil(oldExt.directorySize / cs); c++) {
+      await this.host.free(oldExt.directoryOffset + c * cs);
+    }
+    await this.freeEntry(victim);
+    await this.host.syncRefcounts();
+    this.entries = rest;
+  }
+
   private async freeEntry(e: DirEntry): Promise<void> {
     const cs = this.host.clusterSize;
     for (const [hi, lo] of e.table ?? []) {

@@ -46,6 +46,8 @@ export interface PersistentBitmapDriver {
   loadBitmaps(): Promise<LoadedBitmap[]>;
   /** Write the given persistent bitmaps (all of them: ones left out are dropped from the image). */
   storeBitmaps(bitmaps: readonly NamedBitmap[]): Promise<void>;
+  /** Drop one bitmap from the image at once (block-dirty-bitmap-remove). */
+  removeStoredBitmap?(name: string): Promise<void>;
 }
 
 /** A bitmap as a persistent driver hands it over at open. */

@@ -87,7 +87,12 @@ export function prepareRemove(a: BitmapArgs, ctx: CommandContext): PreparedActio
   bm.setBusy(true);
   bm.recording = false;
   return {
-    commit: () => set.delete(bm),
+    commit: async () => {
+      set.delete(bm);
+      // A persistent bitmap leaves the image at once, as in QSD.
+      const d = node.driver;
+      if (bm.persistent && isPersistentBitmapDriver(d)) await d.removeStoredBitmap?.(bm.name);
+    },
     abort: () => {
       bm.setBusy(false);
       bm.recording = wasRecording;

@@ -441,6 +441,12 @@ export class Qcow2Driver implements BlockDriver {
     return this.meta.run(() => this.bitmaps().load());
   }
 
+  /** PersistentBitmapDriver: drop a removed persistent bitmap from the image now. */
+  removeStoredBitmap(name: string): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    return this.meta.run(() => this.bitmaps().removeStored(name));
+  }
+
   /** PersistentBitmapDriver: store the persistent bitmaps (clean close, before close()). */
   storeBitmaps(list: readonly NamedBitmap[]): Promise<void> {
     if (this.closed) return Promise.resolve();
