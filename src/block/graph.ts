@@ -421,7 +421,8 @@ export class BlockGraph {
       'iops_wr': 0,
       ro: n.readOnly,
       'node-name': n.name,
-      'backing_file_depth': backingDepth(n),
+      // QEMU 7.2 counts the depth while nesting backing images, so flat output reports 0.
+      'backing_file_depth': flat ? 0 : backingDepth(n),
       drv: n.driverName,
       iops: 0,
       'bps_wr': 0,
