@@ -125,7 +125,8 @@ export function prepareMerge(a: BitmapMergeArgs, ctx: CommandContext): PreparedA
   const sources: NamedBitmap[] = [];
   for (const s of a.bitmaps) {
     const src = typeof s === 'string' ? bitmapsOf(targetNode).find(s) : lookupBitmap(graph, s.node, s.name);
-    src.check(CHECK_INCONSISTENT);
+    // QSD 7.2 refuses a busy source too (e.g. a bitmap exported over NBD).
+    src.check(CHECK_BUSY | CHECK_INCONSISTENT);
     if (src.bits.size !== target.bits.size) {
       throw new QmpError(
         `Bitmaps are of different sizes (destination size is ${target.bits.size}, source size is ` +
