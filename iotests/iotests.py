@@ -165,6 +165,8 @@ class Daemon:
         env = dict(os.environ)
         if extra_env:
             env.update(extra_env)
+        if os.path.exists(self.pidfile):
+            os.unlink(self.pidfile)     # left by a killed predecessor: readiness means a new one
         self.stderr = open(self.stderr_path, 'w+')
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self.stderr, env=env)
