@@ -131,6 +131,11 @@ export interface BlockDriver {
    * page cache). Returns false when it would block or is unavailable; the caller then uses `read`.
    */
   tryReadSync?(buf: Buffer, offset: number): boolean;
+  /**
+   * Optional: true when the driver knows, without blocking, that `[offset, offset+length)` is all
+   * data (no hole or zero extent), so a reader needs no block status; false when not or unsure.
+   */
+  isDataSync?(offset: number, length: number): boolean;
   write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void>;
   writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
   discard?(offset: number, length: number): Promise<void>;
@@ -192,6 +197,8 @@ export interface BlockIO {
   read(buf: Buffer, offset: number): Promise<void>;
   /** Synchronous fast path; false means "use read()". Never throws for I/O reasons. */
   tryReadSync(buf: Buffer, offset: number): boolean;
+  /** True when the range is known, without blocking, to be all data (see BlockDriver.isDataSync). */
+  isDataSync?(offset: number, length: number): boolean;
   write(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;
   writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
   discard(offset: number, length: number): Promise<void>;

@@ -243,8 +243,10 @@ export class NbdExport implements NbdExportHandle {
   }
 
   tryReadSync(buf: Buffer, offset: number): boolean {
-    if (buf.length >= SPARSE_READ_MIN) return false;
-    if (!this.user.io.tryReadSync(buf, offset)) return false;
+    const io = this.user.io;
+    // A large read asks block status (holes go out as OFFSET_HOLE) unless the range is known data.
+    if (buf.length >= SPARSE_READ_MIN && !io.isDataSync?.(offset, buf.length)) return false;
+    if (!io.tryReadSync(buf, offset)) return false;
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
     return true;
@@ -254,7 +256,7 @@ export class NbdExport implements NbdExportHandle {
     const io = this.user.io;
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
-    if (buf.length < SPARSE_READ_MIN) {
+    if (buf.length < SPARSE_READ_MIN || io.isDataSync?.(offset, buf.length)) {
       await io.read(buf, offset);
       return;
     }

@@ -69,6 +69,10 @@ export class RawDriver implements BlockDriver {
     return this.child.tryReadSync(buf, offset + this.offset);
   }
 
+  isDataSync(offset: number, length: number): boolean {
+    return this.child.isDataSync?.(offset + this.offset, length) ?? false;
+  }
+
   read(buf: Buffer, offset: number): Promise<void> {
     return this.child.read(buf, offset + this.offset);
   }
