@@ -6,7 +6,9 @@
  */
 #define _GNU_SOURCE
 #include <node_api.h>
+#include <stdbool.h>
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -143,6 +145,404 @@ static napi_value pread_nowait(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * ioBatch(fd, write, bufs, offsets, results, callback): run a batch of positioned reads or
+ * writes on one libuv thread-pool thread, then call `callback()` on the main thread with
+ * `results[i]` = bytes transferred (a read stops early only at EOF) or -errno.
+ *
+ * One thread-pool round trip for many requests: the NBD server hands over every request that
+ * arrived in one socket read at once, instead of paying a worker wake-up and a completion per
+ * request. The batch keeps references to the buffers, the results array and the callback until
+ * it completes, so the memory it uses cannot be collected under it.
+ */
+typedef struct {
+  char *data;
+  size_t len;
+  int64_t off;
+  double res;
+} batch_op;
+
+typedef struct {
+  napi_async_work work;
+  napi_ref keep[3]; /* bufs, results, callback */
+  double *results;
+  int fd;
+  int write;
+  size_t n;
+  batch_op ops[];
+} io_batch;
+
+static void batch_execute(napi_env env, void *data) {
+  (void)env;
+  io_batch *b = data;
+  for (size_t i = 0; i < b->n; i++) {
+    batch_op *o = &b->ops[i];
+    size_t done = 0;
+    o->res = 0;
+    while (done < o->len) {
+      ssize_t r = b->write ? pwrite(b->fd, o->data + done, o->len - done, (off_t)(o->off + (int64_t)done))
+                           : pread(b->fd, o->data + done, o->len - done, (off_t)(o->off + (int64_t)done));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        o->res = -(double)errno;
+        break;
+      }
+      if (r == 0) {
+        /* EOF on read; a write that makes no progress is an I/O error. */
+        if (b->write) o->res = -(double)EIO;
+        break;
+      }
+      done += (size_t)r;
+    }
+    if (o->res == 0) o->res = (double)done;
+  }
+}
+
+static void batch_free(napi_env env, io_batch *b) {
+  for (int i = 0; i < 3; i++) {
+    if (b->keep[i]) napi_delete_reference(env, b->keep[i]);
+  }
+  if (b->work) napi_delete_async_work(env, b->work);
+  free(b);
+}
+
+static void batch_complete(napi_env env, napi_status status, void *data) {
+  io_batch *b = data;
+  for (size_t i = 0; i < b->n; i++) {
+    b->results[i] = status == napi_ok ? b->ops[i].res : -(double)ECANCELED;
+  }
+  napi_value cb, undef;
+  if (napi_get_reference_value(env, b->keep[2], &cb) == napi_ok && napi_get_undefined(env, &undef) == napi_ok) {
+    batch_free(env, b);
+    napi_call_function(env, undef, cb, 0, NULL, NULL);
+    return;
+  }
+  batch_free(env, b);
+}
+
+static napi_value io_batch_submit(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  int64_t fd;
+  bool write = false, is_array = false;
+  uint32_t n = 0;
+  if (get_args(env, info, 6, argv) || get_i64(env, argv[0], &fd)) return NULL;
+  napi_get_value_bool(env, argv[1], &write);
+  if (napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array ||
+      napi_get_array_length(env, argv[2], &n) != napi_ok || n == 0 || n > 4096) {
+    napi_throw_type_error(env, NULL, "bufs must be a non-empty array (at most 4096)");
+    return NULL;
+  }
+  napi_typedarray_type ta_type;
+  size_t ta_len = 0;
+  void *ta_data = NULL;
+  bool is_ta = false;
+  napi_is_typedarray(env, argv[4], &is_ta);
+  if (!is_ta || napi_get_typedarray_info(env, argv[4], &ta_type, &ta_len, &ta_data, NULL, NULL) != napi_ok ||
+      ta_type != napi_float64_array || ta_len < n) {
+    napi_throw_type_error(env, NULL, "results must be a Float64Array of the batch length");
+    return NULL;
+  }
+  napi_valuetype cbt;
+  if (napi_typeof(env, argv[5], &cbt) != napi_ok || cbt != napi_function) {
+    napi_throw_type_error(env, NULL, "callback must be a function");
+    return NULL;
+  }
+  io_batch *b = calloc(1, sizeof(io_batch) + n * sizeof(batch_op));
+  if (!b) return throw_errno(env, ENOMEM, "ioBatch");
+  b->fd = (int)fd;
+  b->write = write;
+  b->n = n;
+  b->results = ta_data;
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value buf, offv;
+    void *data;
+    size_t len;
+    int64_t off;
+    if (napi_get_element(env, argv[2], i, &buf) != napi_ok || napi_get_buffer_info(env, buf, &data, &len) != napi_ok) {
+      free(b);
+      napi_throw_type_error(env, NULL, "bufs must hold Buffers");
+      return NULL;
+    }
+    if (napi_get_element(env, argv[3], i, &offv) != napi_ok || get_i64(env, offv, &off)) {
+      free(b);
+      return NULL;
+    }
+    b->ops[i].data = data;
+    b->ops[i].len = len;
+    b->ops[i].off = off;
+  }
+  napi_value name;
+  napi_create_string_utf8(env, "blockd:ioBatch", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_reference(env, argv[2], 1, &b->keep[0]) != napi_ok ||
+      napi_create_reference(env, argv[4], 1, &b->keep[1]) != napi_ok ||
+      napi_create_reference(env, argv[5], 1, &b->keep[2]) != napi_ok ||
+      napi_create_async_work(env, NULL, name, batch_execute, batch_complete, b, &b->work) != napi_ok ||
+      napi_queue_async_work(env, b->work) != napi_ok) {
+    batch_free(env, b);
+    napi_throw_error(env, NULL, "cannot queue ioBatch");
+    return NULL;
+  }
+  return NULL;
+}
+
+/*
+ * Write lanes. Buffered writes to one file serialise on the inode lock in the kernel, so the
+ * best a server can do is keep exactly one thread writing, never idle while requests wait, and
+ * never make two threads fight over the lock. laneCreate() returns a lane; laneSubmit(lane, fd,
+ * bufs, offsets, results, callback) appends a batch of pwrites to it. One thread-pool thread
+ * drains the lane batch after batch (it does not return to the pool while work is queued), and
+ * each finished batch is reported to the main thread through a thread-safe function, which
+ * fills `results` (bytes written or -errno) and calls `callback()`. laneClose(lane) releases it
+ * once nothing is queued.
+ */
+typedef struct lane_job {
+  struct lane_job *next;
+  napi_ref keep[3]; /* bufs, results, callback */
+  double *results;
+  int fd;
+  size_t n;
+  batch_op ops[];
+} lane_job;
+
+typedef struct {
+  pthread_mutex_t mu;
+  lane_job *head, *tail;
+  int active;        /* a worker is draining the lane */
+  uint32_t pending;  /* jobs submitted and not yet reported (main thread only) */
+  napi_threadsafe_function tsfn;
+} write_lane;
+
+typedef struct {
+  napi_async_work work;
+  write_lane *lane;
+} lane_run;
+
+static void lane_execute(napi_env env, void *data) {
+  (void)env;
+  write_lane *l = ((lane_run *)data)->lane;
+  for (;;) {
+    pthread_mutex_lock(&l->mu);
+    lane_job *j = l->head;
+    if (!j) {
+      l->active = 0;
+      pthread_mutex_unlock(&l->mu);
+      return;
+    }
+    l->head = j->next;
+    if (!l->head) l->tail = NULL;
+    pthread_mutex_unlock(&l->mu);
+    for (size_t i = 0; i < j->n; i++) {
+      batch_op *o = &j->ops[i];
+      size_t done = 0;
+      o->res = 0;
+      while (done < o->len) {
+        ssize_t r = pwrite(j->fd, o->data + done, o->len - done, (off_t)(o->off + (int64_t)done));
+        if (r < 0) {
+          if (errno == EINTR) continue;
+          o->res = -(double)errno;
+          break;
+        }
+        if (r == 0) {
+          o->res = -(double)EIO;
+          break;
+        }
+        done += (size_t)r;
+      }
+      if (o->res == 0) o->res = (double)done;
+    }
+    napi_call_threadsafe_function(l->tsfn, j, napi_tsfn_nonblocking);
+  }
+}
+
+static void lane_run_done(napi_env env, napi_status status, void *data) {
+  (void)status;
+  lane_run *r = data;
+  napi_delete_async_work(env, r->work);
+  free(r);
+}
+
+/* Main thread: report one finished job. */
+static void lane_call_js(napi_env env, napi_value js_cb, void *context, void *data) {
+  (void)js_cb;
+  write_lane *l = context;
+  lane_job *j = data;
+  if (!j) return;
+  if (l->pending > 0 && --l->pending == 0 && env) napi_unref_threadsafe_function(env, l->tsfn);
+  if (!env) { /* tearing down */
+    free(j);
+    return;
+  }
+  for (size_t i = 0; i < j->n; i++) j->results[i] = j->ops[i].res;
+  napi_value cb = NULL, undef;
+  napi_get_reference_value(env, j->keep[2], &cb);
+  for (int i = 0; i < 3; i++) {
+    if (j->keep[i]) napi_delete_reference(env, j->keep[i]);
+  }
+  free(j);
+  if (cb && napi_get_undefined(env, &undef) == napi_ok) napi_call_function(env, undef, cb, 0, NULL, NULL);
+}
+
+static void lane_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  write_lane *l = data;
+  pthread_mutex_destroy(&l->mu);
+  free(l);
+}
+
+static void lane_external_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)data;
+  (void)hint;
+  /* The lane itself is freed by the thread-safe function's finalizer (laneClose). */
+}
+
+static napi_value lane_create(napi_env env, napi_callback_info info) {
+  (void)info;
+  write_lane *l = calloc(1, sizeof *l);
+  if (!l) return throw_errno(env, ENOMEM, "laneCreate");
+  pthread_mutex_init(&l->mu, NULL);
+  napi_value name, ext;
+  napi_create_string_utf8(env, "blockd:writeLane", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_threadsafe_function(env, NULL, NULL, name, 0, 1, l, lane_finalize, l, lane_call_js, &l->tsfn) !=
+      napi_ok) {
+    pthread_mutex_destroy(&l->mu);
+    free(l);
+    napi_throw_error(env, NULL, "cannot create write lane");
+    return NULL;
+  }
+  napi_unref_threadsafe_function(env, l->tsfn);
+  napi_create_external(env, l, lane_external_finalize, NULL, &ext);
+  return ext;
+}
+
+static write_lane *get_lane(napi_env env, napi_value v) {
+  napi_valuetype t;
+  void *p = NULL;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_external || napi_get_value_external(env, v, &p) != napi_ok || !p) {
+    napi_throw_type_error(env, NULL, "expected a write lane");
+    return NULL;
+  }
+  return p;
+}
+
+static napi_value lane_submit(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  int64_t fd;
+  bool is_array = false, is_ta = false;
+  uint32_t n = 0;
+  if (get_args(env, info, 6, argv)) return NULL;
+  write_lane *l = get_lane(env, argv[0]);
+  if (!l || get_i64(env, argv[1], &fd)) return NULL;
+  if (napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array ||
+      napi_get_array_length(env, argv[2], &n) != napi_ok || n == 0 || n > 4096) {
+    napi_throw_type_error(env, NULL, "bufs must be a non-empty array (at most 4096)");
+    return NULL;
+  }
+  napi_typedarray_type ta_type;
+  size_t ta_len = 0;
+  void *ta_data = NULL;
+  napi_is_typedarray(env, argv[4], &is_ta);
+  if (!is_ta || napi_get_typedarray_info(env, argv[4], &ta_type, &ta_len, &ta_data, NULL, NULL) != napi_ok ||
+      ta_type != napi_float64_array || ta_len < n) {
+    napi_throw_type_error(env, NULL, "results must be a Float64Array of the batch length");
+    return NULL;
+  }
+  napi_valuetype cbt;
+  if (napi_typeof(env, argv[5], &cbt) != napi_ok || cbt != napi_function) {
+    napi_throw_type_error(env, NULL, "callback must be a function");
+    return NULL;
+  }
+  lane_job *j = calloc(1, sizeof(lane_job) + n * sizeof(batch_op));
+  if (!j) return throw_errno(env, ENOMEM, "laneSubmit");
+  j->fd = (int)fd;
+  j->n = n;
+  j->results = ta_data;
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value buf, offv;
+    void *data;
+    size_t len;
+    int64_t off;
+    if (napi_get_element(env, argv[2], i, &buf) != napi_ok || napi_get_buffer_info(env, buf, &data, &len) != napi_ok) {
+      free(j);
+      napi_throw_type_error(env, NULL, "bufs must hold Buffers");
+      return NULL;
+    }
+    if (napi_get_element(env, argv[3], i, &offv) != napi_ok || get_i64(env, offv, &off)) {
+      free(j);
+      return NULL;
+    }
+    j->ops[i].data = data;
+    j->ops[i].len = len;
+    j->ops[i].off = off;
+  }
+  if (napi_create_reference(env, argv[2], 1, &j->keep[0]) != napi_ok ||
+      napi_create_reference(env, argv[4], 1, &j->keep[1]) != napi_ok ||
+      napi_create_reference(env, argv[5], 1, &j->keep[2]) != napi_ok) {
+    for (int i = 0; i < 3; i++) {
+      if (j->keep[i]) napi_delete_reference(env, j->keep[i]);
+    }
+    free(j);
+    napi_throw_error(env, NULL, "cannot reference write buffers");
+    return NULL;
+  }
+  lane_run *run = calloc(1, sizeof *run);
+  if (!run) {
+    for (int i = 0; i < 3; i++) napi_delete_reference(env, j->keep[i]);
+    free(j);
+    return throw_errno(env, ENOMEM, "laneSubmit");
+  }
+  int start = 0;
+  pthread_mutex_lock(&l->mu);
+  if (l->tail) l->tail->next = j;
+  else l->head = j;
+  l->tail = j;
+  if (!l->active) {
+    l->active = 1;
+    start = 1;
+  }
+  pthread_mutex_unlock(&l->mu);
+  if (l->pending++ == 0) napi_ref_threadsafe_function(env, l->tsfn);
+  if (!start) {
+    free(run);
+    return NULL;
+  }
+  napi_value name;
+  run->lane = l;
+  napi_create_string_utf8(env, "blockd:writeLane", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_async_work(env, NULL, name, lane_execute, lane_run_done, run, &run->work) != napi_ok ||
+      napi_queue_async_work(env, run->work) != napi_ok) {
+    /* No worker runs: take the job back out (only we touch the queue now). */
+    pthread_mutex_lock(&l->mu);
+    lane_job **pp = &l->head, *prev = NULL;
+    while (*pp && *pp != j) {
+      prev = *pp;
+      pp = &(*pp)->next;
+    }
+    if (*pp) *pp = j->next;
+    if (l->tail == j) l->tail = prev;
+    l->active = 0;
+    pthread_mutex_unlock(&l->mu);
+    if (--l->pending == 0) napi_unref_threadsafe_function(env, l->tsfn);
+    for (int i = 0; i < 3; i++) napi_delete_reference(env, j->keep[i]);
+    free(j);
+    free(run);
+    napi_throw_error(env, NULL, "cannot start write lane");
+    return NULL;
+  }
+  return NULL;
+}
+
+/* laneClose(lane): release the lane (call when nothing is queued). */
+static napi_value lane_close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  write_lane *l = get_lane(env, argv[0]);
+  if (!l) return NULL;
+  napi_release_threadsafe_function(l->tsfn, napi_tsfn_abort);
+  return NULL;
+}
+
+/*
  * OFD byte-range locks (the scheme QEMU uses for image locking).
  * ofdLock(fd, start, len, type) with type 0 = unlock, 1 = shared (read), 2 = exclusive (write);
  * non-blocking; throws EAGAIN/EACCES on conflict.
@@ -229,6 +629,10 @@ static napi_value init(napi_env env, napi_value exports) {
     { "ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL },
     { "ofdTest", NULL, ofd_test, NULL, NULL, NULL, napi_enumerable, NULL },
     { "allocAligned", NULL, alloc_aligned, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "laneCreate", NULL, lane_create, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "laneSubmit", NULL, lane_submit, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "laneClose", NULL, lane_close, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "ioBatch", NULL, io_batch_submit, NULL, NULL, NULL, napi_enumerable, NULL },
     { "oDirect", NULL, o_direct, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

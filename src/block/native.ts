@@ -32,6 +32,33 @@ export interface NativeOps {
   allocAligned(size: number, align: number): Buffer;
   /** The O_DIRECT open flag. */
   readonly O_DIRECT: number;
+  /**
+   * Positioned reads or writes of many buffers in one thread-pool round trip (see
+   * native/blockd_native.c). `results[i]` = bytes done (reads stop short only at EOF) or
+   * -errno; `done` runs on the main thread once all are finished. Undefined without the addon.
+   */
+  readonly ioBatch?: (
+    fd: number,
+    write: boolean,
+    bufs: Buffer[],
+    offsets: number[],
+    results: Float64Array,
+    done: () => void,
+  ) => void;
+  /**
+   * A write lane: one thread-pool thread drains its queue of pwrite batches in order and
+   * reports each finished batch (`results[i]` = bytes written or -errno, then `done()`).
+   * Undefined without the addon.
+   */
+  readonly writeLane?: WriteLaneOps;
+}
+
+/** See NativeOps.writeLane; `lane` is an opaque handle from `create()`. */
+export interface WriteLaneOps {
+  create(): object;
+  submit(lane: object, fd: number, bufs: Buffer[], offsets: number[], results: Float64Array, done: () => void): void;
+  /** Release the lane; only when nothing is queued. */
+  close(lane: object): void;
 }
 
 interface RawAddon {
@@ -44,6 +71,10 @@ interface RawAddon {
   ofdTest(fd: number, start: number, length: number, type: number): boolean;
   allocAligned(size: number, align: number): Buffer;
   oDirect(): number;
+  ioBatch?(fd: number, write: boolean, bufs: Buffer[], offsets: number[], results: Float64Array, done: () => void): void;
+  laneCreate?(): object;
+  laneSubmit?(lane: object, fd: number, bufs: Buffer[], offsets: number[], results: Float64Array, done: () => void): void;
+  laneClose?(lane: object): void;
 }
 
 function notSupported(what: string): never {
@@ -100,6 +131,10 @@ export function nativeOps(): NativeOps {
       ofdTest: (fd, s, l, t) => a.ofdTest(fd, s, l, t),
       allocAligned: (n, al) => a.allocAligned(n, al),
       O_DIRECT: a.oDirect(),
+      ...(typeof a.ioBatch === 'function' && { ioBatch: a.ioBatch.bind(a) }),
+      ...(a.laneCreate && a.laneSubmit && a.laneClose && {
+        writeLane: { create: a.laneCreate.bind(a), submit: a.laneSubmit.bind(a), close: a.laneClose.bind(a) },
+      }),
     };
   } catch (err) {
     loadError = err instanceof Error ? err.message : String(err);

@@ -403,6 +403,7 @@ export class NbdConnection {
     const offset = hi < 0x200000 ? hi * 0x100000000 + lo : -1;
 
     // Hot path: an in-range, valid READ served from memory without a promise.
+    let readBuf: Buffer | undefined;
     if (
       type === NBD_CMD_READ &&
       this.hasSyncRead &&
@@ -422,6 +423,7 @@ export class NbdConnection {
         this.queue(out);
         return;
       }
+      readBuf = out; // not in memory: the async read fills the same buffer
     }
 
     const cookieCopy = Buffer.from(cookie);
@@ -449,7 +451,7 @@ export class NbdConnection {
     }
     switch (type) {
       case NBD_CMD_READ:
-        this.startRead(cookieCopy, flags, offset, length);
+        this.startRead(cookieCopy, flags, offset, length, readBuf);
         return;
       case NBD_CMD_WRITE:
         this.receiveWrite(cookieCopy, flags, offset, length);
@@ -536,14 +538,14 @@ export class NbdConnection {
 
   // ---------------------------------------------------------------- READ
 
-  private startRead(cookie: Buffer, flags: number, offset: number, length: number): void {
+  private startRead(cookie: Buffer, flags: number, offset: number, length: number, reuse?: Buffer): void {
     if (length === 0) {
       // QSD: a NONE chunk (structured) or an empty simple reply.
       this.queue(this.structured ? encodeNoneChunk(cookie) : this.simple(0, cookie));
       return;
     }
     const hdr = this.structured ? 28 : NBD_SIMPLE_REPLY_SIZE;
-    const buf = allocReplyBuffer(hdr + length);
+    const buf = reuse ?? allocReplyBuffer(hdr + length);
     const ctx: ReadCtx = { cookie, offset, length, flags, buf, hdr };
     this.begin(length);
     let p: Promise<NbdZeroRanges | void>;

@@ -10,9 +10,9 @@
  * nodes of this process only.
  */
 import { constants as fsc, fstat, fsync, fdatasync, ftruncate, open, read, write, close } from 'node:fs';
-import { promisify } from 'node:util';
+import { getSystemErrorName, promisify } from 'node:util';
 import { BlockError, strerror } from '../../util/errors.js';
-import { nativeOps, type NativeOps } from '../native.js';
+import { nativeOps, type NativeOps, type WriteLaneOps } from '../native.js';
 import { PERM_ALL } from '../types.js';
 import {
   EXTENT_ALLOCATED,
@@ -72,6 +72,157 @@ function writeAt(fd: number, buf: Buffer, offset: number): Promise<number> {
   });
 }
 
+/** A batch takes at most this many requests or bytes; more go to the next one. */
+const BATCH_MAX_OPS = 16;
+const BATCH_MAX_BYTES = 1024 * 1024;
+/** Read batches running at once (page-cache misses wait for the disk, so they overlap). */
+const MAX_RUNNING_READS = 4;
+
+/** Requests gathered for one native call. */
+interface Batch {
+  readonly bufs: Buffer[];
+  readonly offsets: number[];
+  readonly resolve: Array<(n: number) => void>;
+  readonly reject: Array<(err: unknown) => void>;
+  bytes: number;
+}
+
+type IoBatchFn = NonNullable<NativeOps['ioBatch']>;
+type SubmitFn = (bufs: Buffer[], offsets: number[], results: Float64Array, done: () => void) => void;
+
+function batchError(write: boolean, negErrno: number): Error {
+  let code: string;
+  try {
+    code = getSystemErrorName(negErrno);
+  } catch {
+    code = 'EIO';
+  }
+  const err = new Error(`${write ? 'pwrite' : 'pread'} failed: ${code}`) as Error & { code: string; errno: number };
+  err.code = code;
+  err.errno = negErrno;
+  return err;
+}
+
+/**
+ * One kind (reads or writes) of a file's batched thread-pool I/O. The NBD engine starts every
+ * request of a socket read synchronously; they are gathered here and handed to the addon as one
+ * batch at the end of the event-loop turn (one worker wake-up and one completion for the lot).
+ * Requests in a batch run in issue order; batches start in order.
+ */
+class BatchLane {
+  private readonly pending: Batch[] = [];
+  private running = 0;
+  private scheduled = false;
+  private idle: (() => void) | undefined;
+
+  constructor(
+    private readonly submitBatch: SubmitFn,
+    private readonly write: boolean,
+    private readonly maxRunning: number,
+  ) {}
+
+  /** Bytes transferred (a read is short only at EOF); rejects with an errno-coded Error. */
+  run(buf: Buffer, offset: number): Promise<number> {
+    let b = this.pending[this.pending.length - 1];
+    if (b === undefined || b.bufs.length >= BATCH_MAX_OPS || b.bytes + buf.length > BATCH_MAX_BYTES) {
+      b = { bufs: [], offsets: [], resolve: [], reject: [], bytes: 0 };
+      this.pending.push(b);
+    }
+    const batch = b;
+    const p = new Promise<number>((resolve, reject) => {
+      batch.resolve.push(resolve);
+      batch.reject.push(reject);
+    });
+    batch.bufs.push(buf);
+    batch.offsets.push(offset);
+    batch.bytes += buf.length;
+    if (!this.scheduled) {
+      this.scheduled = true;
+      process.nextTick(startLane, this);
+    }
+    return p;
+  }
+
+  /** Start gathered batches while under the running limit. */
+  start(): void {
+    this.scheduled = false;
+    while (this.running < this.maxRunning && this.pending.length > 0) {
+      const b = this.pending.shift()!;
+      const results = new Float64Array(b.bufs.length);
+      this.running++;
+      try {
+        this.submitBatch(b.bufs, b.offsets, results, () => this.complete(b, results));
+      } catch (err) {
+        this.running--;
+        for (const reject of b.reject) reject(err);
+      }
+    }
+  }
+
+  private complete(b: Batch, results: Float64Array): void {
+    this.running--;
+    // Keep the worker busy: start what gathered meanwhile before settling these.
+    this.start();
+    for (let i = 0; i < results.length; i++) {
+      const r = results[i]!;
+      if (r >= 0) b.resolve[i]!(r);
+      else b.reject[i]!(batchError(this.write, r));
+    }
+    if (this.running === 0 && this.pending.length === 0 && this.idle) {
+      const idle = this.idle;
+      this.idle = undefined;
+      idle();
+    }
+  }
+
+  /** Wait until nothing is gathered or running (close). */
+  async drain(): Promise<void> {
+    while (this.running > 0 || this.pending.length > 0) {
+      if (this.running === 0) this.start();
+      await new Promise<void>((r) => (this.idle = r));
+    }
+  }
+}
+
+function startLane(lane: BatchLane): void {
+  lane.start();
+}
+
+/**
+ * Batched reads and writes of one file descriptor. Reads: up to MAX_RUNNING_READS batches on
+ * thread-pool threads. Writes: a native write lane, one thread writing batch after batch
+ * (buffered writes to one file serialise on the inode lock anyway, so a second writer would
+ * only sleep on it), or one batch at a time through ioBatch when the addon has no lanes.
+ */
+class NativeBatcher {
+  readonly reads: BatchLane;
+  readonly writes: BatchLane;
+  private readonly lane: object | undefined;
+
+  constructor(
+    fd: number,
+    ioBatch: IoBatchFn,
+    private readonly laneOps: WriteLaneOps | undefined,
+  ) {
+    this.reads = new BatchLane((b, o, r, d) => ioBatch(fd, false, b, o, r, d), false, MAX_RUNNING_READS);
+    const lane = laneOps?.create();
+    this.lane = lane;
+    this.writes =
+      lane && laneOps
+        ? new BatchLane((b, o, r, d) => laneOps.submit(lane, fd, b, o, r, d), true, Infinity)
+        : new BatchLane((b, o, r, d) => ioBatch(fd, true, b, o, r, d), true, 1);
+  }
+
+  async drain(): Promise<void> {
+    await Promise.all([this.reads.drain(), this.writes.drain()]);
+  }
+
+  /** After drain(): release the native lane. */
+  close(): void {
+    if (this.lane && this.laneOps) this.laneOps.close(this.lane);
+  }
+}
+
 /** In-process view of image locks: inode -> drivers that have it open. */
 const openImages = new Map<string, Set<FileDriver>>();
 
@@ -83,6 +234,8 @@ export class FileDriver implements BlockDriver {
   /** Permissions currently held / not shared (lock bytes taken). */
   private heldPerm = 0;
   private heldUnshared = 0;
+  /** Batched thread-pool I/O (addon present, page-cache I/O); undefined = one fs call per request. */
+  private readonly batcher: NativeBatcher | undefined;
   /** Serialises read-modify-write cycles of unaligned O_DIRECT writes. */
   private rmwTail: Promise<void> = Promise.resolve();
 
@@ -99,6 +252,7 @@ export class FileDriver implements BlockDriver {
     private readonly native: NativeOps,
   ) {
     this.length = size;
+    this.batcher = !direct && native.ioBatch ? new NativeBatcher(fd, native.ioBatch, native.writeLane) : undefined;
     const n = native.available;
     this.caps = {
       writeZeroes: n,
@@ -200,6 +354,35 @@ export class FileDriver implements BlockDriver {
 
   // ---- reads ------------------------------------------------------------------------------
 
+  /**
+   * One range known to be data, from the last SEEK_HOLE. Only our own hole-making calls
+   * (write zeroes, discard, truncate) can turn data into holes, and they reset it; a hole that
+   * someone else punches would only make us send zeroes as data, never wrong bytes.
+   */
+  private dataStart = 0;
+  private dataEnd = 0;
+
+  isDataSync(offset: number, length: number): boolean {
+    if (this.closed || !this.native.available) return false;
+    const end = offset + length;
+    if (offset >= this.dataStart && end <= this.dataEnd) return true;
+    let hole: number;
+    try {
+      hole = this.native.seekHole(this.fd, offset);
+    } catch {
+      return false;
+    }
+    if (hole < end) return false;
+    this.dataStart = offset;
+    this.dataEnd = Math.min(hole, this.length);
+    return end <= this.dataEnd;
+  }
+
+  private forgetData(): void {
+    this.dataStart = 0;
+    this.dataEnd = 0;
+  }
+
   tryReadSync(buf: Buffer, offset: number): boolean {
     if (this.direct || this.closed) return false;
     const n = this.native.preadNowait(this.fd, buf, offset);
@@ -208,6 +391,13 @@ export class FileDriver implements BlockDriver {
 
   async read(buf: Buffer, offset: number): Promise<void> {
     if (this.direct) return this.readDirect(buf, offset);
+    if (this.batcher) {
+      if (this.closed) throw closedError();
+      const n = await this.batcher.reads.run(buf, offset);
+      // The file shrank under us: what is past EOF reads as zeroes.
+      if (n < buf.length) buf.fill(0, n);
+      return;
+    }
     let done = 0;
     while (done < buf.length) {
       const n = await readAt(this.fd, done === 0 ? buf : buf.subarray(done), offset + done);
@@ -241,6 +431,11 @@ export class FileDriver implements BlockDriver {
 
   async write(buf: Buffer, offset: number, _flags: WriteFlags): Promise<void> {
     if (this.direct) return this.writeDirect(buf, offset);
+    if (this.batcher) {
+      if (this.closed) throw closedError();
+      await this.batcher.writes.run(buf, offset);
+      return;
+    }
     let done = 0;
     while (done < buf.length) {
       done += await writeAt(this.fd, done === 0 ? buf : buf.subarray(done), offset + done);
@@ -276,6 +471,7 @@ export class FileDriver implements BlockDriver {
   }
 
   async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    this.forgetData();
     if (flags.mayUnmap && this.unmap) {
       try {
         this.native.punchHole(this.fd, offset, length);
@@ -289,6 +485,7 @@ export class FileDriver implements BlockDriver {
 
   async discard(offset: number, length: number): Promise<void> {
     if (!this.unmap) return;
+    this.forgetData();
     this.native.punchHole(this.fd, offset, length);
   }
 
@@ -324,6 +521,7 @@ export class FileDriver implements BlockDriver {
   }
 
   async truncate(size: number): Promise<void> {
+    this.forgetData();
     await pFtruncate(this.fd, size);
     this.length = size;
   }
@@ -335,6 +533,10 @@ export class FileDriver implements BlockDriver {
     const set = openImages.get(this.inode);
     set?.delete(this);
     if (set && set.size === 0) openImages.delete(this.inode);
+    if (this.batcher) {
+      await this.batcher.drain();
+      this.batcher.close();
+    }
     if (!this.readOnlyOpen && !this.noFlush) await pFsync(this.fd).catch(() => undefined);
     await pClose(this.fd);
   }
@@ -404,6 +606,12 @@ export class FileDriver implements BlockDriver {
       this.ctx.log.warn({ err, byte }, 'image lock update failed');
     }
   }
+}
+
+function closedError(): Error {
+  const err = new Error('file is closed') as Error & { code: string };
+  err.code = 'EBADF';
+  return err;
 }
 
 function isNotSup(err: unknown): boolean {
