@@ -243,10 +243,10 @@ export class NbdExport implements NbdExportHandle {
   }
 
   tryReadSync(buf: Buffer, offset: number): boolean {
-    const io = this.user.io;
-    // A large read asks block status (holes go out as OFFSET_HOLE) unless the range is known data.
-    if (buf.length >= SPARSE_READ_MIN && !io.isDataSync?.(offset, buf.length)) return false;
-    if (!io.tryReadSync(buf, offset)) return false;
+    // Large reads go to the thread pool even when cached: on a small machine the copy out of the
+    // page cache then runs beside the event loop's socket writes instead of after them.
+    if (buf.length >= SPARSE_READ_MIN) return false;
+    if (!this.user.io.tryReadSync(buf, offset)) return false;
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
     return true;
@@ -256,6 +256,7 @@ export class NbdExport implements NbdExportHandle {
     const io = this.user.io;
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
+    // Block status only where holes are possible (it costs two lseeks and a promise per read).
     if (buf.length < SPARSE_READ_MIN || io.isDataSync?.(offset, buf.length)) {
       await io.read(buf, offset);
       return;
