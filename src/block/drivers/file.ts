@@ -75,6 +75,8 @@ function writeAt(fd: number, buf: Buffer, offset: number): Promise<number> {
 /** A batch takes at most this many requests or bytes; more go to the next one. */
 const BATCH_MAX_OPS = 16;
 const BATCH_MAX_BYTES = 1024 * 1024;
+/** Reads above this size each get their own batch, so big reads spread over the pool threads. */
+const READ_BATCH_MAX_BYTES = 128 * 1024;
 /** Read batches running at once (page-cache misses wait for the disk, so they overlap). */
 const MAX_RUNNING_READS = 4;
 
@@ -119,12 +121,13 @@ class BatchLane {
     private readonly submitBatch: SubmitFn,
     private readonly write: boolean,
     private readonly maxRunning: number,
+    private readonly maxBytes: number,
   ) {}
 
   /** Bytes transferred (a read is short only at EOF); rejects with an errno-coded Error. */
   run(buf: Buffer, offset: number): Promise<number> {
     let b = this.pending[this.pending.length - 1];
-    if (b === undefined || b.bufs.length >= BATCH_MAX_OPS || b.bytes + buf.length > BATCH_MAX_BYTES) {
+    if (b === undefined || b.bufs.length >= BATCH_MAX_OPS || b.bytes + buf.length > this.maxBytes) {
       b = { bufs: [], offsets: [], resolve: [], reject: [], bytes: 0 };
       this.pending.push(b);
     }
@@ -204,13 +207,13 @@ class NativeBatcher {
     ioBatch: IoBatchFn,
     private readonly laneOps: WriteLaneOps | undefined,
   ) {
-    this.reads = new BatchLane((b, o, r, d) => ioBatch(fd, false, b, o, r, d), false, MAX_RUNNING_READS);
+    this.reads = new BatchLane((b, o, r, d) => ioBatch(fd, false, b, o, r, d), false, MAX_RUNNING_READS, READ_BATCH_MAX_BYTES);
     const lane = laneOps?.create();
     this.lane = lane;
     this.writes =
       lane && laneOps
-        ? new BatchLane((b, o, r, d) => laneOps.submit(lane, fd, b, o, r, d), true, Infinity)
-        : new BatchLane((b, o, r, d) => ioBatch(fd, true, b, o, r, d), true, 1);
+        ? new BatchLane((b, o, r, d) => laneOps.submit(lane, fd, b, o, r, d), true, Infinity, BATCH_MAX_BYTES)
+        : new BatchLane((b, o, r, d) => ioBatch(fd, true, b, o, r, d), true, 1, BATCH_MAX_BYTES);
   }
 
   async drain(): Promise<void> {
