@@ -14,27 +14,10 @@ import { parseKeyval, type KeyvalTree } from './keyval.js';
 import { keyvalToTyped } from './keyval-types.js';
 import { parseJsonArgument } from './json-arg.js';
 import { parseChardev, chardevHelpText, chardevKeysHelpText } from './chardev-opts.js';
+import { objectListHelpText, objectTypeHelpText } from './object-help.js';
+import { OBJECT_BAD_ID } from '../qmp/objects.js';
 
-/** Object types QSD 7.2 can create (`--object help`); blockd supports none of them yet. */
-export const QSD_OBJECT_TYPES = [
-  'authz-list',
-  'authz-list-file',
-  'authz-simple',
-  'iothread',
-  'main-loop',
-  'pr-manager-helper',
-  'secret',
-  'secret_keyring',
-  'thread-context',
-  'throttle-group',
-  'tls-cipher-suites',
-  'tls-creds-anon',
-  'tls-creds-psk',
-  'tls-creds-x509',
-] as const;
-
-/** Object types this build can create (through object-add, once it exists). */
-export const SUPPORTED_OBJECT_TYPES: readonly string[] = [];
+const ID_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
 
 /** `--monitor` (QSD MonitorOptions), converted with the same keyval machinery. */
 const MONITOR_OPTIONS: JsonSchema = {
@@ -142,29 +125,29 @@ async function nbdServer(ctx: Pass2Context, item: ArgvOption): Promise<void> {
 
 type ArgvOption = Extract<ArgvItem, { kind: 'option' }>;
 
+/**
+ * `--object`: `help` / `TYPE,help` listings (exit 0; an unknown TYPE lists the types, as QSD
+ * does), otherwise object-add with the same schema and errors.
+ */
 async function object(ctx: Pass2Context, item: ArgvOption): Promise<OptionOutcome> {
   const text = item.value ?? '';
   const parsed = parseArg(text, 'qom-type');
-  const fields = parsed.kind === 'json' ? parsed.value : parsed.tree;
-  const qomType = fields['qom-type'];
-  if (parsed.kind === 'keyval' && parsed.help && qomType === undefined) {
-    ctx.stdout(
-      `List of user creatable objects:\n${SUPPORTED_OBJECT_TYPES.map((t) => `  ${t}\n`).join('')}`,
-    );
+  if (parsed.kind === 'keyval' && parsed.help) {
+    const t = parsed.tree['qom-type'];
+    ctx.stdout((typeof t === 'string' ? objectTypeHelpText(ctx.schema, t) : undefined) ?? objectListHelpText());
     return { exit: 0 };
   }
-  if (qomType === undefined) throw new CliError("Parameter 'qom-type' is missing", 'OBJECT');
-  if (typeof qomType !== 'string') {
-    throw new CliError("Invalid parameter type for 'qom-type', expected: string", 'OBJECT');
-  }
-  if (!(QSD_OBJECT_TYPES as readonly string[]).includes(qomType)) {
-    throw new CliError(`Parameter 'qom-type' does not accept value '${qomType}'`, 'OBJECT');
-  }
-  if (!SUPPORTED_OBJECT_TYPES.includes(qomType) || !ctx.dispatcher.has('object-add')) {
-    throw new CliError(`object type '${qomType}' is not supported by blockd yet`, 'OBJECT');
-  }
+  requireCommand(ctx, 'object-add');
   const args = commandArgs(ctx, item.display, text, 'qom-type', ctx.schema.argumentsSchema('object-add'));
-  await execute(ctx, 'object-add', args);
+  try {
+    await execute(ctx, 'object-add', args);
+  } catch (err) {
+    // On the command line QSD adds a hint line under this one error.
+    if (err instanceof DaemonError && err.code === OBJECT_BAD_ID) {
+      throw new CliError(`${err.message}\n${ID_HINT}`, OBJECT_BAD_ID);
+    }
+    throw err;
+  }
   return {};
 }
 

@@ -71,7 +71,17 @@ export function idWellFormed(id: string): boolean {
   return /^[A-Za-z][A-Za-z0-9._-]*$/.test(id);
 }
 
+/**
+ * What the object `id` named by `tls-creds` is. Answered by the object registry (qmp/objects.ts),
+ * wired in by Services, so that this layer does not import qmp/.
+ */
+export type TlsCredsResolver = (
+  id: string,
+) => { kind: 'missing' } | { kind: 'not-tls-creds' } | { kind: 'tls-creds'; endpoint: 'client' | 'server' };
+
 export class ExportManager implements NbdBackend {
+  /** Resolves `tls-creds` ids; without it every id is unknown. */
+  tlsCredsLookup: TlsCredsResolver | undefined;
   private server: NbdServer | undefined;
   private serverMax = DEFAULT_MAX_CONNECTIONS;
   private bound: NbdBoundAddress | undefined;
@@ -121,10 +131,6 @@ export class ExportManager implements NbdBackend {
 
   async startServer(opts: NbdServerStartOptions): Promise<void> {
     if (this.server) throw new QmpError('NBD server already running');
-    if (opts.tlsCreds !== undefined) {
-      // No TLS credential objects can exist yet (object-add has no tls-creds-* types).
-      throw new QmpError(`No TLS credentials with id '${opts.tlsCreds}'`);
-    }
     const maxConnections = opts.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
     const server = new NbdServer({
       backend: this,
@@ -137,9 +143,25 @@ export class ExportManager implements NbdBackend {
     } catch (err) {
       throw new QmpError(bindErrorText(opts.addr, err));
     }
+    if (opts.tlsCreds !== undefined) {
+      // QSD resolves the credentials after binding, so a bind error wins.
+      const tlsError = this.tlsCredsError(opts.tlsCreds);
+      this.bound = undefined;
+      await server.close();
+      throw tlsError;
+    }
     this.server = server;
     this.serverMax = maxConnections;
     this.log.info({ addr: opts.addr, maxConnections }, 'NBD server started');
+  }
+
+  /** Why `tls-creds` cannot be used: QSD's lookup errors, then "no TLS in blockd yet". */
+  private tlsCredsError(id: string): QmpError {
+    const c = this.tlsCredsLookup?.(id) ?? { kind: 'missing' as const };
+    if (c.kind === 'missing') return new QmpError(`No TLS credentials with id '${id}'`);
+    if (c.kind === 'not-tls-creds') return new QmpError(`Object with id '${id}' is not TLS credentials`);
+    if (c.endpoint !== 'server') return new QmpError('Expected TLS credentials for a server endpoint');
+    return new QmpError('TLS is not supported by blockd yet');
   }
 
   /** nbd-server-stop: hard-delete every NBD export (events before the reply), close the listener. */

@@ -4,6 +4,7 @@ import { EventBus } from '../util/events.js';
 import { BlockGraph } from '../block/graph.js';
 import { ExportManager } from '../export/manager.js';
 import { JobManager } from '../block/jobs.js';
+import { ObjectRegistry } from './objects.js';
 
 const require = createRequire(import.meta.url);
 const pkg = require('../../package.json') as { version: string };
@@ -20,6 +21,8 @@ export class Services {
   readonly events = new EventBus();
   readonly graph: BlockGraph;
   readonly exports: ExportManager;
+  /** User-creatable objects (object-add, --object): secrets, iothreads, TLS credentials, ... */
+  readonly objects: ObjectRegistry;
   /** Jobs (blockdev-create, ...): JOB_STATUS_CHANGE events go to the bus. */
   readonly jobs = new JobManager((event, data) => this.events.emit(event, data));
   private shuttingDown: Promise<void> | undefined;
@@ -32,6 +35,8 @@ export class Services {
   constructor(readonly log: Logger) {
     this.graph = new BlockGraph(log.child({ component: 'block' }));
     this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
+    this.objects = new ObjectRegistry(log);
+    this.exports.tlsCredsLookup = (id) => this.objects.tlsCreds(id);
   }
 
   /**
@@ -43,6 +48,7 @@ export class Services {
       await this.exports.closeAll();
       await this.jobs.closeAll();
       await this.graph.closeAll();
+      this.objects.clear();
     })();
     return this.shuttingDown;
   }

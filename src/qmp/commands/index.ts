@@ -5,6 +5,7 @@ import { nbdCommands } from './nbd.js';
 import { bitmapCommands } from './bitmap.js';
 import { transactionCommands } from './transaction.js';
 import { imageCommands } from './image.js';
+import { objectCommands } from './object.js';
 
 /** Every command handler; each must have a schema in schema/commands/<name>.json. */
 export const ALL_COMMANDS: readonly CommandDef[] = [
@@ -14,4 +15,5 @@ export const ALL_COMMANDS: readonly CommandDef[] = [
   ...bitmapCommands,
   ...transactionCommands,
   ...imageCommands,
+  ...objectCommands,
 ];

@@ -2,7 +2,7 @@ import type { CommandDef } from '../types.js';
 import { defineCommand } from '../types.js';
 import { QmpError } from '../../util/errors.js';
 import type { NbdListenAddress } from '../../nbd/server.js';
-import type { ExportAddOptions } from '../../export/manager.js';
+import { idWellFormed, type ExportAddOptions } from '../../export/manager.js';
 import type { MultiConnMode } from '../../export/nbd-export.js';
 
 interface SocketAddressLegacy {
@@ -61,7 +61,6 @@ function exportOptions(a: BlockExportAddArgs): ExportAddOptions {
     throw new QmpError(`Export type '${a.type}' is not supported by blockd`);
   }
   if (a['allow-inactive']) throw new QmpError("'allow-inactive' is not supported by blockd");
-  if (a.iothread !== undefined) throw new QmpError(`iothread "${a.iothread}" not found`);
   const o: ExportAddOptions = { type: a.type, id: a.id, nodeName: a['node-name'] };
   if (a.writable !== undefined) o.writable = a.writable;
   if (a.writethrough !== undefined) o.writethrough = a.writethrough;
@@ -92,7 +91,20 @@ export const nbdCommands: readonly CommandDef[] = [
     return {};
   }),
   defineCommand<BlockExportAddArgs>('block-export-add', (a, ctx) => {
-    ctx.services.exports.addExport(exportOptions(a));
+    const o = exportOptions(a);
+    if (a.iothread !== undefined && !ctx.services.objects.isIothread(a.iothread)) {
+      // QSD looks the iothread up after the id and node checks. An existing one is accepted
+      // (with or without fixed-iothread): blockd serves every export from its one event loop.
+      if (!idWellFormed(o.id)) throw new QmpError('Invalid block export id');
+      if (ctx.services.exports.query().some((e) => e.id === o.id)) {
+        throw new QmpError(`Block export id '${o.id}' is already in use`);
+      }
+      if (!ctx.services.graph.get(o.nodeName)) {
+        throw new QmpError(`Cannot find device='' nor node-name='${o.nodeName}'`);
+      }
+      throw new QmpError(`iothread "${a.iothread}" not found`);
+    }
+    ctx.services.exports.addExport(o);
     return {};
   }),
   defineCommand<{ id: string; mode?: 'safe' | 'hard' }>('block-export-del', async (a, ctx) => {
