@@ -1,0 +1,145 @@
+import { describe, it, expect, beforeAll, afterEach } from 'vitest';
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+const ROOT = resolve(import.meta.dirname, '../..');
+const BIN = join(ROOT, 'bin/blockd');
+
+beforeAll(() => {
+  try {
+    execFileSync('npx', ['tsc', '-p', ROOT], { cwd: ROOT, stdio: 'ignore' });
+  } catch {
+    // Type errors elsewhere in the tree do not stop tsc from emitting dist/.
+  }
+  if (!existsSync(join(ROOT, 'dist/cli/main.js'))) throw new Error('build did not produce dist/cli/main.js');
+}, 120_000);
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+const children = new Set<ChildProcess>();
+const dirs: string[] = [];
+
+afterEach(() => {
+  for (const c of children) if (c.exitCode === null && c.pid !== undefined) c.kill('SIGKILL');
+  children.clear();
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+function tempDir(): string {
+  const d = mkdtempSync(join(tmpdir(), 'blockd-cli-object-'));
+  dirs.push(d);
+  return d;
+}
+
+/** Run blockd to its end; NDJSON log records are dropped from stderr. */
+function run(args: string[]): Promise<Run> {
+  const child = spawn(process.execPath, [BIN, ...args], {
+    cwd: ROOT,
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, BLOCKD_DAEMONIZED_CHILD: '' },
+  });
+  children.add(child);
+  let stdout = '';
+  let stderr = '';
+  child.stdout?.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  return new Promise((res) =>
+    child.on('close', (code) =>
+      res({
+        code,
+        stdout,
+        stderr: stderr
+          .split(/(?<=\n)/)
+          .filter((l) => !l.startsWith('{"level":'))
+          .join(''),
+      }),
+    ),
+  );
+}
+
+describe('--object', () => {
+  it('lists the creatable types and exits 0 for --object help', async () => {
+    const r = await run(['--object', 'help']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^List of user creatable objects:\n {2}authz-list\n/);
+    expect(r.stdout).toContain('  iothread\n');
+  });
+
+  it('lists the properties of a type and exits 0 for --object TYPE,help', async () => {
+    const r = await run(['--object', 'iothread,id=x,help']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(
+      'iothread options:\n  aio-max-batch=<int>\n  poll-grow=<int>\n  poll-max-ns=<int>\n  poll-shrink=<int>\n' +
+        '  thread-pool-max=<int>\n  thread-pool-min=<int>\n',
+    );
+  });
+
+  it('lists the types for an unknown type with help, as QSD does', async () => {
+    const r = await run(['--object', 'bogus,help']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^List of user creatable objects:\n/);
+  });
+
+  it('runs object-add and goes on with the next option', async () => {
+    const r = await run(['--object', 'secret,id=s0,data=x', '--object', '{"qom-type":"iothread","id":"io0"}', 'extra']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe('blockd: extra: Unexpected argument\n');
+  });
+
+  it('prints the object-add error and exits 1', async () => {
+    const r = await run(['--object', 'secret,id=s']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe("blockd: --object secret,id=s: Either 'file' or 'data' must be provided\n");
+  });
+
+  it('adds QSD\'s hint line under a malformed id', async () => {
+    const r = await run(['--object', 'secret,id=1s,data=x']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(
+      "blockd: --object secret,id=1s,data=x: Parameter 'id' expects an identifier\n" +
+        "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n",
+    );
+  });
+
+  it('converts keyval members with the object schema', async () => {
+    const r = await run(['--object', 'throttle-group,id=t,limits.iops-total=10,limits.iops-read=3']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(
+      'blockd: --object throttle-group,id=t,limits.iops-total=10,limits.iops-read=3: ' +
+        'bps/iops/max total values and read/write values cannot be used at the same time\n',
+    );
+  });
+
+  it('refuses a duplicate id across options', async () => {
+    const r = await run(['--object', 'iothread,id=a', '--object', 'secret,id=a,data=x']);
+    expect(r.stderr).toBe(
+      "blockd: --object secret,id=a,data=x: attempt to add duplicate property 'a' to object (type 'container')\n",
+    );
+  });
+
+  it('lets an export name an iothread created earlier', async () => {
+    const dir = tempDir();
+    const r = await run([
+      '--object', 'iothread,id=io0',
+      '--blockdev', 'null-co,node-name=n0',
+      '--nbd-server', `addr.type=unix,addr.path=${join(dir, 'nbd.sock')}`,
+      '--export', 'nbd,id=e0,node-name=n0,iothread=io0,fixed-iothread=on',
+      'extra',
+    ]);
+    expect(r.stderr).toBe('blockd: extra: Unexpected argument\n');
+  });
+
+  it('refuses --nbd-server with server TLS credentials until blockd speaks TLS', async () => {
+    const dir = tempDir();
+    const nbd = `addr.type=unix,addr.path=${join(dir, 'nbd.sock')},tls-creds=t0`;
+    const r = await run(['--object', 'tls-creds-anon,id=t0,endpoint=server', '--nbd-server', nbd]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(`blockd: --nbd-server ${nbd}: TLS is not supported by blockd yet\n`);
+  });
+});
