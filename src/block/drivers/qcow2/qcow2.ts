@@ -93,10 +93,23 @@ type Seg =
   | { kind: 'unalloc'; guest: number; length: number }
   | { kind: 'compressed'; guest: number; length: number; cluster: number; hi: number; lo: number };
 
+/** Kinds of a standard (8-byte) L2 entry, for the fast paths. */
+const K_UNALLOC = 0;
+const K_DATA = 1;
+const K_ZERO = 2;
+const K_COMPRESSED = 3;
+/** An entry kindOf() rejects (kindsOf() marks it; kindOf() raises the error when it is used). */
+const K_CORRUPT = 4;
+
+/** Block status covers at most this many clusters per call (the caller asks again for the rest). */
+const STATUS_MAX_CLUSTERS = 1 << 20;
+
 interface CachedL2 {
   offset: number;
   buf: Buffer;
   dirty: boolean;
+  /** K_* of every entry (standard L2), built on first block status, kept current by setEntry. */
+  kinds?: Uint8Array | undefined;
 }
 
 /** A decoded L2 entry. */
@@ -184,7 +197,7 @@ export class Qcow2Driver implements BlockDriver {
       discard: ctx.options.discard === 'unmap',
       blockStatus: true,
       resize: true,
-      readSync: false,
+      readSync: true,
       zeroInit: false,
     };
   }
@@ -483,14 +496,96 @@ export class Qcow2Driver implements BlockDriver {
     return { offset, copied: (hi & HI_COPIED) !== 0 };
   }
 
+  /** Host offset of the L2 table of L1 entry `i` (0 = none); same checks as l1Entry(). */
+  private l1Offset(i: number): number {
+    const at = i * 8;
+    if (at + 8 > this.l1.length) return 0;
+    const hi = this.l1.readUInt32BE(at);
+    const lo = this.l1.readUInt32BE(at + 4);
+    if (hi === 0 && lo === 0) return 0;
+    return this.l1Entry(i).offset;
+  }
+
+  /**
+   * Synchronous L2 lookup: the cached table of L1 index `l1i`, `undefined` when the L1 entry is
+   * empty (all clusters unallocated), `null` when the table is not in the cache.
+   */
+  private cachedL2(l1i: number): CachedL2 | undefined | null {
+    const off = this.l1Offset(l1i);
+    if (off === 0) return undefined;
+    const t = this.l2Cache.get(off);
+    if (t === undefined) return null;
+    if (this.mru !== t) this.touch(t);
+    return t;
+  }
+
+  /** Host offset of the last entry kindOf() classified as K_DATA. */
+  private hostOut = 0;
+
+  /**
+   * Kind of standard L2 entry `i` of `t` (K_*), with decode()'s checks; for K_DATA the host
+   * offset of the cluster is left in `hostOut` (no allocation on the hot paths).
+   */
+  private kindOf(t: CachedL2, i: number): number {
+    const buf = t.buf;
+    const at = i * 8;
+    const hi = buf.readUInt32BE(at);
+    const lo = buf.readUInt32BE(at + 4);
+    if (hi === 0 && lo === 0) return K_UNALLOC;
+    if ((hi & HI_COMPRESSED) !== 0) {
+      if ((hi & HI_COPIED) !== 0) throw this.corruption('Compressed cluster has the COPIED flag set');
+      return K_COMPRESSED;
+    }
+    if ((hi & L2_HI_RESERVED) !== 0 || (lo & L2_LO_RESERVED) !== 0) {
+      throw this.corruption(`L2 entry at 0x${(t.offset + at).toString(16)} has reserved bits set`);
+    }
+    const loOff = (lo & LO_OFFSET_MASK) >>> 0;
+    if ((loOff & (this.clusterSize - 1)) !== 0) throw this.corruption('Data cluster offset is not cluster aligned');
+    const hiOff = hi & HI_OFFSET_MASK;
+    if ((lo & LO_ZERO_FLAG) !== 0) {
+      if (this.header.version === 2) throw this.corruption('Zero cluster entry found in pre-v3 image');
+      return K_ZERO;
+    }
+    if (hiOff === 0 && loOff === 0) return K_UNALLOC;
+    this.hostOut = hiOff * 0x100000000 + loOff;
+    return K_DATA;
+  }
+
+  /** Entry kinds of a whole table, cached on it (block status walks these, not the entries). */
+  private kindsOf(t: CachedL2): Uint8Array {
+    if (t.kinds) return t.kinds;
+    const k = new Uint8Array(this.l2Entries);
+    const buf = t.buf;
+    for (let i = 0; i < k.length; i++) {
+      const at = i * 8;
+      // Most entries of a sparse image are zero: no need to decode those.
+      if (buf[at] === 0 && buf.readUInt32BE(at) === 0 && buf.readUInt32BE(at + 4) === 0) continue;
+      k[i] = this.safeKind(t, i);
+    }
+    t.kinds = k;
+    return k;
+  }
+
+  private safeKind(t: CachedL2, i: number): number {
+    try {
+      return this.kindOf(t, i);
+    } catch {
+      return K_CORRUPT;
+    }
+  }
+
   private corruption(msg: string): BlockError {
     this.ctx.log.error({ reason: msg }, 'qcow2 metadata corruption');
     return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
   }
 
+  /** The most recently touched table (a repeated hit on it needs no LRU reordering). */
+  private mru: CachedL2 | undefined;
+
   private touch(t: CachedL2): void {
     this.l2Cache.delete(t.offset);
     this.l2Cache.set(t.offset, t);
+    this.mru = t;
   }
 
   private evictClean(): void {
@@ -517,6 +612,7 @@ export class Qcow2Driver implements BlockDriver {
         const again = this.l2Cache.get(offset);
         if (again) return again;
         this.l2Cache.set(offset, t);
+        this.mru = t;
         this.evictClean();
         return t;
       })();
@@ -627,7 +723,92 @@ export class Qcow2Driver implements BlockDriver {
 
   // ---- read -----------------------------------------------------------------------------------
 
+  /**
+   * Synchronous read when every L2 table involved is cached and the range holds only data
+   * clusters (read with the file child's own sync path, contiguous host clusters in one call)
+   * and zero or unallocated clusters (without a backing file). False = use read().
+   */
+  tryReadSync(buf: Buffer, offset: number): boolean {
+    if (this.extL2 || this.closed) return false;
+    const cs = this.clusterSize;
+    const span = this.l2Entries * cs;
+    const end = offset + buf.length;
+    let file: BlockIO | undefined;
+    let backingKnown = false;
+    let pos = offset;
+    // The pending run of contiguous host data: buffer index, host offset, length.
+    let runAt = 0;
+    let runHost = -1;
+    let runLen = 0;
+    while (pos < end) {
+      const l1i = Math.floor(pos / span);
+      const t = this.cachedL2(l1i);
+      if (t === null) return false;
+      const tEnd = Math.min(end, (l1i + 1) * span);
+      if (t === undefined) {
+        if (!backingKnown) {
+          if (this.backing() !== undefined) return false;
+          backingKnown = true;
+        }
+        buf.fill(0, pos - offset, tEnd - offset);
+        pos = tEnd;
+        continue;
+      }
+      while (pos < tEnd) {
+        const g = Math.floor(pos / cs);
+        const inOff = pos - g * cs;
+        const n = Math.min(cs - inOff, tEnd - pos);
+        const k = this.kindOf(t, g % this.l2Entries);
+        if (k === K_DATA) {
+          const h = this.hostOut + inOff;
+          if (runHost >= 0 && runHost + runLen === h) {
+            runLen += n;
+          } else {
+            if (runHost >= 0) {
+              file ??= this.ctx.childIO('file');
+              if (!file.tryReadSync(buf.subarray(runAt, runAt + runLen), runHost)) return false;
+            }
+            runAt = pos - offset;
+            runHost = h;
+            runLen = n;
+          }
+        } else if (k === K_ZERO) {
+          buf.fill(0, pos - offset, pos - offset + n);
+        } else if (k === K_UNALLOC) {
+          if (!backingKnown) {
+            if (this.backing() !== undefined) return false;
+            backingKnown = true;
+          }
+          buf.fill(0, pos - offset, pos - offset + n);
+        } else {
+          return false;
+        }
+        pos += n;
+      }
+    }
+    if (runHost >= 0) {
+      file ??= this.ctx.childIO('file');
+      if (!file.tryReadSync(buf.subarray(runAt, runAt + runLen), runHost)) return false;
+    }
+    return true;
+  }
+
+  /** True when the range is all data clusters whose L2 tables are cached (no block status needed). */
+  isDataSync(offset: number, length: number): boolean {
+    if (this.extL2 || this.closed) return false;
+    const cs = this.clusterSize;
+    const end = offset + length;
+    for (let g = Math.floor(offset / cs); g * cs < end; g++) {
+      const t = this.cachedL2(Math.floor(g / this.l2Entries));
+      if (!t) return false;
+      if (this.kindOf(t, g % this.l2Entries) !== K_DATA) return false;
+    }
+    return true;
+  }
+
   async read(buf: Buffer, offset: number): Promise<void> {
+    // Page-cache hits on cached metadata need no promise chain at all.
+    if (this.tryReadSync(buf, offset)) return;
     const segs = await this.segments(offset, buf.length);
     await Promise.all(segs.map((s) => this.readSeg(s, buf.subarray(s.guest - offset, s.guest - offset + s.length))));
   }
@@ -681,20 +862,89 @@ export class Qcow2Driver implements BlockDriver {
 
   // ---- block status ---------------------------------------------------------------------------
 
-  async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
-    // Bound the work per call: one L2 table's worth.
+  /** Extended L2: one L2 table's worth of segments per call. */
+  private statusSegsExt(offset: number, length: number): Promise<Seg[]> {
     const span = this.l2Entries * this.clusterSize;
     const end = Math.min(offset + length, (Math.floor(offset / span) + 1) * span);
-    const segs = await this.segments(offset, end - offset);
+    return this.segments(offset, end - offset);
+  }
+
+  /**
+   * Standard L2: walk the tables (cached ones without a promise) and build extents of one kind
+   * in one pass over the whole request (up to STATUS_MAX_CLUSTERS clusters), merging neighbours.
+   * Unallocated runs get `unallocFlags` and depth 0 (the caller resolves them in the backing chain).
+   */
+  private async statusRuns(offset: number, length: number, unallocFlags: number): Promise<BlockExtent[]> {
+    const cs = this.clusterSize;
+    const span = this.l2Entries * cs;
+    const end = Math.min(offset + length, (Math.floor(offset / cs) + STATUS_MAX_CLUSTERS) * cs);
     const out: BlockExtent[] = [];
+    let runKind = -1;
+    let runStart = offset;
+    const emit = (kind: number, start: number, stop: number): void => {
+      const len = stop - start;
+      if (kind === K_DATA) out.push({ offset: start, length: len, flags: EXTENT_DATA | EXTENT_ALLOCATED, depth: 1 });
+      else if (kind === K_ZERO) out.push({ offset: start, length: len, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 1 });
+      else out.push({ offset: start, length: len, flags: unallocFlags, depth: 0 });
+    };
+    let pos = offset;
+    while (pos < end) {
+      const l1i = Math.floor(pos / span);
+      const tEnd = Math.min(end, (l1i + 1) * span);
+      let t = this.cachedL2(l1i);
+      if (t === null) t = await this.l2Read(l1i);
+      if (t === undefined) {
+        if (runKind !== K_UNALLOC) {
+          if (runKind >= 0) emit(runKind, runStart, pos);
+          runKind = K_UNALLOC;
+          runStart = pos;
+        }
+        pos = tEnd;
+        continue;
+      }
+      const first = Math.floor(pos / cs);
+      const last = Math.ceil(tEnd / cs);
+      const base = l1i * this.l2Entries;
+      const kinds = this.kindsOf(t);
+      for (let g = first; g < last; g++) {
+        let k = kinds[g - base] as number;
+        if (k === K_CORRUPT) k = this.kindOf(t, g - base); // throws the corruption error
+        if (k === K_COMPRESSED) k = K_DATA;
+        if (k !== runKind) {
+          const at = Math.max(g * cs, offset);
+          if (runKind >= 0) emit(runKind, runStart, at);
+          runKind = k;
+          runStart = at;
+        }
+      }
+      pos = tEnd;
+    }
+    if (runKind >= 0 && runStart < end) emit(runKind, runStart, end);
+    return out;
+  }
+
+  async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    const b = this.backing();
+    if (!this.extL2 && !b) return this.statusRuns(offset, length, EXTENT_ZERO);
+    let segs: Seg[];
+    if (this.extL2) {
+      segs = await this.statusSegsExt(offset, length);
+    } else {
+      segs = [];
+      for (const e of await this.statusRuns(offset, length, 0)) {
+        if (e.depth === 0) segs.push({ kind: 'unalloc', guest: e.offset, length: e.length });
+        else if (e.flags & EXTENT_ZERO) segs.push({ kind: 'zero', guest: e.offset, length: e.length });
+        else segs.push({ kind: 'data', guest: e.offset, length: e.length, host: 0 });
+      }
+    }
+    const out: BlockExtent[] = [];
+    const bsize = b ? b.size() : 0;
     for (const s of segs) {
       if (s.kind === 'data' || s.kind === 'compressed') {
         out.push({ offset: s.guest, length: s.length, flags: EXTENT_DATA | EXTENT_ALLOCATED, depth: 1 });
       } else if (s.kind === 'zero') {
         out.push({ offset: s.guest, length: s.length, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 1 });
       } else {
-        const b = this.backing();
-        const bsize = b ? b.size() : 0;
         let pos = s.guest;
         const sEnd = s.guest + s.length;
         if (b && pos < bsize) {
@@ -859,6 +1109,7 @@ export class Qcow2Driver implements BlockDriver {
       t.buf.writeUInt32BE(zeros >>> 0, at + 8);
       t.buf.writeUInt32BE(alloc >>> 0, at + 12);
     }
+    if (t.kinds) t.kinds[g % this.l2Entries] = this.safeKind(t, g % this.l2Entries);
     t.dirty = true;
     // A reader may have evicted the (then clean) table meanwhile: this copy is the current one.
     this.touch(t);

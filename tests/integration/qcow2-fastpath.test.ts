@@ -1,0 +1,216 @@
+/**
+ * The qcow2 fast paths (one-pass block status over many L2 tables, synchronous reads, the
+ * "all data" probe) give exactly what qemu-img sees, also after our own writes.
+ */
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { join } from 'node:path';
+import type { BlockGraph } from '../../src/block/graph.js';
+import { EXTENT_DATA, EXTENT_ZERO, type BlockExtent, type BlockNode } from '../../src/block/types.js';
+import {
+  MiB,
+  check,
+  contentOf,
+  firstDiff,
+  newGraph,
+  openQcow2,
+  qemuImg,
+  qemuIo,
+  qemuTools,
+  rm,
+  tmp,
+} from './qcow2-helpers.js';
+
+const tools = qemuTools();
+const CS = 4096;
+const SIZE = 16 * MiB; // 8 L2 tables of 512 entries with 4 KiB clusters
+
+interface Run {
+  start: number;
+  length: number;
+  data: boolean;
+  zero: boolean;
+}
+
+function merge(runs: Run[]): Run[] {
+  const out: Run[] = [];
+  for (const r of runs) {
+    const last = out[out.length - 1];
+    if (last && last.data === r.data && last.zero === r.zero && last.start + last.length === r.start) {
+      last.length += r.length;
+    } else {
+      out.push({ ...r });
+    }
+  }
+  return out;
+}
+
+function qemuMap(img: string): Run[] {
+  const list = JSON.parse(qemuImg('map', '--output=json', '-f', 'qcow2', img)) as Array<{
+    start: number;
+    length: number;
+    data: boolean;
+    zero: boolean;
+  }>;
+  return merge(list.map((e) => ({ start: e.start, length: e.length, data: e.data, zero: e.zero })));
+}
+
+function ourMap(ext: BlockExtent[]): Run[] {
+  return merge(
+    ext.map((e) => ({
+      start: e.offset,
+      length: e.length,
+      data: (e.flags & EXTENT_DATA) !== 0,
+      zero: (e.flags & EXTENT_ZERO) !== 0,
+    })),
+  );
+}
+
+/** A deterministic pseudo-random generator. */
+function rng(seed: number): () => number {
+  let x = seed;
+  return () => {
+    x = (x * 1103515245 + 12345) & 0x7fffffff;
+    return x / 0x80000000;
+  };
+}
+
+/** Scatter data, zero and compressed clusters over the image with qemu-io (shuffled order). */
+function fragment(img: string): void {
+  const rnd = rng(7);
+  const cmds: string[] = [];
+  const touched = new Set<number>();
+  for (let i = 0; i < 600; i++) {
+    const c = Math.floor(rnd() * (SIZE / CS));
+    const n = 1 + Math.floor(rnd() * 3);
+    const len = Math.min(n * CS, SIZE - c * CS);
+    const r = rnd();
+    // qemu-io writes compressed clusters only where nothing was written before.
+    if (r >= 0.85 && !touched.has(c)) {
+      cmds.push(`write -c -P ${1 + (i % 250)} ${c * CS} ${CS}`);
+      touched.add(c);
+      continue;
+    }
+    for (let k = 0; k < len / CS; k++) touched.add(c + k);
+    if (r < 0.7) cmds.push(`write -P ${1 + (i % 250)} ${c * CS} ${len}`);
+    else cmds.push(`write -z ${c * CS} ${len}`);
+  }
+  for (let i = 0; i < cmds.length; i += 100) qemuIo(img, 'qcow2', ...cmds.slice(i, i + 100));
+}
+
+describe.skipIf(!tools)('qcow2 fast paths', () => {
+  let dir: string;
+  let g: BlockGraph;
+
+  beforeEach(() => {
+    dir = tmp();
+    g = newGraph();
+  });
+
+  afterEach(async () => {
+    await g.closeAll();
+    rm(dir);
+  });
+
+  /** A fragmented image, its qemu-img map and content (taken before we open it). */
+  async function fragmented(): Promise<{ map: Run[]; content: Buffer; node: BlockNode }> {
+    const img = join(dir, 'frag.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, String(SIZE));
+    fragment(img);
+    const map = qemuMap(img);
+    const content = contentOf(img, dir);
+    return { map, content, node: await openQcow2(g, 'q', img) };
+  }
+
+  it('answers block status for a range spanning many L2 tables in one call, as qemu-img map', async () => {
+    const { map, node } = await fragmented();
+    const ext = await node.io.blockStatus(0, SIZE);
+    const last = ext[ext.length - 1];
+    expect(last && last.offset + last.length).toBe(SIZE);
+    expect(ourMap(ext)).toEqual(map);
+  });
+
+  it('merges equal neighbours across an L2 table boundary', async () => {
+    const img = join(dir, 'b.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, String(SIZE));
+    // 2 MiB per L2 table: one data run from 1 MiB to 3 MiB crosses the first boundary.
+    qemuIo(img, 'qcow2', `write -P 5 ${MiB} ${2 * MiB}`);
+    const node = await openQcow2(g, 'q', img);
+    const ext = await node.io.blockStatus(0, SIZE);
+    expect(ext.map((e) => [e.offset, e.length, e.flags & (EXTENT_DATA | EXTENT_ZERO)])).toEqual([
+      [0, MiB, EXTENT_ZERO],
+      [MiB, 2 * MiB, EXTENT_DATA],
+      [3 * MiB, SIZE - 3 * MiB, EXTENT_ZERO],
+    ]);
+  });
+
+  it('keeps block status exact after its own writes, zero writes and discards', async () => {
+    const img = join(dir, 'frag.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, String(SIZE));
+    fragment(img);
+    const node = await openQcow2(g, 'q', img, { discard: 'unmap' });
+    await node.io.blockStatus(0, SIZE); // build the cached per-table kinds first
+    const rnd = rng(11);
+    for (let i = 0; i < 300; i++) {
+      const c = Math.floor(rnd() * (SIZE / CS));
+      const r = rnd();
+      if (r < 0.5) await node.io.write(Buffer.alloc(CS, 9), c * CS);
+      else if (r < 0.75) await node.io.writeZeroes(c * CS, CS, { mayUnmap: rnd() < 0.5 });
+      else await node.io.discard(c * CS, CS);
+    }
+    const ours = ourMap(await node.io.blockStatus(0, SIZE));
+    await g.closeAll();
+    expect(check(img).code).toBe(0);
+    expect(ours).toEqual(qemuMap(img));
+  });
+
+  it('returns the same bytes from synchronous reads as qemu-img', async () => {
+    const { content: expected, node } = await fragmented();
+    // Warm the L2 cache with one pass of ordinary reads.
+    const warm = Buffer.alloc(MiB);
+    for (let off = 0; off < SIZE; off += MiB) await node.io.read(warm, off);
+    const rnd = rng(3);
+    let sync = 0;
+    for (let i = 0; i < 2000; i++) {
+      const len = 1 + Math.floor(rnd() * 3 * CS);
+      const off = Math.floor(rnd() * (SIZE - len));
+      const buf = Buffer.alloc(len, 0xee);
+      if (node.io.tryReadSync(buf, off)) {
+        sync++;
+        expect(firstDiff(buf, expected.subarray(off, off + len))).toBe(-1);
+      }
+      const slow = Buffer.alloc(len, 0xdd);
+      await node.io.read(slow, off);
+      expect(firstDiff(slow, expected.subarray(off, off + len))).toBe(-1);
+    }
+    // Compressed clusters always take the async path; the rest is in the page cache (when the
+    // file driver has a synchronous read at all: it needs the native addon).
+    const file = node.children.find((c) => c.name === 'file')?.user.node;
+    if (file?.driver.caps.readSync) expect(sync).toBeGreaterThan(0);
+  });
+
+  it('declines synchronous reads of unallocated clusters that have a backing file', async () => {
+    const base = join(dir, 'base.qcow2');
+    const top = join(dir, 'top.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, base, String(SIZE));
+    qemuIo(base, 'qcow2', 'write -P 7 0 64k');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, '-b', base, '-F', 'qcow2', top);
+    const node = await openQcow2(g, 'top', top);
+    const buf = Buffer.alloc(CS);
+    await node.io.read(buf, 0);
+    expect(node.io.tryReadSync(buf, 0)).toBe(false);
+    expect(buf.every((b) => b === 7)).toBe(true);
+  });
+
+  it('reports a range as all data only when every cluster in it is a data cluster', async () => {
+    const img = join(dir, 'd.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, String(SIZE));
+    qemuIo(img, 'qcow2', 'write -P 1 0 64k', 'write -z 64k 4k', 'write -P 2 68k 4k');
+    const node = await openQcow2(g, 'q', img);
+    await node.io.blockStatus(0, SIZE); // loads the L2 table
+    const drv = node.driver;
+    expect(drv.isDataSync?.(0, 64 * 1024)).toBe(true);
+    expect(drv.isDataSync?.(60 * 1024, 8 * 1024)).toBe(false);
+    expect(drv.isDataSync?.(68 * 1024, 4 * 1024)).toBe(true);
+    expect(drv.isDataSync?.(68 * 1024, 8 * 1024)).toBe(false);
+  });
+});
