@@ -9,7 +9,7 @@
 import type { Socket } from 'node:net';
 import type { Logger } from '../util/logger.js';
 import type { NbdBackend, NbdExtent, NbdExportHandle, NbdSession, NbdZeroRanges } from './backend.js';
-import { allocReplyBuffer } from './buffer-pool.js';
+import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
 import { nbdErrorOf } from './errors.js';
 import { FrameReader } from './frame-reader.js';
 import { Handshake, type HandshakeStep, type SelectedContext } from './handshake.js';
@@ -167,6 +167,8 @@ export class NbdConnection {
   private inFlightBytes = 0;
   private out: Buffer[] = [];
   private outBytes = 0;
+  /** Large pooled reply buffers among `out`, recycled once their write completes. */
+  private outRecycle: Buffer[] = [];
   private flushScheduled = false;
   private writeBlocked = false;
   private readingPaused = false;
@@ -420,7 +422,7 @@ export class NbdConnection {
         if (this.structured) writeOffsetDataHeader(out, 0, NBD_REPLY_FLAG_DONE, cookie, offset, length);
         else writeSimpleReply(out, 0, 0, cookie);
         r.consume(NBD_REQUEST_SIZE);
-        this.queue(out);
+        this.queueRecyclable(out);
         return;
       }
       readBuf = out; // not in memory: the async read fills the same buffer
@@ -585,7 +587,7 @@ export class NbdConnection {
     }
     if (this.structured) writeOffsetDataHeader(buf, 0, NBD_REPLY_FLAG_DONE, cookie, offset, length);
     else writeSimpleReply(buf, 0, 0, cookie);
-    this.queue(buf);
+    this.queueRecyclable(buf);
   }
 
   /** NBD spec: Structured reply chunk types — OFFSET_DATA / OFFSET_HOLE covering the request. */
@@ -772,23 +774,42 @@ export class NbdConnection {
     }
   }
 
+  /** Queue a whole reply buffer that may come from the large pool. */
+  private queueRecyclable(b: Buffer): void {
+    if (this.state === 'CLOSED' || this.ending) return;
+    this.queue(b);
+    if (isRecyclable(b)) this.outRecycle.push(b);
+  }
+
   /** Write everything queued in this event-loop turn at once. */
   private flush(): void {
     this.flushScheduled = false;
     const out = this.out;
     if (out.length === 0) return;
     const bytes = this.outBytes;
+    const recycle = this.outRecycle;
     this.out = [];
     this.outBytes = 0;
+    if (recycle.length > 0) this.outRecycle = [];
     if (this.state === 'CLOSED' || this.ending || this.socket.destroyed) return;
+    // Called after the last write (so every earlier one) has reached the kernel; on error the
+    // buffers are simply left to the GC.
+    const done =
+      recycle.length === 0
+        ? undefined
+        : (err?: Error | null) => {
+            if (!err) for (const b of recycle) releaseReplyBuffer(b);
+          };
     let ok: boolean;
     if (out.length === 1) {
-      ok = this.socket.write(out[0]!);
+      ok = this.socket.write(out[0]!, done);
     } else if (bytes <= 256 * 1024) {
-      ok = this.socket.write(Buffer.concat(out, bytes));
+      ok = this.socket.write(Buffer.concat(out, bytes), done);
     } else {
       this.socket.cork();
-      for (const b of out) this.socket.write(b);
+      const last = out.length - 1;
+      for (let i = 0; i < last; i++) this.socket.write(out[i]!);
+      this.socket.write(out[last]!, done);
       this.socket.uncork();
       ok = !this.socket.writableNeedDrain;
     }
