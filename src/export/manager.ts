@@ -12,6 +12,8 @@ import { CHECK_ALLOW_RO, bitmapsOf, findInChain, type NamedBitmap } from '../blo
 import type { NbdBackend, NbdExportHandle, NbdExportSummary } from '../nbd/backend.js';
 import { NbdServer, type NbdBoundAddress, type NbdListenAddress } from '../nbd/server.js';
 import { strerror } from '../util/errors.js';
+import { existsSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { NbdExport, type MultiConnMode } from './nbd-export.js';
 
 /** QSD 7.2.22 (Debian) and upstream >= 9.1 default. */
@@ -348,7 +350,11 @@ export class ExportManager implements NbdBackend {
 /** QEMU's wording for a listen failure. */
 function bindErrorText(addr: NbdListenAddress, err: unknown): string {
   const cause = (err as { cause?: unknown }).cause ?? err;
-  if (addr.type === 'unix') return `Failed to bind socket to ${addr.path}: ${strerror(cause)}`;
+  if (addr.type === 'unix') {
+    // libuv reports EACCES for a socket path in a missing directory; QEMU reports ENOENT.
+    const why = existsSync(dirname(addr.path)) ? strerror(cause) : strerror({ code: 'ENOENT' });
+    return `Failed to bind socket to ${addr.path}: ${why}`;
+  }
   if (addr.type === 'inet') return `Failed to bind socket: ${strerror(cause)}`;
   return `Failed to use socket fd ${addr.fd}: ${strerror(cause)}`;
 }
