@@ -29,6 +29,6 @@ fi
 COMMON="--blockdev driver=file,node-name=f,$FILE $FMT --nbd-server addr.type=unix,addr.path={sock} --export type=nbd,id=e,node-name=r,name=x,writable=on"
 exec "$BENCH/nbd-bench-vs" --export x --rounds "$ROUNDS" --order abba \
   --prep "$PREP" \
-  --server blockd "exec node $ROOT/bin/blockd --log-level warn $COMMON" \
+  --server blockd "exec $ROOT/bin/blockd --log-level warn $COMMON" \
   --server qsd "exec qemu-storage-daemon $COMMON" \
   --json "$OUT" "${@:3}"

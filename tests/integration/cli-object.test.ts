@@ -39,7 +39,7 @@ function tempDir(): string {
 
 /** Run blockd to its end; NDJSON log records are dropped from stderr. */
 function run(args: string[]): Promise<Run> {
-  const child = spawn(process.execPath, [BIN, ...args], {
+  const child = spawn(BIN, [...args], {
     cwd: ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, BLOCKD_DAEMONIZED_CHILD: '' },

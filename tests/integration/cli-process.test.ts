@@ -39,7 +39,7 @@ function tempDir(): string {
 }
 
 function start(args: string[], opts: { cwd?: string } = {}): { child: ChildProcess; done: Promise<Run> } {
-  const child = spawn(process.execPath, [BIN, ...args], {
+  const child = spawn(BIN, [...args], {
     cwd: opts.cwd ?? ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, BLOCKD_DAEMONIZED_CHILD: '' },
