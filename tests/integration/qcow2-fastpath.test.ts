@@ -213,4 +213,53 @@ describe.skipIf(!tools)('qcow2 fast paths', () => {
     expect(drv.isDataSync?.(68 * 1024, 4 * 1024)).toBe(true);
     expect(drv.isDataSync?.(68 * 1024, 8 * 1024)).toBe(false);
   });
+
+  it('zero-fills around a partial write into a reused cluster that still holds old bytes', async () => {
+    const img = join(dir, 'r.qcow2');
+    qemuImg('create', '-f', 'qcow2', img, String(4 * MiB));
+    const node = await openQcow2(g, 'q', img, { discard: 'unmap', 'pass-discard-request': false });
+    await node.io.write(Buffer.alloc(65536, 0xaa), 0);
+    await node.io.flush();
+    const hostOf = (guest: number): number | undefined =>
+      (JSON.parse(qemuImg('map', '-U', '--output=json', '-f', 'qcow2', img)) as Array<{ start: number; offset?: number }>)
+        .find((e) => e.start === guest)?.offset;
+    const oldHost = hostOf(0);
+    expect(oldHost).toBeGreaterThan(0);
+    // The host cluster is freed (not punched): it keeps its 0xaa bytes on disk.
+    await node.io.writeZeroes(0, 65536, { mayUnmap: true });
+    await node.io.flush();
+    await node.io.write(Buffer.alloc(4096, 0xbb), MiB + 8192);
+    const back = Buffer.alloc(65536);
+    await node.io.read(back, MiB);
+    const want = Buffer.alloc(65536);
+    want.fill(0xbb, 8192, 8192 + 4096);
+    expect(firstDiff(back, want)).toBe(-1);
+    await node.io.flush();
+    expect(hostOf(MiB)).toBe(oldHost); // the freed cluster was reused
+    await g.closeAll();
+    expect(check(img).code).toBe(0);
+    expect(firstDiff(contentOf(img, dir).subarray(MiB, MiB + 65536), want)).toBe(-1);
+  });
+
+  it('writes partial clusters into fresh space so that qemu-img reads zeroes around them', async () => {
+    const img = join(dir, 'f.qcow2');
+    qemuImg('create', '-f', 'qcow2', img, String(8 * MiB));
+    const node = await openQcow2(g, 'q', img);
+    const rnd = rng(5);
+    const model = Buffer.alloc(8 * MiB);
+    const writes: Promise<void>[] = [];
+    const slot = 40960; // one write per slot: concurrent writes never overlap, but share clusters
+    for (let i = 0; i < 200; i++) {
+      const len = 512 * (1 + Math.floor(rnd() * 16));
+      const off = i * slot + 512 * Math.floor(rnd() * ((slot - len) / 512));
+      const data = Buffer.alloc(len, 1 + (i % 250));
+      data.copy(model, off);
+      writes.push(node.io.write(data, off));
+      if (writes.length === 8) await Promise.all(writes.splice(0));
+    }
+    await Promise.all(writes);
+    await g.closeAll();
+    expect(check(img).code).toBe(0);
+    expect(firstDiff(contentOf(img, dir), model)).toBe(-1);
+  });
 });

@@ -519,8 +519,9 @@ export class Qcow2Driver implements BlockDriver {
     return t;
   }
 
-  /** Host offset of the last entry kindOf() classified as K_DATA. */
+  /** Host offset and COPIED flag of the last entry kindOf() classified as K_DATA. */
   private hostOut = 0;
+  private copiedOut = false;
 
   /**
    * Kind of standard L2 entry `i` of `t` (K_*), with decode()'s checks; for K_DATA the host
@@ -548,6 +549,7 @@ export class Qcow2Driver implements BlockDriver {
     }
     if (hiOff === 0 && loOff === 0) return K_UNALLOC;
     this.hostOut = hiOff * 0x100000000 + loOff;
+    this.copiedOut = (hi & HI_COPIED) !== 0;
     return K_DATA;
   }
 
@@ -788,7 +790,8 @@ export class Qcow2Driver implements BlockDriver {
     }
     if (runHost >= 0) {
       file ??= this.ctx.childIO('file');
-      if (!file.tryReadSync(buf.subarray(runAt, runAt + runLen), runHost)) return false;
+      const part = runLen === buf.length ? buf : buf.subarray(runAt, runAt + runLen);
+      if (!file.tryReadSync(part, runHost)) return false;
     }
     return true;
   }
@@ -982,8 +985,19 @@ export class Qcow2Driver implements BlockDriver {
     if (this.closed) throw new BlockError('CLOSED', 'EIO', `Node '${this.ctx.nodeName}' is closed`);
   }
 
-  async write(buf: Buffer, offset: number, _flags: WriteFlags): Promise<void> {
-    this.checkWritable();
+  write(buf: Buffer, offset: number, _flags: WriteFlags): Promise<void> {
+    try {
+      this.checkWritable();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    const g = Math.floor(offset / this.clusterSize);
+    const inOff = offset - g * this.clusterSize;
+    if (inOff + buf.length <= this.clusterSize) return this.writeCluster(g, inOff, buf);
+    return this.writeMany(buf, offset);
+  }
+
+  private async writeMany(buf: Buffer, offset: number): Promise<void> {
     const cs = this.clusterSize;
     const tasks: Promise<void>[] = [];
     let pos = 0;
@@ -1008,7 +1022,23 @@ export class Qcow2Driver implements BlockDriver {
     return e.type === 'normal' && e.copied && (!this.extL2 || e.bitmap === 0xffffffff);
   }
 
-  private async writeCluster(g: number, inOff: number, data: Buffer): Promise<void> {
+  /** Never throws synchronously (callers collect these promises). */
+  private writeCluster(g: number, inOff: number, data: Buffer): Promise<void> {
+    if (!this.extL2) {
+      // Overwrite of an owned data cluster whose L2 table is cached: straight to the file.
+      try {
+        const t = this.cachedL2(Math.floor(g / this.l2Entries));
+        if (t && this.kindOf(t, g % this.l2Entries) === K_DATA && this.copiedOut) {
+          return this.storage.write(data, this.hostOut + inOff);
+        }
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
+    return this.writeClusterSlow(g, inOff, data);
+  }
+
+  private async writeClusterSlow(g: number, inOff: number, data: Buffer): Promise<void> {
     const e = await this.lookup(g);
     if (this.inPlace(e)) {
       await this.storage.write(data, e.host + inOff);
@@ -1021,18 +1051,38 @@ export class Qcow2Driver implements BlockDriver {
         return;
       }
       const cs = this.clusterSize;
-      let full: Buffer;
-      if (inOff === 0 && data.length === cs) {
-        full = data;
-      } else {
-        full = Buffer.alloc(cs);
-        if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
-        data.copy(full, inOff);
-      }
       // Reuse the host cluster when we own it (zero-alloc, or a partly allocated ext-L2 cluster).
       const reuse = (cur.type === 'zero-alloc' || cur.type === 'normal') && cur.copied;
-      const host = reuse ? cur.host : await this.meta.run(() => this.allocClusters(1));
-      await this.storage.write(full, host);
+      let host: number;
+      let fresh = false;
+      if (reuse) {
+        host = cur.host;
+      } else {
+        host = await this.meta.run(async () => {
+          const h = await this.allocClusters(1);
+          fresh = this.storage.claimZero(h, cs);
+          return h;
+        });
+      }
+      // A cluster that reads as zeroes around the new data needs no copy-on-write: the guest
+      // view was zero (zero cluster, or unallocated without a backing file) and the new host
+      // cluster lies in never-written sparse space.
+      const zeroView =
+        cur.type === 'zero-plain' || cur.type === 'zero-alloc' || (cur.type === 'unalloc' && !this.backing());
+      if (fresh && zeroView) {
+        await this.storage.ensureSize(host + cs);
+        await this.storage.write(data, host + inOff);
+      } else {
+        let full: Buffer;
+        if (inOff === 0 && data.length === cs) {
+          full = data;
+        } else {
+          full = Buffer.alloc(cs);
+          if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
+          data.copy(full, inOff);
+        }
+        await this.storage.write(full, host);
+      }
       await this.meta.run(async () => {
         await this.setEntry(g, host, reuse ? undefined : cur, 'data');
       });

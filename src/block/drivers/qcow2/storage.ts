@@ -50,11 +50,30 @@ export class KeyedLocks {
 
 export class Storage {
   private growing: Promise<void> | undefined;
+  /**
+   * Every byte at or past this offset lies past the file's end at open and was never written
+   * by us (file growth is sparse), so it reads as zeroes: a new cluster there needs no zero
+   * fill around partial data. Only ever moves up (except on shrink), so it is conservative.
+   */
+  private zeroFrom: number;
 
   constructor(
     private readonly io: () => BlockIO,
     private readonly clusterSize: number,
-  ) {}
+  ) {
+    this.zeroFrom = io().size();
+  }
+
+  /**
+   * Claim `[offset, offset+length)` for new content: true when it still reads as zeroes
+   * (nothing was written there), false when it may hold old data. Either way later writes
+   * there do not count as new (the caller owns the range now).
+   */
+  claimZero(offset: number, length: number): boolean {
+    const fresh = offset >= this.zeroFrom;
+    if (offset + length > this.zeroFrom) this.zeroFrom = offset + length;
+    return fresh;
+  }
 
   size(): number {
     return this.io().size();
@@ -69,9 +88,12 @@ export class Storage {
   }
 
   /** Write, growing the file first when the range ends past EOF. */
-  async write(buf: Buffer, offset: number): Promise<void> {
-    await this.ensureSize(offset + buf.length);
-    await this.io().write(buf, offset);
+  write(buf: Buffer, offset: number): Promise<void> {
+    const end = offset + buf.length;
+    if (end > this.zeroFrom) this.zeroFrom = end;
+    const io = this.io();
+    if (this.growing === undefined && io.size() >= end) return io.write(buf, offset);
+    return this.ensureSize(end).then(() => this.io().write(buf, offset));
   }
 
   /** Make the file at least `end` bytes long (sparse growth in chunks). */
@@ -96,6 +118,7 @@ export class Storage {
   /** Set the exact file length (shrinking the unused tail on close). */
   async truncate(size: number): Promise<void> {
     await this.io().truncate(size);
+    if (size < this.zeroFrom) this.zeroFrom = size;
   }
 
   flush(): Promise<void> {
