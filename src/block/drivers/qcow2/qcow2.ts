@@ -108,6 +108,8 @@ interface CachedL2 {
   offset: number;
   buf: Buffer;
   dirty: boolean;
+  /** LRU stamp (driver's use clock at the last access). */
+  used: number;
   /** K_* of every entry (standard L2), built on first block status, kept current by setEntry. */
   kinds?: Uint8Array | undefined;
 }
@@ -344,7 +346,7 @@ export class Qcow2Driver implements BlockDriver {
       const e = this.l1Entry(i);
       if (e.offset === 0) continue;
       ref(e.offset / cs);
-      const t: CachedL2 = { offset: e.offset, buf: Buffer.alloc(cs), dirty: false };
+      const t: CachedL2 = { offset: e.offset, buf: Buffer.alloc(cs), dirty: false, used: 0 };
       await this.storage.read(t.buf, e.offset);
       for (let j = 0; j < this.l2Entries; j++) for (const c of this.refsOf(this.decode(t, j))) ref(c);
     }
@@ -581,20 +583,30 @@ export class Qcow2Driver implements BlockDriver {
     return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
   }
 
-  /** The most recently touched table (a repeated hit on it needs no LRU reordering). */
+  /** The most recently touched table (a repeated hit on it needs no new stamp). */
   private mru: CachedL2 | undefined;
+  private useClock = 0;
 
+  /**
+   * Mark `t` used now (and make it the cached copy of its offset). LRU order is kept with
+   * stamps, not by re-inserting into the Map: delete+set on every hit makes V8 rebuild the
+   * Map's backing store over and over, which showed up as old-space GC on the read path.
+   */
   private touch(t: CachedL2): void {
-    this.l2Cache.delete(t.offset);
-    this.l2Cache.set(t.offset, t);
+    t.used = ++this.useClock;
     this.mru = t;
+    if (this.l2Cache.get(t.offset) !== t) this.l2Cache.set(t.offset, t);
   }
 
+  /** Over capacity: drop the least recently used clean tables (down to 7/8 of the capacity). */
   private evictClean(): void {
     if (this.l2Cache.size <= this.l2Capacity) return;
-    for (const [off, t] of this.l2Cache) {
-      if (this.l2Cache.size <= this.l2Capacity) break;
-      if (!t.dirty) this.l2Cache.delete(off);
+    const target = this.l2Capacity - Math.floor(this.l2Capacity / 8);
+    const clean = [...this.l2Cache.values()].filter((t) => !t.dirty).sort((a, b) => a.used - b.used);
+    for (const t of clean) {
+      if (this.l2Cache.size <= target) break;
+      this.l2Cache.delete(t.offset);
+      if (this.mru === t) this.mru = undefined;
     }
   }
 
@@ -610,7 +622,7 @@ export class Qcow2Driver implements BlockDriver {
       p = (async () => {
         const buf = Buffer.alloc(this.clusterSize);
         await this.storage.read(buf, offset);
-        const t: CachedL2 = { offset, buf, dirty: false };
+        const t: CachedL2 = { offset, buf, dirty: false, used: ++this.useClock };
         const again = this.l2Cache.get(offset);
         if (again) return again;
         this.l2Cache.set(offset, t);
@@ -1183,7 +1195,7 @@ export class Qcow2Driver implements BlockDriver {
     }
     await this.syncRefcounts();
     await this.storage.write(buf, newOff);
-    const t: CachedL2 = { offset: newOff, buf, dirty: false };
+    const t: CachedL2 = { offset: newOff, buf, dirty: false, used: ++this.useClock };
     this.l2Cache.set(newOff, t);
     await this.writeL1Entry(l1i, newOff);
     if (e.offset !== 0) {

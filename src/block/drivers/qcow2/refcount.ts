@@ -32,6 +32,8 @@ export class Refcounts {
   tableOffset: number;
   tableClusters: number;
   private readonly blocks = new Map<number, CachedBlock>();
+  /** The block of the last cache hit. */
+  private last: CachedBlock | undefined;
   private freeHint = 0;
   /** Highest cluster index allocated during this session (file trimming on close). */
   highestAllocated = -1;
@@ -120,8 +122,12 @@ export class Refcounts {
   private async block(offset: number): Promise<CachedBlock> {
     let b = this.blocks.get(offset);
     if (b) {
-      this.blocks.delete(offset);
-      this.blocks.set(offset, b);
+      // LRU by re-insertion, but not for repeated hits on the same block (allocation runs).
+      if (b !== this.last) {
+        this.blocks.delete(offset);
+        this.blocks.set(offset, b);
+        this.last = b;
+      }
       return b;
     }
     if (offset % this.cs !== 0) throw corrupt('Refcount block offset is not cluster aligned');
@@ -129,6 +135,7 @@ export class Refcounts {
     await this.host.storage.read(buf, offset);
     b = { buf, dirty: false };
     this.blocks.set(offset, b);
+    this.last = b;
     await this.evict();
     return b;
   }
