@@ -764,7 +764,7 @@ export class Qcow2Driver implements BlockDriver {
           if (this.backing() !== undefined) return false;
           backingKnown = true;
         }
-        buf.fill(0, pos - offset, tEnd - offset);
+        zeroFill(buf, pos - offset, tEnd - offset);
         pos = tEnd;
         continue;
       }
@@ -787,13 +787,13 @@ export class Qcow2Driver implements BlockDriver {
             runLen = n;
           }
         } else if (k === K_ZERO) {
-          buf.fill(0, pos - offset, pos - offset + n);
+          zeroFill(buf, pos - offset, pos - offset + n);
         } else if (k === K_UNALLOC) {
           if (!backingKnown) {
             if (this.backing() !== undefined) return false;
             backingKnown = true;
           }
-          buf.fill(0, pos - offset, pos - offset + n);
+          zeroFill(buf, pos - offset, pos - offset + n);
         } else {
           return false;
         }
@@ -1519,6 +1519,13 @@ export class Qcow2Driver implements BlockDriver {
     }
     return out;
   }
+}
+
+const typedFill = Uint8Array.prototype.fill;
+
+/** Zero `buf[start, end)` (the typed-array builtin: Buffer#fill's argument handling costs more). */
+function zeroFill(buf: Buffer, start: number, end: number): void {
+  typedFill.call(buf, 0, start, end);
 }
 
 /** Set refcount entry `i` of one refcount block to `v` (widths 1..64 bits). */
