@@ -110,7 +110,7 @@ interface CachedL2 {
   dirty: boolean;
   /** LRU stamp (driver's use clock at the last access). */
   used: number;
-  /** K_* of every entry (standard L2), built on first block status, kept current by setEntry. */
+  /** Status kind of every entry (standard L2; K_DATA, K_ZERO, K_UNALLOC or K_CORRUPT), built on first block status, kept current by setEntry. */
   kinds?: Uint8Array | undefined;
 }
 
@@ -564,15 +564,17 @@ export class Qcow2Driver implements BlockDriver {
       const at = i * 8;
       // Most entries of a sparse image are zero: no need to decode those.
       if (buf[at] === 0 && buf.readUInt32BE(at) === 0 && buf.readUInt32BE(at + 4) === 0) continue;
-      k[i] = this.safeKind(t, i);
+      k[i] = this.statusKind(t, i);
     }
     t.kinds = k;
     return k;
   }
 
-  private safeKind(t: CachedL2, i: number): number {
+  /** Kind for block status (compressed clusters are data; K_CORRUPT for a bad entry). */
+  private statusKind(t: CachedL2, i: number): number {
     try {
-      return this.kindOf(t, i);
+      const k = this.kindOf(t, i);
+      return k === K_COMPRESSED ? K_DATA : k;
     } catch {
       return K_CORRUPT;
     }
@@ -921,16 +923,20 @@ export class Qcow2Driver implements BlockDriver {
       const last = Math.ceil(tEnd / cs);
       const base = l1i * this.l2Entries;
       const kinds = this.kindsOf(t);
-      for (let g = first; g < last; g++) {
-        let k = kinds[g - base] as number;
-        if (k === K_CORRUPT) k = this.kindOf(t, g - base); // throws the corruption error
-        if (k === K_COMPRESSED) k = K_DATA;
+      const stop = last - base;
+      let i = first - base;
+      while (i < stop) {
+        const k = kinds[i] as number;
+        if (k === K_CORRUPT) this.kindOf(t, i); // throws the corruption error
+        let j = i + 1;
+        while (j < stop && kinds[j] === k) j++;
         if (k !== runKind) {
-          const at = Math.max(g * cs, offset);
+          const at = Math.max((base + i) * cs, offset);
           if (runKind >= 0) emit(runKind, runStart, at);
           runKind = k;
           runStart = at;
         }
+        i = j;
       }
       pos = tEnd;
     }
@@ -1171,7 +1177,7 @@ export class Qcow2Driver implements BlockDriver {
       t.buf.writeUInt32BE(zeros >>> 0, at + 8);
       t.buf.writeUInt32BE(alloc >>> 0, at + 12);
     }
-    if (t.kinds) t.kinds[g % this.l2Entries] = this.safeKind(t, g % this.l2Entries);
+    if (t.kinds) t.kinds[g % this.l2Entries] = this.statusKind(t, g % this.l2Entries);
     t.dirty = true;
     // A reader may have evicted the (then clean) table meanwhile: this copy is the current one.
     this.touch(t);
