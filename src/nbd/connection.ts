@@ -623,15 +623,23 @@ export class NbdConnection {
 
   private receiveWrite(cookie: Buffer, flags: number, offset: number, length: number): void {
     const r = this.reader;
-    if (r.length >= length) {
-      // Whole payload already buffered: a view when contiguous, else one copy.
+    if (r.length >= length && (length === 0 || r.contiguous(length))) {
+      // Whole payload in one socket chunk: write straight from a view of it.
       this.startWrite(cookie, flags, offset, length === 0 ? EMPTY : r.take(length));
+      return;
+    }
+    // Payload spread over socket chunks: gather it into a pooled buffer (a fresh ArrayBuffer per
+    // large write costs page faults, and the external-memory growth triggers full GCs).
+    const buf = allocReplyBuffer(length);
+    if (r.length >= length) {
+      r.copyOut(buf, 0, length);
+      this.startWrite(cookie, flags, offset, buf);
       return;
     }
     this.wCookie = cookie;
     this.wFlags = flags;
     this.wOffset = offset;
-    this.wBuf = Buffer.allocUnsafe(length);
+    this.wBuf = buf;
     this.wFilled = 0;
     this.state = 'WRITE_PAYLOAD';
   }
@@ -649,8 +657,14 @@ export class NbdConnection {
       this.queue(this.simple(0, cookie));
       return;
     }
-    this.run(cookie, NBD_CMD_WRITE, flags, data.length, () =>
-      this.exp!.write(data, offset, (flags & NBD_CMD_FLAG_FUA) !== 0),
+    this.run(
+      cookie,
+      NBD_CMD_WRITE,
+      flags,
+      data.length,
+      () => this.exp!.write(data, offset, (flags & NBD_CMD_FLAG_FUA) !== 0),
+      // The backend is done with the payload once the write settled: recycle large ones.
+      isRecyclable(data) ? data : undefined,
     );
   }
 
@@ -687,7 +701,14 @@ export class NbdConnection {
   }
 
   /** Run a command whose success reply carries no data (a simple reply, as QSD sends). */
-  private run(cookie: Buffer, type: number, flags: number, bytes: number, op: () => Promise<void>): void {
+  private run(
+    cookie: Buffer,
+    type: number,
+    flags: number,
+    bytes: number,
+    op: () => Promise<void>,
+    recycle?: Buffer,
+  ): void {
     this.begin(bytes);
     let p: Promise<void>;
     try {
@@ -697,10 +718,12 @@ export class NbdConnection {
     }
     p.then(
       () => {
+        if (recycle) releaseReplyBuffer(recycle);
         this.queue(this.simple(0, cookie));
         this.settle(bytes);
       },
       (err: unknown) => {
+        if (recycle) releaseReplyBuffer(recycle);
         this.logFailure(type, err);
         this.replyError(cookie, type, nbdErrorOf(err, type, flags), FAIL_TEXT[type] ?? 'request failed');
         this.settle(bytes);

@@ -59,6 +59,12 @@ export class FrameReader {
     return true;
   }
 
+  /** Whether the next `n` bytes (n <= length) lie in one chunk (so {@link take} makes no copy). */
+  contiguous(n: number): boolean {
+    const first = this.chunks[0];
+    return first !== undefined && first.length - this.head >= n;
+  }
+
   /** Drop `n` bytes (n <= length). */
   consume(n: number): void {
     this.length -= n;
