@@ -97,6 +97,8 @@ export interface NbdConnectionOptions {
   maxInFlight?: number;
   /** Bytes of READ/WRITE data in flight before reading pauses (one request always fits). */
   maxInFlightBytes?: number;
+  /** Called once the socket is closed and every request has settled (like `closed`, sooner). */
+  onClosed?: () => void;
 }
 
 type ReadState =
@@ -111,6 +113,8 @@ type ReadState =
   | 'CLOSED';
 
 const EMPTY = Buffer.alloc(0);
+const OPTS_MAGIC_HI = Number(NBD_OPTS_MAGIC >> 32n);
+const OPTS_MAGIC_LO = Number(NBD_OPTS_MAGIC & 0xffffffffn);
 const ZERO_COOKIE = Buffer.alloc(8);
 
 /** State of an async READ until its reply is queued. */
@@ -132,6 +136,7 @@ export class NbdConnection {
   private readonly trace: boolean;
   /** Info-level logging is on (checked once: building log arguments costs on the connect path). */
   private readonly infoOn: boolean;
+  private readonly debugOn: boolean;
   private readonly backend: NbdBackend;
   private readonly hs: Handshake;
   private readonly reader = new FrameReader();
@@ -178,9 +183,19 @@ export class NbdConnection {
   private ending = false;
   /** The client sent NBD_CMD_DISC: close as soon as every reply is out. */
   private disconnectOnDisc = false;
-  private resolveClosed!: () => void;
-  /** Resolves once the socket is closed and every request has settled. */
-  readonly closed: Promise<void> = new Promise((r) => (this.resolveClosed = r));
+  private resolveClosed: (() => void) | undefined;
+  private closedPromise: Promise<void> | undefined;
+  private readonly onClosed: (() => void) | undefined;
+
+  /** Resolves once the socket is closed and every request has settled (made on first use). */
+  get closed(): Promise<void> {
+    if (!this.closedPromise) {
+      this.closedPromise = this.finalized
+        ? Promise.resolve()
+        : new Promise<void>((r) => (this.resolveClosed = r));
+    }
+    return this.closedPromise;
+  }
 
   constructor(
     private readonly socket: Socket,
@@ -189,9 +204,11 @@ export class NbdConnection {
     this.id = opts.id;
     this.clientAddress = opts.clientAddress;
     this.backend = opts.backend;
+    this.onClosed = opts.onClosed;
     this.baseLog = opts.log;
     this.trace = opts.log.isLevelEnabled('trace');
     this.infoOn = opts.log.isLevelEnabled('info');
+    this.debugOn = opts.log.isLevelEnabled('debug');
     this.maxInFlight = Math.max(1, opts.maxInFlight ?? 64);
     this.maxInFlightBytes = Math.max(1, opts.maxInFlightBytes ?? 64 * 1024 * 1024);
     this.hs = new Handshake(this.backend, {
@@ -275,15 +292,18 @@ export class NbdConnection {
         }
         case 'OPTION_HEADER': {
           if (!r.ensure(16)) return;
-          const magic = r.buf.readBigUInt64BE(r.pos);
-          this.optNum = r.buf.readUInt32BE(r.pos + 8);
-          this.optLen = r.buf.readUInt32BE(r.pos + 12);
+          const b = r.buf;
+          const p = r.pos;
+          const magicOk = b.readUInt32BE(p) === OPTS_MAGIC_HI && b.readUInt32BE(p + 4) === OPTS_MAGIC_LO;
+          const magic = magicOk ? 0n : b.readBigUInt64BE(p);
+          this.optNum = b.readUInt32BE(p + 8);
+          this.optLen = b.readUInt32BE(p + 12);
           r.consume(16);
-          if (magic !== NBD_OPTS_MAGIC) {
+          if (!magicOk) {
             this.closeNow(`bad option magic 0x${magic.toString(16)}`);
             return;
           }
-          this.log.debug({ option: optName(this.optNum), length: this.optLen }, 'NBD option');
+          if (this.debugOn) this.log.debug({ option: optName(this.optNum), length: this.optLen }, 'NBD option');
           const mode = this.hs.payloadMode(this.optNum, this.optLen);
           if (mode === 'close') {
             this.closeNow(`option ${optName(this.optNum)} refused (length ${this.optLen})`);
@@ -776,7 +796,7 @@ export class NbdConnection {
 
   /** Error reply: an ERROR chunk with DONE when structured, else a simple reply. */
   private replyError(cookie: Buffer, type: number, err: number, msg: string): void {
-    if (this.log.isLevelEnabled('debug')) {
+    if (this.debugOn) {
       this.log.debug({ cmd: type < 0 ? 'invalid' : cmdName(type), err, msg }, 'request failed');
     }
     this.queue(this.structured ? encodeErrorChunk(NBD_REPLY_FLAG_DONE, cookie, err, msg) : this.simple(err, cookie));
@@ -894,7 +914,8 @@ export class NbdConnection {
     } catch (err) {
       this.log.error({ err }, 'onDisconnect failed');
     }
-    this.resolveClosed();
+    this.resolveClosed?.();
+    this.onClosed?.();
   }
 }
 

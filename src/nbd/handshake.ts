@@ -167,6 +167,8 @@ function refusalType(err: DaemonError): number {
   }
 }
 
+const GREETING = encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+
 export class Handshake {
   state: HandshakeState = 'CLIENT_FLAGS';
   private fixed = false;
@@ -183,7 +185,8 @@ export class Handshake {
 
   /** NBD spec: Newstyle negotiation; we always offer FIXED_NEWSTYLE and NO_ZEROES. */
   greeting(): Buffer {
-    return encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+    // Never modified after it is built, so every connection can send the same bytes.
+    return GREETING;
   }
 
   onClientFlags(flags: number): HandshakeStep {
@@ -303,8 +306,11 @@ export class Handshake {
   /** Enter transmission with `exp`; returns an error message when the export layer refuses. */
   private connect(exp: NbdExportHandle): NegotiatedExport | DaemonError {
     const contexts = this.metaExport === exp.name ? this.metaSelected : [];
+    const c = this.conn;
     const res = exp.onConnect({
-      ...this.conn,
+      id: c.id,
+      clientAddress: c.clientAddress,
+      disconnect: c.disconnect,
       exportName: exp.name,
       readOnly: exp.readOnly,
     });

@@ -154,7 +154,7 @@ export class NbdServer {
         ? `${s.remoteAddress}:${s.remotePort ?? 0}`
         : 'unix';
     const o = this.opts;
-    const conn = new NbdConnection(s, {
+    const conn: NbdConnection = new NbdConnection(s, {
       id,
       backend: o.backend,
       log: this.log,
@@ -162,13 +162,13 @@ export class NbdServer {
       handshakeTimeoutMs: o.handshakeTimeoutMs,
       maxInFlight: o.maxInFlight,
       maxInFlightBytes: o.maxInFlightBytes,
+      onClosed: () => {
+        this.active.delete(conn);
+        if (this.waiting.length > 0) this.admitWaiting();
+      },
     });
     this.active.add(conn);
     if (this.infoOn) this.log.info({ conn: id, client: clientAddress }, 'NBD client connected');
-    void conn.closed.then(() => {
-      this.active.delete(conn);
-      this.admitWaiting();
-    });
     conn.start();
   }
 
