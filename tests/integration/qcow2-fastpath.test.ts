@@ -241,9 +241,12 @@ describe.skipIf(!tools)('qcow2 fast paths', () => {
     expect(firstDiff(contentOf(img, dir).subarray(MiB, MiB + 65536), want)).toBe(-1);
   });
 
-  it('writes partial clusters into fresh space so that qemu-img reads zeroes around them', async () => {
+  it.each([
+    ['standard', 'cluster_size=65536'],
+    ['extended', 'cluster_size=65536,extended_l2=on'],
+  ])('writes partial clusters into fresh space so that qemu-img reads zeroes around them (%s L2)', async (_kind, o) => {
     const img = join(dir, 'f.qcow2');
-    qemuImg('create', '-f', 'qcow2', img, String(8 * MiB));
+    qemuImg('create', '-f', 'qcow2', '-o', o, img, String(8 * MiB));
     const node = await openQcow2(g, 'q', img);
     const rnd = rng(5);
     const model = Buffer.alloc(8 * MiB);
