@@ -110,7 +110,10 @@ interface CachedL2 {
   dirty: boolean;
   /** LRU stamp (driver's use clock at the last access). */
   used: number;
-  /** Status kind of every entry (standard L2; K_DATA, K_ZERO, K_UNALLOC or K_CORRUPT), built on first block status, kept current by setEntry. */
+  /**
+   * Status kind of every entry (standard L2: K_DATA, K_ZERO, K_UNALLOC or K_CORRUPT), built on
+   * the first block status call, kept current by setEntry.
+   */
   kinds?: Uint8Array | undefined;
 }
 
