@@ -830,11 +830,21 @@ export class NbdConnection {
     const out = this.out;
     if (out.length === 0) return;
     const bytes = this.outBytes;
-    const recycle = this.outRecycle;
+    let recycle = this.outRecycle;
     this.out = [];
     this.outBytes = 0;
     if (recycle.length > 0) this.outRecycle = [];
     if (this.state === 'CLOSED' || this.ending || this.socket.destroyed) return;
+    let merged: Buffer | undefined;
+    if (out.length > 1 && bytes <= 256 * 1024) {
+      // One write for the whole batch, gathered into a recycled buffer; the originals are free
+      // again as soon as they are copied.
+      merged = allocReplyBuffer(bytes);
+      let pos = 0;
+      for (const b of out) pos += b.copy(merged, pos);
+      if (recycle.length > 0) for (const b of recycle) releaseReplyBuffer(b);
+      recycle = isRecyclable(merged) ? [merged] : [];
+    }
     // Called after the last write (so every earlier one) has reached the kernel; on error the
     // buffers are simply left to the GC.
     const done =
@@ -844,10 +854,10 @@ export class NbdConnection {
             if (!err) for (const b of recycle) releaseReplyBuffer(b);
           };
     let ok: boolean;
-    if (out.length === 1) {
+    if (merged !== undefined) {
+      ok = this.socket.write(merged, done);
+    } else if (out.length === 1) {
       ok = this.socket.write(out[0]!, done);
-    } else if (bytes <= 256 * 1024) {
-      ok = this.socket.write(Buffer.concat(out, bytes), done);
     } else {
       this.socket.cork();
       const last = out.length - 1;
