@@ -305,6 +305,7 @@ typedef struct lane_job {
 
 typedef struct {
   pthread_mutex_t mu;
+  pthread_cond_t gone;  /* signalled when the worker leaves */
   lane_job *head, *tail;
   int active;        /* a worker is draining the lane */
   uint32_t pending;  /* jobs submitted and not yet reported (main thread only) */
@@ -324,6 +325,7 @@ static void lane_execute(napi_env env, void *data) {
     lane_job *j = l->head;
     if (!j) {
       l->active = 0;
+      pthread_cond_broadcast(&l->gone);
       pthread_mutex_unlock(&l->mu);
       return;
     }
@@ -385,6 +387,7 @@ static void lane_finalize(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
   write_lane *l = data;
+  pthread_cond_destroy(&l->gone);
   pthread_mutex_destroy(&l->mu);
   free(l);
 }
@@ -401,10 +404,12 @@ static napi_value lane_create(napi_env env, napi_callback_info info) {
   write_lane *l = calloc(1, sizeof *l);
   if (!l) return throw_errno(env, ENOMEM, "laneCreate");
   pthread_mutex_init(&l->mu, NULL);
+  pthread_cond_init(&l->gone, NULL);
   napi_value name, ext;
   napi_create_string_utf8(env, "blockd:writeLane", NAPI_AUTO_LENGTH, &name);
   if (napi_create_threadsafe_function(env, NULL, NULL, name, 0, 1, l, lane_finalize, l, lane_call_js, &l->tsfn) !=
       napi_ok) {
+    pthread_cond_destroy(&l->gone);
     pthread_mutex_destroy(&l->mu);
     free(l);
     napi_throw_error(env, NULL, "cannot create write lane");
@@ -538,6 +543,13 @@ static napi_value lane_close(napi_env env, napi_callback_info info) {
   if (get_args(env, info, 1, argv)) return NULL;
   write_lane *l = get_lane(env, argv[0]);
   if (!l) return NULL;
+  /*
+   * The worker reports its last job before it looks at the (then empty) queue and leaves: wait
+   * until it has left, so that it never touches a lane freed under it.
+   */
+  pthread_mutex_lock(&l->mu);
+  while (l->active) pthread_cond_wait(&l->gone, &l->mu);
+  pthread_mutex_unlock(&l->mu);
   napi_release_threadsafe_function(l->tsfn, napi_tsfn_abort);
   return NULL;
 }
