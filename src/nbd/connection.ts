@@ -448,6 +448,16 @@ export class NbdConnection {
       readBuf = out; // not in memory: the async read fills the same buffer
     }
 
+    if (type === NBD_CMD_DISC) {
+      r.consume(NBD_REQUEST_SIZE);
+      if (this.trace) this.log.trace({ cmd: cmdName(type), flags, offset, length }, 'request');
+      if (this.infoOn) this.log.info('client sent NBD_CMD_DISC');
+      this.state = 'DISCONNECTING';
+      this.socket.pause();
+      this.disconnectOnDisc = true;
+      this.maybeFinishDisconnect();
+      return;
+    }
     const cookieCopy = Buffer.from(cookie);
     r.consume(NBD_REQUEST_SIZE);
     if (this.trace) {
@@ -456,14 +466,6 @@ export class NbdConnection {
     const offsetText = () =>
       offset >= 0 ? String(offset) : b.readBigUInt64BE(p + 16).toString(); // b still valid here
 
-    if (type === NBD_CMD_DISC) {
-      if (this.infoOn) this.log.info('client sent NBD_CMD_DISC');
-      this.state = 'DISCONNECTING';
-      this.socket.pause();
-      this.disconnectOnDisc = true;
-      this.maybeFinishDisconnect();
-      return;
-    }
     const rule = CMD_RULES[type] ?? UNKNOWN_RULE;
     const err = this.validate(type, rule, flags, offset, offsetText, length);
     if (err !== undefined) {

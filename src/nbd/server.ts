@@ -133,8 +133,9 @@ export class NbdServer {
       s.destroy();
       return;
     }
-    s.on('error', ignoreError);
     if (this.limit > 0 && this.active.size >= this.limit) {
+      // The connection adds its own error listener once the client is admitted.
+      s.on('error', ignoreError);
       this.log.debug({ queued: this.waiting.length + 1 }, 'NBD connection limit reached, client queued');
       this.waiting.push(s);
       s.once('close', () => {
