@@ -99,6 +99,11 @@ export interface NbdConnectionOptions {
   maxInFlightBytes?: number;
   /** Called once the socket is closed and every request has settled (like `closed`, sooner). */
   onClosed?: () => void;
+  /**
+   * The socket reads into one reused buffer (net.Socket `onread`) and hands each read to
+   * {@link NbdConnection.onRead}, instead of emitting a fresh Buffer per read as 'data'.
+   */
+  userBuffer?: boolean;
 }
 
 type ReadState =
@@ -186,6 +191,7 @@ export class NbdConnection {
   private resolveClosed: (() => void) | undefined;
   private closedPromise: Promise<void> | undefined;
   private readonly onClosed: (() => void) | undefined;
+  private readonly userBuffer: boolean;
 
   /** Resolves once the socket is closed and every request has settled (made on first use). */
   get closed(): Promise<void> {
@@ -205,6 +211,8 @@ export class NbdConnection {
     this.clientAddress = opts.clientAddress;
     this.backend = opts.backend;
     this.onClosed = opts.onClosed;
+    this.userBuffer = opts.userBuffer === true;
+    this.reader.volatile = this.userBuffer;
     this.baseLog = opts.log;
     this.trace = opts.log.isLevelEnabled('trace');
     this.infoOn = opts.log.isLevelEnabled('info');
@@ -236,10 +244,12 @@ export class NbdConnection {
     // Greeting first, so the client works on it while we finish setting up.
     this.queue(this.hs.greeting());
     this.flush();
-    this.socket.on('data', (chunk: Buffer) => {
-      this.reader.push(chunk);
-      this.pump();
-    });
+    if (!this.userBuffer) {
+      this.socket.on('data', (chunk: Buffer) => {
+        this.reader.push(chunk);
+        this.pump();
+      });
+    }
     this.socket.on('error', (err) => {
       this.log.debug({ err: err.message }, 'socket error');
     });
@@ -250,6 +260,19 @@ export class NbdConnection {
       this.maybeResume();
     });
     this.socket.resume();
+  }
+
+  /**
+   * Bytes read into the socket's reused buffer (see NbdConnectionOptions.userBuffer). Everything
+   * is parsed now; a partial frame is copied out before returning, since the buffer is refilled
+   * by the next read. Returns false to stop reading (the window is full).
+   */
+  onRead(n: number, buf: Buffer): boolean {
+    const r = this.reader;
+    r.push(buf.subarray(0, n));
+    this.pump();
+    r.own();
+    return !this.readingPaused;
   }
 
   /** Close the connection now (export removed, server stopping). */
@@ -645,7 +668,7 @@ export class NbdConnection {
 
   private receiveWrite(cookie: Buffer, flags: number, offset: number, length: number): void {
     const r = this.reader;
-    if (r.length >= length && (length === 0 || r.contiguous(length))) {
+    if (r.length >= length && (length === 0 || (!r.volatile && r.contiguous(length)))) {
       // Whole payload in one socket chunk: write straight from a view of it.
       this.startWrite(cookie, flags, offset, length === 0 ? EMPTY : r.take(length));
       return;

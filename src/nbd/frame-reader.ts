@@ -9,6 +9,11 @@ export class FrameReader {
   private head = 0;
   /** Bytes available. */
   length = 0;
+  /**
+   * Chunks may be overwritten once the current read callback returns (the socket reads into one
+   * reused buffer): nothing may keep a view of them, and {@link own} must run before returning.
+   */
+  volatile = false;
   /** After {@link ensure}: the buffer holding the next bytes, and their offset in it. */
   buf: Buffer = Buffer.alloc(0);
   pos = 0;
@@ -110,6 +115,23 @@ export class FrameReader {
       this.consume(take);
     }
     return done;
+  }
+
+  /** Copy the unread bytes out of volatile chunks into one buffer of our own. */
+  own(): void {
+    if (this.length === 0) {
+      this.chunks = [];
+      this.head = 0;
+      return;
+    }
+    const b = Buffer.allocUnsafe(this.length);
+    let filled = 0;
+    for (const c of this.chunks) {
+      const from = filled === 0 ? this.head : 0;
+      filled += c.copy(b, filled, from);
+    }
+    this.chunks = [b];
+    this.head = 0;
   }
 
   clear(): void {

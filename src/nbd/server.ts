@@ -34,6 +34,28 @@ export interface NbdServerOptions {
   maxInFlightBytes?: number;
 }
 
+/**
+ * Every accepted socket reads into this one buffer (net.Socket `onread`): a read callback parses
+ * what arrived and copies out any partial frame before it returns, so the buffer is free again
+ * for the next read of any socket. The default path allocates a fresh 64 KiB ArrayBuffer per
+ * read, which under large WRITEs makes V8 run a full mark-compact every few dozen MiB.
+ */
+const READ_BUFFER = Buffer.allocUnsafeSlow(256 * 1024);
+
+/** Where a socket's reads go once its connection exists. */
+interface ReadTarget {
+  conn: NbdConnection | undefined;
+}
+const readTargets = new WeakMap<net.Socket, ReadTarget>();
+
+/** The parts of Node's listening handle we replace (internal, so checked at run time). */
+interface ListenHandle {
+  onconnection?: unknown;
+}
+interface ClientHandle {
+  setNoDelay?: (on: boolean) => unknown;
+}
+
 function ignoreError(): void {
   /* the connection logs socket errors; queued sockets have nobody else to */
 }
@@ -111,6 +133,7 @@ export class NbdServer {
       else server.listen(Number(addr.port), addr.host);
     });
     this.server = server;
+    this.takeOverAccept(server);
     if (addr.type === 'unix') {
       this.unixPath = addr.path;
       this.bound = { type: 'unix', path: addr.path };
@@ -122,6 +145,45 @@ export class NbdServer {
     }
     this.log.info({ address: this.bound }, 'NBD server listening');
     return this.bound;
+  }
+
+  /**
+   * Build the client sockets ourselves, with `onread` (one reused read buffer), instead of
+   * letting net.Server build them with a fresh buffer per read. This needs the listening handle's
+   * `onconnection` hook, which Node does not document: when it is not there, clients arrive
+   * through the ordinary 'connection' event and read as usual.
+   */
+  private takeOverAccept(server: net.Server): void {
+    const handle = (server as unknown as { _handle?: ListenHandle | null })._handle;
+    if (!handle || typeof handle.onconnection !== 'function') return;
+    handle.onconnection = (err: number, clientHandle: ClientHandle | undefined) => {
+      if (err || !clientHandle) {
+        this.log.warn({ errno: err }, 'NBD accept failed');
+        return;
+      }
+      const target: ReadTarget = { conn: undefined };
+      let s: net.Socket;
+      try {
+        if (typeof clientHandle.setNoDelay === 'function') clientHandle.setNoDelay(true);
+        s = new net.Socket({
+          handle: clientHandle,
+          allowHalfOpen: false,
+          pauseOnCreate: true,
+          readable: true,
+          writable: true,
+          onread: {
+            buffer: READ_BUFFER,
+            callback: (n: number, buf: Uint8Array) =>
+              target.conn ? target.conn.onRead(n, buf as Buffer) : false,
+          },
+        } as net.SocketConstructorOpts);
+      } catch (e) {
+        this.log.error({ err: e instanceof Error ? e.message : String(e) }, 'NBD accept failed');
+        return;
+      }
+      readTargets.set(s, target);
+      this.onSocket(s);
+    };
   }
 
   private get limit(): number {
@@ -155,7 +217,9 @@ export class NbdServer {
         ? `${s.remoteAddress}:${s.remotePort ?? 0}`
         : 'unix';
     const o = this.opts;
+    const target = readTargets.get(s);
     const conn: NbdConnection = new NbdConnection(s, {
+      userBuffer: target !== undefined,
       id,
       backend: o.backend,
       log: this.log,
@@ -168,6 +232,7 @@ export class NbdServer {
         if (this.waiting.length > 0) this.admitWaiting();
       },
     });
+    if (target) target.conn = conn;
     this.active.add(conn);
     if (this.infoOn) this.log.info({ conn: id, client: clientAddress }, 'NBD client connected');
     conn.start();

@@ -152,6 +152,46 @@ describe('NbdConnection input parsing', () => {
   });
 });
 
+describe('NbdConnection reading into a reused buffer', () => {
+  /** Feed `bytes` through onRead() in pieces cut at `at`, scribbling over the buffer after each read. */
+  async function runReused(bytes: Buffer, at: number[]) {
+    const backend = new MemoryBackend([{ name: 'n', size: SIZE }]);
+    const e = backend.get('n');
+    e.fill(8192, Buffer.alloc(8192, 0xab));
+    const sock = new FakeSocket();
+    const conn = new NbdConnection(sock.asSocket(), {
+      id: 1,
+      backend,
+      log: silentLogger(),
+      clientAddress: 'unix',
+      handshakeTimeoutMs: 0,
+      userBuffer: true,
+    });
+    conn.start();
+    const shared = Buffer.alloc(bytes.length);
+    let prev = 0;
+    for (const cut of [...at, bytes.length]) {
+      const n = bytes.copy(shared, 0, prev, cut);
+      conn.onRead(n, shared);
+      shared.fill(0xee);
+      prev = cut;
+      await settle(2);
+    }
+    await settle();
+    return { out: sock.output(), e };
+  }
+
+  it('answers like the data-event path whatever the read boundaries, keeping no view of the buffer', async () => {
+    const bytes = session();
+    const ref = parseOutput((await runSplit(bytes, [])).out);
+    for (let k = 1; k < bytes.length; k += 7) {
+      const { out, e } = await runReused(bytes, [k, Math.min(bytes.length, k + 30)]);
+      expect(parseOutput(out), `split at ${k}`).toEqual(ref);
+      expect(e.data.subarray(0, 8).toString(), `split at ${k}`).toBe('ABCDEFGH');
+    }
+  });
+});
+
 describe('NbdConnection transmission', () => {
   it('limits requests in flight to the window', async () => {
     const { sock, e } = start({ syncReads: false, delayMs: 5 }, { maxInFlight: 2 });
