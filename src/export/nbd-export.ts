@@ -243,9 +243,8 @@ export class NbdExport implements NbdExportHandle {
   }
 
   tryReadSync(buf: Buffer, offset: number): boolean {
-    // Large reads go to the thread pool even when cached: on a small machine the copy out of the
-    // page cache then runs beside the event loop's socket writes instead of after them.
-    if (buf.length >= SPARSE_READ_MIN) return false;
+    // Large reads need to know they hold no hole (holes go out as OFFSET_HOLE chunks).
+    if (buf.length >= SPARSE_READ_MIN && !this.user.io.isDataSync?.(offset, buf.length)) return false;
     if (!this.user.io.tryReadSync(buf, offset)) return false;
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
