@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <linux/falloc.h>
@@ -598,6 +599,20 @@ static napi_value ofd_test(napi_env env, napi_callback_info info) {
   return b;
 }
 
+/*
+ * setSendBuffer(fd, bytes): SO_SNDBUF of a socket (the kernel caps it at net.core.wmem_max).
+ * Node has no call for it; the NBD server uses it so that a batch of large READ replies fits the
+ * socket at once instead of going out in pieces, one writability wake-up each.
+ */
+static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t fd, n;
+  if (get_args(env, info, 2, argv) || get_i64(env, argv[0], &fd) || get_i64(env, argv[1], &n)) return NULL;
+  int v = n > 0x40000000 ? 0x40000000 : (int)n;
+  if (setsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) < 0) return throw_errno(env, errno, "setsockopt(SO_SNDBUF)");
+  return NULL;
+}
+
 /* oDirect(): the O_DIRECT open flag value (fs.constants may lack it). */
 static napi_value o_direct(napi_env env, napi_callback_info info) {
   (void)info;
@@ -645,6 +660,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "laneSubmit", NULL, lane_submit, NULL, NULL, NULL, napi_enumerable, NULL },
     { "laneClose", NULL, lane_close, NULL, NULL, NULL, napi_enumerable, NULL },
     { "ioBatch", NULL, io_batch_submit, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "setSendBuffer", NULL, set_send_buffer, NULL, NULL, NULL, napi_enumerable, NULL },
     { "oDirect", NULL, o_direct, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -45,6 +45,8 @@ export interface NativeOps {
     results: Float64Array,
     done: () => void,
   ) => void;
+  /** SO_SNDBUF of a socket fd (capped by the kernel). Undefined without the addon. */
+  readonly setSendBuffer?: (fd: number, bytes: number) => void;
   /**
    * A write lane: one thread-pool thread drains its queue of pwrite batches in order and
    * reports each finished batch (`results[i]` = bytes written or -errno, then `done()`).
@@ -75,6 +77,7 @@ interface RawAddon {
   laneCreate?(): object;
   laneSubmit?(lane: object, fd: number, bufs: Buffer[], offsets: number[], results: Float64Array, done: () => void): void;
   laneClose?(lane: object): void;
+  setSendBuffer?(fd: number, bytes: number): void;
 }
 
 function notSupported(what: string): never {
@@ -132,6 +135,7 @@ export function nativeOps(): NativeOps {
       allocAligned: (n, al) => a.allocAligned(n, al),
       O_DIRECT: a.oDirect(),
       ...(typeof a.ioBatch === 'function' && { ioBatch: a.ioBatch.bind(a) }),
+      ...(typeof a.setSendBuffer === 'function' && { setSendBuffer: a.setSendBuffer.bind(a) }),
       ...(a.laneCreate && a.laneSubmit && a.laneClose && {
         writeLane: { create: a.laneCreate.bind(a), submit: a.laneSubmit.bind(a), close: a.laneClose.bind(a) },
       }),

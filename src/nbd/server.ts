@@ -32,6 +32,11 @@ export interface NbdServerOptions {
   maxInFlight?: number;
   /** Per-connection in-flight data bytes before reading pauses (default 64 MiB). */
   maxInFlightBytes?: number;
+  /**
+   * Called with the fd of each accepted unix-socket client (when Node exposes it), e.g. to enlarge
+   * its send buffer; errors are ignored.
+   */
+  tuneUnixSocket?: (fd: number) => void;
 }
 
 /**
@@ -54,6 +59,7 @@ interface ListenHandle {
 }
 interface ClientHandle {
   setNoDelay?: (on: boolean) => unknown;
+  fd?: number;
 }
 
 function ignoreError(): void {
@@ -133,7 +139,7 @@ export class NbdServer {
       else server.listen(Number(addr.port), addr.host);
     });
     this.server = server;
-    this.takeOverAccept(server);
+    this.takeOverAccept(server, addr.type === 'unix');
     if (addr.type === 'unix') {
       this.unixPath = addr.path;
       this.bound = { type: 'unix', path: addr.path };
@@ -153,13 +159,21 @@ export class NbdServer {
    * `onconnection` hook, which Node does not document: when it is not there, clients arrive
    * through the ordinary 'connection' event and read as usual.
    */
-  private takeOverAccept(server: net.Server): void {
+  private takeOverAccept(server: net.Server, unix: boolean): void {
     const handle = (server as unknown as { _handle?: ListenHandle | null })._handle;
     if (!handle || typeof handle.onconnection !== 'function') return;
+    const tune = unix ? this.opts.tuneUnixSocket : undefined;
     handle.onconnection = (err: number, clientHandle: ClientHandle | undefined) => {
       if (err || !clientHandle) {
         this.log.warn({ errno: err }, 'NBD accept failed');
         return;
+      }
+      if (tune && typeof clientHandle.fd === 'number' && clientHandle.fd >= 0) {
+        try {
+          tune(clientHandle.fd);
+        } catch {
+          /* an untuned socket still works */
+        }
       }
       const target: ReadTarget = { conn: undefined };
       let s: net.Socket;
