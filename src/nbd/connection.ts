@@ -627,6 +627,8 @@ export class NbdConnection {
         }
       } else {
         this.sendSparseRead(cookie, offset, data, holes);
+        // The data chunks are slices of buf, queued in this turn's batch: release it with them.
+        if (isRecyclable(buf) && this.state !== 'CLOSED' && !this.ending) this.outRecycle.push(buf);
         return;
       }
     }
