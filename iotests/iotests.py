@@ -5,6 +5,7 @@ A test imports this module, starts blockd (or qemu-storage-daemon as the referen
 iotests/check compares the printed output with the test's golden `.out` file.
 """
 
+import atexit
 import json
 import re
 import os
@@ -146,6 +147,18 @@ class QmpClient:
         return ev
 
 
+_RUNNING = []
+
+
+@atexit.register
+def _stop_leftovers():
+    """A test that fails half-way must not leave its daemons running."""
+    for proc in _RUNNING:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class Daemon:
     """blockd (default) or qemu-storage-daemon with a QMP monitor on a unix socket."""
 
@@ -170,6 +183,7 @@ class Daemon:
         self.stderr = open(self.stderr_path, 'w+')
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self.stderr, env=env)
+        _RUNNING.append(self.proc)
         self.qmp_client = None
         if wait_ready:
             self.wait_ready()
