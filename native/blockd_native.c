@@ -198,6 +198,55 @@ static void batch_execute(napi_env env, void *data) {
   }
 }
 
+/*
+ * Batch arguments shared by ioBatch and laneSubmit: argv[2] bufs (Buffers), argv[3] offsets,
+ * argv[4] results (Float64Array, one slot per buffer), argv[5] completion callback.
+ * Returns nonzero with a pending JS exception when they are malformed.
+ */
+static int check_batch_args(napi_env env, napi_value *argv, uint32_t *n, double **results) {
+  bool is_array = false, is_ta = false;
+  if (napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array ||
+      napi_get_array_length(env, argv[2], n) != napi_ok || *n == 0 || *n > 4096) {
+    napi_throw_type_error(env, NULL, "bufs must be a non-empty array (at most 4096)");
+    return 1;
+  }
+  napi_typedarray_type ta_type;
+  size_t ta_len = 0;
+  void *ta_data = NULL;
+  napi_is_typedarray(env, argv[4], &is_ta);
+  if (!is_ta || napi_get_typedarray_info(env, argv[4], &ta_type, &ta_len, &ta_data, NULL, NULL) != napi_ok ||
+      ta_type != napi_float64_array || ta_len < *n) {
+    napi_throw_type_error(env, NULL, "results must be a Float64Array of the batch length");
+    return 1;
+  }
+  napi_valuetype cbt;
+  if (napi_typeof(env, argv[5], &cbt) != napi_ok || cbt != napi_function) {
+    napi_throw_type_error(env, NULL, "callback must be a function");
+    return 1;
+  }
+  *results = ta_data;
+  return 0;
+}
+
+/* Fill ops[0..n) from the bufs/offsets arguments; nonzero with a pending exception on error. */
+static int fill_batch_ops(napi_env env, napi_value *argv, batch_op *ops, uint32_t n) {
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value buf, offv;
+    void *data;
+    size_t len;
+    int64_t off;
+    if (napi_get_element(env, argv[2], i, &buf) != napi_ok || napi_get_buffer_info(env, buf, &data, &len) != napi_ok) {
+      napi_throw_type_error(env, NULL, "bufs must hold Buffers");
+      return 1;
+    }
+    if (napi_get_element(env, argv[3], i, &offv) != napi_ok || get_i64(env, offv, &off)) return 1;
+    ops[i].data = data;
+    ops[i].len = len;
+    ops[i].off = off;
+  }
+  return 0;
+}
+
 static void batch_free(napi_env env, io_batch *b) {
   for (int i = 0; i < 3; i++) {
     if (b->keep[i]) napi_delete_reference(env, b->keep[i]);
@@ -223,53 +272,21 @@ static void batch_complete(napi_env env, napi_status status, void *data) {
 static napi_value io_batch_submit(napi_env env, napi_callback_info info) {
   napi_value argv[6];
   int64_t fd;
-  bool write = false, is_array = false;
+  bool write = false;
   uint32_t n = 0;
   if (get_args(env, info, 6, argv) || get_i64(env, argv[0], &fd)) return NULL;
   napi_get_value_bool(env, argv[1], &write);
-  if (napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array ||
-      napi_get_array_length(env, argv[2], &n) != napi_ok || n == 0 || n > 4096) {
-    napi_throw_type_error(env, NULL, "bufs must be a non-empty array (at most 4096)");
-    return NULL;
-  }
-  napi_typedarray_type ta_type;
-  size_t ta_len = 0;
-  void *ta_data = NULL;
-  bool is_ta = false;
-  napi_is_typedarray(env, argv[4], &is_ta);
-  if (!is_ta || napi_get_typedarray_info(env, argv[4], &ta_type, &ta_len, &ta_data, NULL, NULL) != napi_ok ||
-      ta_type != napi_float64_array || ta_len < n) {
-    napi_throw_type_error(env, NULL, "results must be a Float64Array of the batch length");
-    return NULL;
-  }
-  napi_valuetype cbt;
-  if (napi_typeof(env, argv[5], &cbt) != napi_ok || cbt != napi_function) {
-    napi_throw_type_error(env, NULL, "callback must be a function");
-    return NULL;
-  }
+  double *results = NULL;
+  if (check_batch_args(env, argv, &n, &results)) return NULL;
   io_batch *b = calloc(1, sizeof(io_batch) + n * sizeof(batch_op));
   if (!b) return throw_errno(env, ENOMEM, "ioBatch");
   b->fd = (int)fd;
   b->write = write;
   b->n = n;
-  b->results = ta_data;
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value buf, offv;
-    void *data;
-    size_t len;
-    int64_t off;
-    if (napi_get_element(env, argv[2], i, &buf) != napi_ok || napi_get_buffer_info(env, buf, &data, &len) != napi_ok) {
-      free(b);
-      napi_throw_type_error(env, NULL, "bufs must hold Buffers");
-      return NULL;
-    }
-    if (napi_get_element(env, argv[3], i, &offv) != napi_ok || get_i64(env, offv, &off)) {
-      free(b);
-      return NULL;
-    }
-    b->ops[i].data = data;
-    b->ops[i].len = len;
-    b->ops[i].off = off;
+  b->results = results;
+  if (fill_batch_ops(env, argv, b->ops, n)) {
+    free(b);
+    return NULL;
   }
   napi_value name;
   napi_create_string_utf8(env, "blockd:ioBatch", NAPI_AUTO_LENGTH, &name);
@@ -434,52 +451,20 @@ static write_lane *get_lane(napi_env env, napi_value v) {
 static napi_value lane_submit(napi_env env, napi_callback_info info) {
   napi_value argv[6];
   int64_t fd;
-  bool is_array = false, is_ta = false;
   uint32_t n = 0;
   if (get_args(env, info, 6, argv)) return NULL;
   write_lane *l = get_lane(env, argv[0]);
   if (!l || get_i64(env, argv[1], &fd)) return NULL;
-  if (napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array ||
-      napi_get_array_length(env, argv[2], &n) != napi_ok || n == 0 || n > 4096) {
-    napi_throw_type_error(env, NULL, "bufs must be a non-empty array (at most 4096)");
-    return NULL;
-  }
-  napi_typedarray_type ta_type;
-  size_t ta_len = 0;
-  void *ta_data = NULL;
-  napi_is_typedarray(env, argv[4], &is_ta);
-  if (!is_ta || napi_get_typedarray_info(env, argv[4], &ta_type, &ta_len, &ta_data, NULL, NULL) != napi_ok ||
-      ta_type != napi_float64_array || ta_len < n) {
-    napi_throw_type_error(env, NULL, "results must be a Float64Array of the batch length");
-    return NULL;
-  }
-  napi_valuetype cbt;
-  if (napi_typeof(env, argv[5], &cbt) != napi_ok || cbt != napi_function) {
-    napi_throw_type_error(env, NULL, "callback must be a function");
-    return NULL;
-  }
+  double *results = NULL;
+  if (check_batch_args(env, argv, &n, &results)) return NULL;
   lane_job *j = calloc(1, sizeof(lane_job) + n * sizeof(batch_op));
   if (!j) return throw_errno(env, ENOMEM, "laneSubmit");
   j->fd = (int)fd;
   j->n = n;
-  j->results = ta_data;
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value buf, offv;
-    void *data;
-    size_t len;
-    int64_t off;
-    if (napi_get_element(env, argv[2], i, &buf) != napi_ok || napi_get_buffer_info(env, buf, &data, &len) != napi_ok) {
-      free(j);
-      napi_throw_type_error(env, NULL, "bufs must hold Buffers");
-      return NULL;
-    }
-    if (napi_get_element(env, argv[3], i, &offv) != napi_ok || get_i64(env, offv, &off)) {
-      free(j);
-      return NULL;
-    }
-    j->ops[i].data = data;
-    j->ops[i].len = len;
-    j->ops[i].off = off;
+  j->results = results;
+  if (fill_batch_ops(env, argv, j->ops, n)) {
+    free(j);
+    return NULL;
   }
   if (napi_create_reference(env, argv[2], 1, &j->keep[0]) != napi_ok ||
       napi_create_reference(env, argv[4], 1, &j->keep[1]) != napi_ok ||
