@@ -1,67 +1,18 @@
 import { describe, it, expect, beforeAll, afterEach } from 'vitest';
-import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
+import {
+  buildDist,
+  cleanupProcesses,
+  runBlockd,
+  tempDir as tempDirIn,
+  type Run,
+} from '../helpers/blockd-process.js';
 
-const ROOT = resolve(import.meta.dirname, '../..');
-const BIN = join(ROOT, 'bin/blockd');
+beforeAll(buildDist, 120_000);
+afterEach(cleanupProcesses);
 
-beforeAll(() => {
-  try {
-    execFileSync('npx', ['tsc', '-p', ROOT], { cwd: ROOT, stdio: 'ignore' });
-  } catch {
-    // Type errors elsewhere in the tree do not stop tsc from emitting dist/.
-  }
-  if (!existsSync(join(ROOT, 'dist/cli/main.js'))) throw new Error('build did not produce dist/cli/main.js');
-}, 120_000);
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-const children = new Set<ChildProcess>();
-const dirs: string[] = [];
-
-afterEach(() => {
-  for (const c of children) if (c.exitCode === null && c.pid !== undefined) c.kill('SIGKILL');
-  children.clear();
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-});
-
-function tempDir(): string {
-  const d = mkdtempSync(join(tmpdir(), 'blockd-cli-object-'));
-  dirs.push(d);
-  return d;
-}
-
-/** Run blockd to its end; NDJSON log records are dropped from stderr. */
-function run(args: string[]): Promise<Run> {
-  const child = spawn(BIN, [...args], {
-    cwd: ROOT,
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, BLOCKD_DAEMONIZED_CHILD: '' },
-  });
-  children.add(child);
-  let stdout = '';
-  let stderr = '';
-  child.stdout?.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-  return new Promise((res) =>
-    child.on('close', (code) =>
-      res({
-        code,
-        stdout,
-        stderr: stderr
-          .split(/(?<=\n)/)
-          .filter((l) => !l.startsWith('{"level":'))
-          .join(''),
-      }),
-    ),
-  );
-}
+const tempDir = (): string => tempDirIn('blockd-cli-object-');
+const run = (args: string[]): Promise<Run> => runBlockd(args);
 
 describe('--object', () => {
   it('lists the creatable types and exits 0 for --object help', async () => {

@@ -1,65 +1,21 @@
 import { describe, it, expect, beforeAll, afterEach } from 'vitest';
-import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync, readFileSync, statSync, writeFileSync, readlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { existsSync, readFileSync, statSync, writeFileSync, readlinkSync } from 'node:fs';
+import { join } from 'node:path';
 import net from 'node:net';
+import {
+  ROOT,
+  buildDist,
+  cleanupProcesses,
+  runBlockd,
+  startBlockd,
+  tempDir,
+} from '../helpers/blockd-process.js';
 
-const ROOT = resolve(import.meta.dirname, '../..');
-const BIN = join(ROOT, 'bin/blockd');
+beforeAll(buildDist, 120_000);
+afterEach(cleanupProcesses);
 
-beforeAll(() => {
-  try {
-    execFileSync('npx', ['tsc', '-p', ROOT], { cwd: ROOT, stdio: 'ignore' });
-  } catch {
-    // Type errors elsewhere in the tree do not stop tsc from emitting dist/.
-  }
-  if (!existsSync(join(ROOT, 'dist/cli/main.js'))) throw new Error('build did not produce dist/cli/main.js');
-}, 120_000);
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-const children = new Set<ChildProcess>();
-const dirs: string[] = [];
-
-afterEach(() => {
-  for (const c of children) if (c.exitCode === null && c.pid !== undefined) c.kill('SIGKILL');
-  children.clear();
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-});
-
-function tempDir(): string {
-  const d = mkdtempSync(join(tmpdir(), 'blockd-cli-'));
-  dirs.push(d);
-  return d;
-}
-
-function start(args: string[], opts: { cwd?: string } = {}): { child: ChildProcess; done: Promise<Run> } {
-  const child = spawn(BIN, [...args], {
-    cwd: opts.cwd ?? ROOT,
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, BLOCKD_DAEMONIZED_CHILD: '' },
-  });
-  children.add(child);
-  let stdout = '';
-  let stderr = '';
-  child.stdout?.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-  // NDJSON log records (warn level by default) are not part of the QSD-compatible output.
-  const text = (): string =>
-    stderr
-      .split(/(?<=\n)/)
-      .filter((l) => !l.startsWith('{"level":'))
-      .join('');
-  const done = new Promise<Run>((res) => child.on('close', (code) => res({ code, stdout, stderr: text() })));
-  return { child, done };
-}
-
-const runToEnd = (args: string[], opts: { cwd?: string } = {}): Promise<Run> => start(args, opts).done;
+const start = startBlockd;
+const runToEnd = runBlockd;
 
 /** Poll until `cond` holds (no timing assertion: the test timeout is the only limit). */
 async function until(cond: () => boolean): Promise<void> {
