@@ -8,44 +8,11 @@ import { execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Services } from '../../src/qmp/services.js';
-import { SchemaRegistry } from '../../src/qmp/schema-registry.js';
-import { ALL_COMMANDS } from '../../src/qmp/commands/index.js';
-import type { CommandContext } from '../../src/qmp/types.js';
-import { DaemonError } from '../../src/util/errors.js';
-import { silentLogger } from '../../src/util/logger.js';
-import type { QmpEvent } from '../../src/util/events.js';
+import { Daemon as InProcessDaemon } from '../helpers/in-process-daemon.js';
 import { check, contentOf, firstDiff, have, MiB, qemuImg, qemuIo, qemuTools, rm, tmp } from './qcow2-helpers.js';
 
 const tools = qemuTools();
-const reg = SchemaRegistry.load();
-const byName = new Map(ALL_COMMANDS.map((c) => [c.name, c]));
-
-type Reply = { return: unknown } | { error: { class: string; desc: string } };
-
-class Daemon {
-  readonly svc = new Services(silentLogger());
-  readonly events: QmpEvent[] = [];
-  private readonly ctx: CommandContext = { services: this.svc, log: this.svc.log, origin: 'qmp', afterReply: () => undefined };
-  constructor() {
-    this.svc.events.subscribe((e) => this.events.push(e));
-  }
-  async qmp(name: string, args: Record<string, unknown> = {}): Promise<Reply> {
-    try {
-      reg.validateArguments(name, args);
-      const c = byName.get(name);
-      if (!c) throw new Error(`no handler for ${name}`);
-      return { return: await c.run(args, this.ctx) };
-    } catch (e) {
-      if (e instanceof DaemonError) return { error: { class: e.qmpClass, desc: e.message } };
-      throw e;
-    }
-  }
-  async ok(name: string, args: Record<string, unknown> = {}): Promise<unknown> {
-    const r = await this.qmp(name, args);
-    if ('error' in r) throw new Error(`${name} failed: ${r.error.desc}`);
-    return r.return;
-  }
+class Daemon extends InProcessDaemon {
   jobEvents(id: string): string[] {
     return this.events
       .filter((e) => e.event === 'JOB_STATUS_CHANGE' && e.data['id'] === id)
