@@ -8,6 +8,7 @@
  * Only the `socket` backend is implemented; the other QSD backends are refused clearly.
  */
 import { CliError } from '../util/errors.js';
+import { parseBool } from './keyval-types.js';
 
 /** Backends QSD 7.2 knows (`--chardev help` order). */
 export const CHARDEV_BACKENDS = [
@@ -171,20 +172,7 @@ function parseNum(key: string, v: string): number {
 }
 
 function parseBoolOpt(key: string, v: string): boolean {
-  switch (v) {
-    case 'on':
-    case 'yes':
-    case 'true':
-    case 'y':
-      return true;
-    case 'off':
-    case 'no':
-    case 'false':
-    case 'n':
-      return false;
-    default:
-      return fail(`Parameter '${key}' expects 'on' or 'off'`);
-  }
+  return parseBool(v) ?? fail(`Parameter '${key}' expects 'on' or 'off'`);
 }
 
 /**
