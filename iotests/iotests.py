@@ -234,6 +234,10 @@ class Daemon:
             self.qmp_client.close()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        return self._reap(timeout)
+
+    def _reap(self, timeout):
+        """Wait for the exit (kill after `timeout` s) and return the exit status."""
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -249,13 +253,7 @@ class Daemon:
         except (OSError, ValueError):
             pass
         self.qmp_client.close()
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self.stderr.close()
-        return rc
+        return self._reap(timeout)
 
     def __enter__(self):
         return self
