@@ -548,37 +548,35 @@ static napi_value lane_close(napi_env env, napi_callback_info info) {
  */
 static short lock_type(int64_t t) { return t == 0 ? F_UNLCK : t == 1 ? F_RDLCK : F_WRLCK; }
 
-static napi_value ofd_lock(napi_env env, napi_callback_info info) {
+/* Parse (fd, start, len, type) and run fcntl(cmd) on the described range; 0 on success. */
+static int ofd_fcntl(napi_env env, napi_callback_info info, int cmd, const char *what, struct flock *fl) {
   napi_value argv[4];
   int64_t fd, start, len, type;
   if (get_args(env, info, 4, argv) || get_i64(env, argv[0], &fd) || get_i64(env, argv[1], &start) ||
-      get_i64(env, argv[2], &len) || get_i64(env, argv[3], &type)) return NULL;
-  struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_whence = SEEK_SET;
-  fl.l_start = start;
-  fl.l_len = len;
-  fl.l_type = lock_type(type);
+      get_i64(env, argv[2], &len) || get_i64(env, argv[3], &type)) return -1;
+  memset(fl, 0, sizeof *fl);
+  fl->l_whence = SEEK_SET;
+  fl->l_start = start;
+  fl->l_len = len;
+  fl->l_type = lock_type(type);
   int r;
-  do { r = fcntl((int)fd, F_OFD_SETLK, &fl); } while (r < 0 && errno == EINTR);
-  if (r < 0) return throw_errno(env, errno, "fcntl(F_OFD_SETLK)");
+  do { r = fcntl((int)fd, cmd, fl); } while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    throw_errno(env, errno, what);
+    return -1;
+  }
+  return 0;
+}
+
+static napi_value ofd_lock(napi_env env, napi_callback_info info) {
+  struct flock fl;
+  ofd_fcntl(env, info, F_OFD_SETLK, "fcntl(F_OFD_SETLK)", &fl);
   return NULL;
 }
 
 static napi_value ofd_test(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
-  int64_t fd, start, len, type;
-  if (get_args(env, info, 4, argv) || get_i64(env, argv[0], &fd) || get_i64(env, argv[1], &start) ||
-      get_i64(env, argv[2], &len) || get_i64(env, argv[3], &type)) return NULL;
   struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_whence = SEEK_SET;
-  fl.l_start = start;
-  fl.l_len = len;
-  fl.l_type = lock_type(type);
-  int r;
-  do { r = fcntl((int)fd, F_OFD_GETLK, &fl); } while (r < 0 && errno == EINTR);
-  if (r < 0) return throw_errno(env, errno, "fcntl(F_OFD_GETLK)");
+  if (ofd_fcntl(env, info, F_OFD_GETLK, "fcntl(F_OFD_GETLK)", &fl)) return NULL;
   napi_value b;
   napi_get_boolean(env, fl.l_type != F_UNLCK, &b);
   return b;
