@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Dirty bitmap benchmark: memory per TiB at 64 KiB granularity, and the time to map a 1 TiB
 // sparse bitmap over NBD (nbdinfo --map=qemu:dirty-bitmap:NAME against an in-process blockd).
-// Usage: npm run build && node --expose-gc bench/bitmap-bench.mjs [writes=1000]
+// Usage: npm run build && node --expose-gc scripts/bitmap-bench.mjs [writes=1000]
 // Prints one JSON object; numbers depend on the machine (run it a few times).
 import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
