@@ -2,7 +2,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Daemon, haveTool, run } from './bitmap-qmp.js';
+import { Daemon, haveTool, run } from '../helpers/bitmap-harness.js';
 
 const MiB = 1 << 20;
 

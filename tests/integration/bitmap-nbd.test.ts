@@ -2,7 +2,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Daemon, RefQsd, haveTool, nbdMap, run } from './bitmap-qmp.js';
+import { Daemon, RefQsd, haveTool, nbdMap, run } from '../helpers/bitmap-harness.js';
 
 /** Writes used against both daemons (qemu-io commands). */
 const WRITES = ['write -P 1 0 1', 'write 70000 100', 'write 100351 1', 'write -z 8192 512'];

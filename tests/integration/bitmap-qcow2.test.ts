@@ -2,7 +2,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { copyFileSync, mkdtempSync, openSync, readSync, rmSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Daemon, RefQsd, haveTool, run } from './bitmap-qmp.js';
+import { Daemon, RefQsd, haveTool, run } from '../helpers/bitmap-harness.js';
 
 interface QemuImgBitmap {
   name: string;

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFileSync, spawn } from 'node:child_process';
 import { rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { check, contentOf, qemuImg, qemuTools, rm, tmp } from './qcow2-helpers.js';
+import { check, contentOf, qemuImg, qemuTools, rm, tmp } from '../helpers/qcow2.js';
 
 const tools = qemuTools();
 const ROOT = resolve(import.meta.dirname, '../..');

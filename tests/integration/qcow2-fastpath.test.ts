@@ -18,7 +18,7 @@ import {
   qemuTools,
   rm,
   tmp,
-} from './qcow2-helpers.js';
+} from '../helpers/qcow2.js';
 
 const tools = qemuTools();
 const CS = 4096;

@@ -9,7 +9,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Daemon as InProcessDaemon } from '../helpers/in-process-daemon.js';
-import { check, contentOf, firstDiff, have, MiB, qemuImg, qemuIo, qemuTools, rm, tmp } from './qcow2-helpers.js';
+import { check, contentOf, firstDiff, have, MiB, qemuImg, qemuIo, qemuTools, rm, tmp } from '../helpers/qcow2.js';
 
 const tools = qemuTools();
 class Daemon extends InProcessDaemon {

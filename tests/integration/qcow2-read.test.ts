@@ -19,7 +19,7 @@ import {
   readAll,
   rm,
   tmp,
-} from './qcow2-helpers.js';
+} from '../helpers/qcow2.js';
 
 const tools = qemuTools();
 

@@ -21,7 +21,7 @@ import {
   qemuTools,
   rm,
   tmp,
-} from './qcow2-helpers.js';
+} from '../helpers/qcow2.js';
 
 const tools = qemuTools();
 

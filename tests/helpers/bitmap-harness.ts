@@ -21,7 +21,7 @@ export async function haveTool(cmd: string, args: string[] = ['--version']): Pro
   }
 }
 
-export { Daemon, type Reply } from '../helpers/in-process-daemon.js';
+export { Daemon, type Reply } from './in-process-daemon.js';
 
 /** `nbdinfo --map=CTX` as [offset, length, flags] rows. */
 export async function nbdMap(uri: string, ctx: string): Promise<[number, number, number][]> {
