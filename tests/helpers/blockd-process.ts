@@ -4,7 +4,7 @@
  * directories after each test.
  */
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
@@ -17,8 +17,23 @@ export interface Run {
   stderr: string;
 }
 
-/** Compile dist/ (the launcher runs the compiled code); use in a beforeAll with a long timeout. */
+/** Newest modification time of the TypeScript sources under src/. */
+function newestSource(dir = join(ROOT, 'src')): number {
+  let newest = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    newest = Math.max(newest, e.isDirectory() ? newestSource(p) : statSync(p).mtimeMs);
+  }
+  return newest;
+}
+
+/**
+ * Make sure dist/ is built from the current sources (the launcher runs the compiled code):
+ * compiles only when a source is newer than dist/. Use in a beforeAll with a long timeout.
+ */
 export function buildDist(): void {
+  const main = join(ROOT, 'dist/cli/main.js');
+  if (existsSync(main) && statSync(main).mtimeMs >= newestSource()) return;
   try {
     execFileSync('npx', ['tsc', '-p', ROOT], { cwd: ROOT, stdio: 'ignore' });
   } catch {
