@@ -3,7 +3,8 @@
  *
  * The fallback stays correct, only slower or less precise: seeking and hole punching throw
  * ENOTSUP (the file driver then reports everything as data and writes zero buffers), there
- * is no non-blocking read and no OFD locking (image locking is then in-process only).
+ * is no non-blocking read and no OFD locking (image locking is then in-process only), and no
+ * zstd (qcow2 zstd-compressed clusters are then refused with ENOTSUP).
  * `BLOCKD_NO_ADDON=1` forces the fallback so tests cover both paths.
  */
 import { createRequire } from 'node:module';
@@ -53,6 +54,30 @@ export interface NativeOps {
    * Undefined without the addon.
    */
   readonly writeLane?: WriteLaneOps;
+  /** zstd through the system libzstd.so.1 (loaded on first use). Undefined without the addon. */
+  readonly zstd?: ZstdOps;
+}
+
+/**
+ * zstd from the addon, which dlopen()s libzstd.so.1 on the first call (no build dependency).
+ * Decoding follows what qcow2 needs (native/blockd_native.c, zstd_decode): one or more frames,
+ * then any trailing bytes are ignored; a truncated or corrupt frame throws (`code` EIO).
+ */
+export interface ZstdOps {
+  /** Whether libzstd could be loaded. */
+  available(): boolean;
+  /** The libzstd version, or why it could not be loaded. */
+  status(): { available: boolean; version?: string; error?: string };
+  /**
+   * Decode `src` into `dst` on the calling thread; returns the bytes produced. Data longer than
+   * `dst` throws, unless `stopWhenFull` (then decoding just stops once `dst` is full).
+   * Throws `code` ENOTSUP when libzstd is missing.
+   */
+  decompress(src: Buffer, dst: Buffer, stopWhenFull?: boolean): number;
+  /** The same on a thread-pool thread; do not touch `src`/`dst` until it settles. */
+  decompressAsync(src: Buffer, dst: Buffer, stopWhenFull?: boolean): Promise<number>;
+  /** One frame into `dst`; its length, or -1 when it does not fit. */
+  compress(src: Buffer, dst: Buffer, level: number): number;
 }
 
 /** See NativeOps.writeLane; `lane` is an opaque handle from `create()`. */
@@ -78,6 +103,31 @@ interface RawAddon {
   laneSubmit?(lane: object, fd: number, bufs: Buffer[], offsets: number[], results: Float64Array, done: () => void): void;
   laneClose?(lane: object): void;
   setSendBuffer?(fd: number, bytes: number): void;
+  zstdAvailable?(): boolean;
+  zstdStatus?(): { available: boolean; version?: string; error?: string };
+  zstdDecompress?(src: Buffer, dst: Buffer, stopWhenFull?: boolean): number;
+  zstdDecompressAsync?(
+    src: Buffer,
+    dst: Buffer,
+    stopWhenFull: boolean,
+    done: (err: Error | null, n?: number) => void,
+  ): void;
+  zstdCompress?(src: Buffer, dst: Buffer, level: number): number;
+}
+
+function zstdOps(a: RawAddon): ZstdOps | undefined {
+  const { zstdAvailable, zstdStatus, zstdDecompress, zstdDecompressAsync, zstdCompress } = a;
+  if (!zstdAvailable || !zstdStatus || !zstdDecompress || !zstdDecompressAsync || !zstdCompress) return undefined;
+  return {
+    available: () => zstdAvailable.call(a),
+    status: () => zstdStatus.call(a),
+    decompress: (src, dst, stop = false) => zstdDecompress.call(a, src, dst, stop),
+    decompressAsync: (src, dst, stop = false) =>
+      new Promise((resolve, reject) => {
+        zstdDecompressAsync.call(a, src, dst, stop, (err, n) => (err ? reject(err) : resolve(n ?? 0)));
+      }),
+    compress: (src, dst, level) => zstdCompress.call(a, src, dst, level),
+  };
 }
 
 function notSupported(what: string): never {
@@ -123,6 +173,7 @@ export function nativeOps(): NativeOps {
   try {
     const require = createRequire(import.meta.url);
     const a = require(p) as RawAddon;
+    const zstd = zstdOps(a);
     cached = {
       available: true,
       seekData: (fd, o) => a.seekData(fd, o),
@@ -139,6 +190,7 @@ export function nativeOps(): NativeOps {
       ...(a.laneCreate && a.laneSubmit && a.laneClose && {
         writeLane: { create: a.laneCreate.bind(a), submit: a.laneSubmit.bind(a), close: a.laneClose.bind(a) },
       }),
+      ...(zstd && { zstd }),
     };
   } catch (err) {
     loadError = err instanceof Error ? err.message : String(err);
@@ -151,6 +203,25 @@ export function nativeOps(): NativeOps {
 export function nativeLoadError(): string | undefined {
   nativeOps();
   return loadError;
+}
+
+/** The addon's zstd when libzstd is loadable, else undefined. */
+export function zstdOpsIfAvailable(): ZstdOps | undefined {
+  const z = nativeOps().zstd;
+  return z?.available() ? z : undefined;
+}
+
+/** Why zstd cannot be used (for warnings and errors), or undefined when it can. */
+export function zstdUnavailableReason(): string | undefined {
+  const ops = nativeOps();
+  if (!ops.available) {
+    return process.env['BLOCKD_NO_ADDON'] === '1'
+      ? 'the native addon is disabled (BLOCKD_NO_ADDON=1)'
+      : `the native addon is not loaded (${loadError ?? 'unknown reason'})`;
+  }
+  if (!ops.zstd) return 'the native addon was built without zstd support (npm run build:addon)';
+  const st = ops.zstd.status();
+  return st.available ? undefined : (st.error ?? 'libzstd.so.1 cannot be loaded');
 }
 
 /** Tests only: forget the cached choice so BLOCKD_NO_ADDON is read again. */
