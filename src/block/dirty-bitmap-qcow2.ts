@@ -220,7 +220,7 @@ export class Qcow2BitmapStore {
     for (let i = 0; i < e.tableSize; i++) {
       const hi = buf.readUInt32BE(i * 8);
       const lo = buf.readUInt32BE(i * 8 + 4);
-      const off = hi * 2 ** 32 + (lo & TE_LO_OFFSET);
+      const off = hi * 2 ** 32 + ((lo & TE_LO_OFFSET) >>> 0);
       if (hi & TE_HI_RESERVED || lo & TE_LO_RESERVED) throw unreadable(e.name);
       if (off !== 0 && (lo & TE_ALL_ONES || off % cs !== 0 || off + cs > fileSize)) throw unreadable(e.name);
       out.push([hi, lo]);
@@ -235,7 +235,7 @@ export class Qcow2BitmapStore {
     const buf = Buffer.alloc(cs);
     for (let t = 0; t < table.length; t++) {
       const [hi, lo] = table[t]!;
-      const off = hi * 2 ** 32 + (lo & TE_LO_OFFSET);
+      const off = hi * 2 ** 32 + ((lo & TE_LO_OFFSET) >>> 0);
       if (off === 0) {
         if (lo & TE_ALL_ONES) into.deserialize(t * cs, ones);
         continue;
@@ -378,7 +378,7 @@ export class Qcow2BitmapStore {
   private async freeEntry(e: DirEntry): Promise<void> {
     const cs = this.host.clusterSize;
     for (const [hi, lo] of e.table ?? []) {
-      const off = hi * 2 ** 32 + (lo & TE_LO_OFFSET);
+      const off = hi * 2 ** 32 + ((lo & TE_LO_OFFSET) >>> 0);
       if (off !== 0) await this.host.free(off);
     }
     if (e.table) {
@@ -435,4 +435,38 @@ function buildDirectory(entries: readonly DirEntry[]): Buffer {
     return b;
   });
   return Buffer.concat(parts);
+}
+
+/**
+ * Host clusters the bitmaps extension references (directory, bitmap tables, bitmap data), for
+ * refcount rebuilds. Checks what it follows (aligned, in range); throws on a broken directory.
+ */
+export async function bitmapClusters(
+  read: (buf: Buffer, offset: number) => Promise<void>,
+  ext: { nbBitmaps: number; directorySize: number; directoryOffset: number },
+  cs: number,
+): Promise<number[]> {
+  const out: number[] = [];
+  if (ext.directorySize > MAX_DIRECTORY_SIZE || ext.nbBitmaps > QCOW2_MAX_BITMAPS) throw broken();
+  if (ext.directoryOffset === 0 || ext.directoryOffset % cs !== 0) throw broken();
+  for (let c = 0; c < Math.ceil(ext.directorySize / cs); c++) out.push(ext.directoryOffset / cs + c);
+  const dir = Buffer.alloc(ext.directorySize);
+  await read(dir, ext.directoryOffset);
+  for (const e of parseDirectory(dir, ext.nbBitmaps)) {
+    if (e.tableOffset === 0 || e.tableOffset % cs !== 0 || e.tableSize > MAX_TABLE_SIZE) throw constraints(e.name);
+    const bytes = e.tableSize * 8;
+    for (let c = 0; c < Math.ceil(bytes / cs); c++) out.push(e.tableOffset / cs + c);
+    const table = Buffer.alloc(bytes);
+    await read(table, e.tableOffset);
+    for (let i = 0; i < e.tableSize; i++) {
+      const hi = table.readUInt32BE(i * 8);
+      const lo = table.readUInt32BE(i * 8 + 4);
+      if (hi & TE_HI_RESERVED || lo & TE_LO_RESERVED) throw unreadable(e.name);
+      const off = hi * 2 ** 32 + ((lo & TE_LO_OFFSET) >>> 0);
+      if (off === 0) continue;
+      if (off % cs !== 0) throw unreadable(e.name);
+      out.push(off / cs);
+    }
+  }
+  return out;
 }

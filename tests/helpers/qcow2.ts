@@ -1,6 +1,6 @@
 /** Shared helpers for the qcow2 tests: tool detection, temp dirs, qemu-img/qemu-io wrappers. */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BlockGraph } from '../../src/block/graph.js';
@@ -87,4 +87,38 @@ export function firstDiff(a: Buffer, b: Buffer): number {
     }
   }
   return -1;
+}
+
+/** Overwrite bytes of a file in place (hand-crafted corruption, header bits). */
+export function poke(path: string, offset: number, data: Buffer): void {
+  const fd = openSync(path, 'r+');
+  try {
+    writeSync(fd, data, 0, data.length, offset);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Read `length` bytes of a file at `offset`. */
+export function peek(path: string, offset: number, length: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const b = Buffer.alloc(length);
+    readSync(fd, b, 0, length, offset);
+    return b;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Set incompatible feature bits (v3 header, offset 72) by hand. */
+export function setIncompatible(path: string, bits: bigint): void {
+  const b = peek(path, 72, 8);
+  b.writeBigUInt64BE(b.readBigUInt64BE(0) | bits, 0);
+  poke(path, 72, b);
+}
+
+/** `qemu-img info --output=json` (with -U, so an image open elsewhere can be read). */
+export function imgInfo(img: string): Record<string, unknown> {
+  return JSON.parse(qemuImg('info', '-U', '--output=json', img)) as Record<string, unknown>;
 }

@@ -433,3 +433,66 @@ export function newHeader(init: {
     unknownExts: [],
   };
 }
+
+/** One internal snapshot, as far as a writer needs it (the table itself is never rewritten). */
+export interface SnapshotInfo {
+  l1TableOffset: number;
+  l1Size: number;
+  id: string;
+  name: string;
+}
+
+/** QEMU's limits: extra data per snapshot entry, whole snapshot table. */
+export const MAX_SNAPSHOT_EXTRA = 1024;
+export const MAX_SNAPSHOT_TABLE = 1024 * MAX_SNAPSHOTS;
+
+/**
+ * Read and check the snapshot table (`nb` entries at `offset`); returns the entries and the
+ * table's length in bytes.
+ *
+ * Entry: [0..7] L1 offset  [8..11] L1 entries  [12..13] id length  [14..15] name length
+ * [16..35] dates, VM clock, VM state size  [36..39] extra data length, then extra, id, name,
+ * padding to 8.
+ */
+export async function readSnapshotTable(
+  read: (buf: Buffer, offset: number) => Promise<void>,
+  offset: number,
+  nb: number,
+  cs: number,
+): Promise<{ snapshots: SnapshotInfo[]; bytes: number }> {
+  const snapshots: SnapshotInfo[] = [];
+  if (nb === 0) return { snapshots, bytes: 0 };
+  let buf = Buffer.alloc(0);
+  // Make sure buf covers table bytes [0, n).
+  const need = async (n: number): Promise<void> => {
+    if (n <= buf.length) return;
+    if (n > MAX_SNAPSHOT_TABLE) throw corrupt('Snapshot table too large');
+    const next = Buffer.alloc(Math.min(MAX_SNAPSHOT_TABLE, Math.max(n, buf.length * 2, 4096)));
+    buf.copy(next);
+    await read(next.subarray(buf.length), offset + buf.length);
+    buf = next;
+  };
+  let pos = 0;
+  for (let i = 0; i < nb; i++) {
+    await need(pos + 40);
+    const l1TableOffset = u64(buf, pos, 'snapshot L1 table offset');
+    const l1Size = buf.readUInt32BE(pos + 8);
+    const idLen = buf.readUInt16BE(pos + 12);
+    const nameLen = buf.readUInt16BE(pos + 14);
+    const extra = buf.readUInt32BE(pos + 36);
+    if (extra > MAX_SNAPSHOT_EXTRA) throw corrupt('Too much extra metadata in snapshot table entry');
+    const len = Math.ceil((40 + extra + idLen + nameLen) / 8) * 8;
+    await need(pos + len);
+    const idAt = pos + 40 + extra;
+    if (l1TableOffset % cs !== 0) throw corrupt('Snapshot L1 table offset invalid');
+    if (l1Size * 8 > MAX_L1_SIZE) throw corrupt('Snapshot L1 table too large');
+    snapshots.push({
+      l1TableOffset,
+      l1Size,
+      id: buf.toString('utf8', idAt, idAt + idLen),
+      name: buf.toString('utf8', idAt + idLen, idAt + idLen + nameLen),
+    });
+    pos += len;
+  }
+  return { snapshots, bytes: pos };
+}

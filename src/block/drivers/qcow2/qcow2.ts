@@ -36,6 +36,7 @@ import {
   type Options,
 } from '../common.js';
 import {
+  AUTOCLEAR_BITMAPS,
   AUTOCLEAR_KNOWN,
   COMPAT_LAZY_REFCOUNTS,
   HEADER_PROBE,
@@ -54,14 +55,16 @@ import {
   MAX_L1_SIZE,
   corrupt,
   parseHeader,
+  readSnapshotTable,
   writeU64,
   buildHeader,
   type BitmapsExt,
   type Qcow2Header,
+  type SnapshotInfo,
 } from './format.js';
 import { compressedDesc, decompressCluster, hasZstd } from './compress.js';
 import { Refcounts } from './refcount.js';
-import { Qcow2BitmapStore } from '../../dirty-bitmap-qcow2.js';
+import { Qcow2BitmapStore, bitmapClusters } from '../../dirty-bitmap-qcow2.js';
 import type { LoadedBitmap, NamedBitmap } from '../../dirty-bitmap-set.js';
 import { KeyedLocks, Mutex, Storage } from './storage.js';
 
@@ -168,6 +171,9 @@ export class Qcow2Driver implements BlockDriver {
   private closed = false;
   private readonly origFileSize: number;
   private readonly passDiscardRequest: boolean;
+  /** Internal snapshots (read at open; never changed by blockd) and the table's length. */
+  private snapshots: SnapshotInfo[] = [];
+  private snapshotTableBytes = 0;
 
   private constructor(
     private readonly ctx: DriverOpenContext,
@@ -303,6 +309,11 @@ export class Qcow2Driver implements BlockDriver {
     }
     const d = new Qcow2Driver(ctx, opts, h, l1, storage, refcounts, l2Bytes, writable);
     driverRef.d = d;
+    if (h.nbSnapshots > 0) {
+      const st = await readSnapshotTable((b, o) => storage.read(b, o), h.snapshotsOffset, h.nbSnapshots, cs);
+      d.snapshots = st.snapshots;
+      d.snapshotTableBytes = st.bytes;
+    }
     if (writable) await d.prepareWritable();
     return d;
   }
@@ -343,15 +354,38 @@ export class Qcow2Driver implements BlockDriver {
       counts.set(c, (counts.get(c) ?? 0) + 1);
       if (c + 1 > n) n = c + 1;
     };
+    const refRange = (offset: number, bytes: number): void => {
+      for (let i = 0; i < Math.ceil(bytes / cs); i++) ref(offset / cs + i);
+    };
+    // One L1 table, its L2 tables and their clusters (a shared L2 table counts once per L1,
+    // as each L1 reaches it: that is how snapshots raise refcounts).
+    const walkL1 = async (l1: Buffer, entries: number): Promise<void> => {
+      for (let i = 0; i < entries; i++) {
+        const off = l1EntryOffset(l1, i, cs);
+        if (off < 0) throw corrupt(`Invalid L1 entry ${i}`);
+        if (off === 0) continue;
+        ref(off / cs);
+        const t: CachedL2 = { offset: off, buf: Buffer.alloc(cs), dirty: false, used: 0 };
+        await this.storage.read(t.buf, off);
+        for (let j = 0; j < this.l2Entries; j++) for (const c of this.refsOf(this.decode(t, j))) ref(c);
+      }
+    };
     ref(0);
-    for (let i = 0; i < Math.ceil((h.l1Size * 8) / cs); i++) ref(h.l1TableOffset / cs + i);
-    for (let i = 0; i < h.l1Size; i++) {
-      const e = this.l1Entry(i);
-      if (e.offset === 0) continue;
-      ref(e.offset / cs);
-      const t: CachedL2 = { offset: e.offset, buf: Buffer.alloc(cs), dirty: false, used: 0 };
-      await this.storage.read(t.buf, e.offset);
-      for (let j = 0; j < this.l2Entries; j++) for (const c of this.refsOf(this.decode(t, j))) ref(c);
+    refRange(h.l1TableOffset, h.l1Size * 8);
+    await walkL1(this.l1, h.l1Size);
+    // Internal snapshots: the table, each snapshot's L1 table and what it reaches.
+    if (h.nbSnapshots > 0) {
+      refRange(h.snapshotsOffset, this.snapshotTableBytes);
+      for (const s of this.snapshots) {
+        refRange(s.l1TableOffset, s.l1Size * 8);
+        const l1 = Buffer.alloc(s.l1Size * 8);
+        await this.storage.read(l1, s.l1TableOffset);
+        await walkL1(l1, s.l1Size);
+      }
+    }
+    // Persistent bitmaps (only a consistent extension: an inconsistent one is dropped at load).
+    if (h.bitmaps && (h.autoclear & AUTOCLEAR_BITMAPS) !== 0n) {
+      for (const c of await bitmapClusters((b, o) => this.storage.read(b, o), h.bitmaps, cs)) ref(c);
     }
     const max = rc.order >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** rc.order) - 1;
     for (const v of counts.values()) if (v > max) throw corrupt('refcount overflow');
@@ -1535,6 +1569,18 @@ const typedFill = Uint8Array.prototype.fill;
 /** Zero `buf[start, end)` (the typed-array builtin: Buffer#fill's argument handling costs more). */
 function zeroFill(buf: Buffer, start: number, end: number): void {
   typedFill.call(buf, 0, start, end);
+}
+
+/**
+ * Host offset of the L2 table in entry `i` of an L1 table buffer: 0 = none, -1 = reserved bits
+ * set or unaligned. (Snapshot L1 tables may carry stale COPIED bits: ignored.)
+ */
+function l1EntryOffset(l1: Buffer, i: number, cs: number): number {
+  const hi = l1.readUInt32BE(i * 8);
+  const lo = l1.readUInt32BE(i * 8 + 4);
+  if ((hi & L1_HI_RESERVED) !== 0 || (lo & L1_LO_RESERVED) !== 0) return -1;
+  const off = (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
+  return off % cs === 0 ? off : -1;
 }
 
 /** Set refcount entry `i` of one refcount block to `v` (widths 1..64 bits). */
