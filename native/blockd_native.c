@@ -1048,6 +1048,8 @@ static napi_value zstd_compress(napi_env env, napi_callback_info info) {
   return num(env, (double)r);
 }
 
+void netio_register(napi_env env, napi_value exports); /* netio.c */
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     { "seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL },
@@ -1071,6 +1073,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "zstdCompress", NULL, zstd_compress, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  netio_register(env, exports);
   return exports;
 }
 

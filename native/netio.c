@@ -1,0 +1,671 @@
+/*
+ * netio: a small socket layer for the NBD server, on Node's own libuv loop.
+ *
+ * Why: a Node net.Socket costs tens of microseconds of JavaScript to build and tear down
+ * (stream state, event emitters, write requests), which is most of the CPU an NBD client costs
+ * when it connects, negotiates and leaves. Here a connection is a file descriptor plus a
+ * uv_poll_t: accept4(), read() into one buffer shared with JavaScript, sendmsg() straight from the
+ * caller's Buffers, close(). JavaScript sees one callback per event, (event, id, arg), where `id`
+ * names the connection, and drives everything else (handshake, requests, back-pressure).
+ *
+ * Everything runs on the main thread (the poll callbacks come from Node's loop), so no locking.
+ * Node ignores SIGPIPE, and writes use MSG_NOSIGNAL anyway.
+ *
+ * JavaScript API (see src/nbd/native-transport.ts):
+ *   netInit(readBuffer, callback)       callback(ev, id, arg) for every event below
+ *   netListenUnix(path, backlog) -> fd  socket + bind + listen (throws an Error with `code`)
+ *   netDup(fd) -> fd                    a close-on-exec duplicate (to take over a listening socket)
+ *   netListen(fd) -> listener id        start accepting on a listening socket
+ *   netListenerClose(lid)               stop accepting and close the socket
+ *   netResume(id) / netPause(id)        start / stop reading
+ *   netWrite(id, buf | buf[]) -> n      1 = all in the kernel, 0 = queued (EV_DRAIN follows),
+ *                                       -errno = the connection failed (close it)
+ *   netPending(id) -> bytes             bytes queued and not yet in the kernel
+ *   netClose(id, graceful)              graceful: after the queued bytes are sent
+ *   netPeer(id) -> string               "host:port" for TCP peers, "unix" otherwise
+ * Events: 1 ACCEPT (id = new connection, arg = listener id), 2 READ (arg = bytes now at the start
+ * of readBuffer; the callback must consume or copy them before it returns), 3 EOF, 4 ERROR
+ * (arg = errno; reading has stopped, the caller closes), 5 DRAIN (the write queue is empty).
+ */
+#define _GNU_SOURCE
+#include <node_api.h>
+#include <uv.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define EV_ACCEPT 1
+#define EV_READ 2
+#define EV_EOF 3
+#define EV_ERROR 4
+#define EV_DRAIN 5
+
+/* sendmsg() takes at most this many buffers per call (IOV_MAX is 1024 on Linux). */
+#define MAX_IOV 64
+/* A connection whose writes block gets this send buffer (the kernel caps it at wmem_max). */
+#define BIG_SNDBUF (4 * 1024 * 1024)
+/* Connections accepted per readiness event before other work gets a turn. */
+#define ACCEPT_BURST 32
+
+typedef struct {
+  napi_ref ref; /* keeps the Buffer alive until it is sent */
+  const char *base;
+  size_t len;
+  size_t off;
+} pending_buf;
+
+typedef struct conn {
+  uv_poll_t poll;
+  int fd;
+  int id;
+  int events;        /* what the poll handle is started with */
+  bool reading;      /* the caller wants READ events */
+  bool closing;      /* netClose() done: no more events */
+  bool close_after;  /* graceful close once the queue is empty */
+  bool big_sndbuf;   /* SO_SNDBUF already raised */
+  bool inet;
+  pending_buf *q;    /* write queue (FIFO, q_head .. q_len) */
+  int q_head, q_len, q_cap;
+  size_t q_bytes;
+} conn;
+
+typedef struct {
+  uv_poll_t poll;
+  int fd;
+  int id;
+  bool closing;
+} listener;
+
+static napi_env g_env;
+static uv_loop_t *g_loop;
+static napi_ref g_cb;
+static napi_ref g_buf_ref;
+static napi_async_context g_async;
+static char *g_rbuf;
+static size_t g_rlen;
+
+static conn **g_conns;
+static int g_conns_cap;
+static int *g_free_ids;
+static int g_free_len;
+static int g_next_id = 1; /* 0 is never used */
+
+static listener *g_listeners[64];
+
+/* ---- small helpers ---------------------------------------------------------------------- */
+
+static napi_value nv_throw_errno(napi_env env, int e, const char *what) {
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
+  napi_value m, err, code;
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+  napi_create_error(env, NULL, m, &err);
+  const char *name = e == EADDRINUSE ? "EADDRINUSE"
+                   : e == EACCES ? "EACCES"
+                   : e == ENOENT ? "ENOENT"
+                   : e == ENAMETOOLONG ? "ENAMETOOLONG"
+                   : e == ENOTDIR ? "ENOTDIR"
+                   : e == EROFS ? "EROFS"
+                   : e == EBADF ? "EBADF"
+                   : e == ENOTSOCK ? "ENOTSOCK"
+                   : e == EINVAL ? "EINVAL"
+                   : e == EMFILE ? "EMFILE"
+                   : e == ENOMEM ? "ENOMEM"
+                   : "EIO";
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
+  napi_set_named_property(env, err, "code", code);
+  napi_value no;
+  napi_create_int32(env, e, &no);
+  napi_set_named_property(env, err, "errno", no);
+  napi_throw(env, err);
+  return NULL;
+}
+
+static napi_value nv_throw(napi_env env, const char *msg) {
+  napi_throw_error(env, NULL, msg);
+  return NULL;
+}
+
+static napi_value nv_int(napi_env env, int64_t v) {
+  napi_value r;
+  napi_create_int64(env, v, &r);
+  return r;
+}
+
+static bool get_int(napi_env env, napi_value v, int *out) {
+  int32_t x;
+  if (napi_get_value_int32(env, v, &x) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected an integer");
+    return false;
+  }
+  *out = x;
+  return true;
+}
+
+static conn *conn_of(int id) {
+  if (id <= 0 || id >= g_conns_cap) return NULL;
+  return g_conns[id];
+}
+
+/* Call the JavaScript callback with (ev, id, arg); runs nextTick and microtasks afterwards. */
+static void emit(int ev, int id, int64_t arg) {
+  napi_env env = g_env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value cb, recv, argv[3], result;
+  napi_get_reference_value(env, g_cb, &cb);
+  napi_get_undefined(env, &recv);
+  napi_create_int32(env, ev, &argv[0]);
+  napi_create_int32(env, id, &argv[1]);
+  napi_create_int64(env, arg, &argv[2]);
+  napi_status st = napi_make_callback(env, g_async, recv, cb, 3, argv, &result);
+  if (st == napi_pending_exception) {
+    napi_value exc;
+    napi_get_and_clear_last_exception(env, &exc);
+    napi_fatal_exception(env, exc);
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+/* ---- connections ------------------------------------------------------------------------ */
+
+static void conn_update_poll(conn *c);
+
+static int alloc_id(void) {
+  if (g_free_len > 0) return g_free_ids[--g_free_len];
+  if (g_next_id >= g_conns_cap) {
+    int cap = g_conns_cap ? g_conns_cap * 2 : 256;
+    conn **n = realloc(g_conns, sizeof *n * (size_t)cap);
+    int *f = realloc(g_free_ids, sizeof *f * (size_t)cap);
+    if (!n || !f) {
+      if (n) g_conns = n;
+      if (f) g_free_ids = f;
+      return -1;
+    }
+    memset(n + g_conns_cap, 0, sizeof *n * (size_t)(cap - g_conns_cap));
+    g_conns = n;
+    g_free_ids = f;
+    g_conns_cap = cap;
+  }
+  return g_next_id++;
+}
+
+static void release_queue(conn *c) {
+  for (int i = c->q_head; i < c->q_len; i++) napi_delete_reference(g_env, c->q[i].ref);
+  free(c->q);
+  c->q = NULL;
+  c->q_head = c->q_len = c->q_cap = 0;
+  c->q_bytes = 0;
+}
+
+static void on_conn_closed(uv_handle_t *h) {
+  conn *c = (conn *)h->data;
+  g_free_ids[g_free_len++] = c->id;
+  free(c);
+}
+
+/* Close now: no more events for this id; the slot is reused once libuv lets go of the handle. */
+static void conn_close_now(conn *c) {
+  if (c->closing && c->fd < 0) return;
+  c->closing = true;
+  release_queue(c);
+  g_conns[c->id] = NULL;
+  /* uv_close stops the poll and forgets the fd synchronously, so closing it right after is safe. */
+  uv_close((uv_handle_t *)&c->poll, on_conn_closed);
+  close(c->fd);
+  c->fd = -1;
+}
+
+/* Send what is queued; returns 0 (all sent or still blocked) or an errno. */
+static int flush_queue(conn *c) {
+  while (c->q_head < c->q_len) {
+    struct iovec iov[MAX_IOV];
+    int n = 0;
+    for (int i = c->q_head; i < c->q_len && n < MAX_IOV; i++, n++) {
+      iov[n].iov_base = (char *)c->q[i].base + c->q[i].off;
+      iov[n].iov_len = c->q[i].len - c->q[i].off;
+    }
+    struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+    ssize_t w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+      return errno;
+    }
+    size_t left = (size_t)w;
+    c->q_bytes -= left;
+    while (left > 0 && c->q_head < c->q_len) {
+      pending_buf *p = &c->q[c->q_head];
+      size_t rest = p->len - p->off;
+      if (left >= rest) {
+        left -= rest;
+        napi_delete_reference(g_env, p->ref);
+        c->q_head++;
+      } else {
+        p->off += left;
+        left = 0;
+      }
+    }
+  }
+  c->q_head = c->q_len = 0;
+  return 0;
+}
+
+static void on_conn_io(uv_poll_t *h, int status, int events) {
+  conn *c = (conn *)h->data;
+  if (c->closing) return;
+  if (status < 0) {
+    c->reading = false;
+    conn_update_poll(c);
+    emit(EV_ERROR, c->id, -status);
+    return;
+  }
+  if (events & UV_WRITABLE) {
+    int e = flush_queue(c);
+    if (e) {
+      c->reading = false;
+      release_queue(c);
+      conn_update_poll(c);
+      emit(EV_ERROR, c->id, e);
+      return;
+    }
+    if (c->q_head == c->q_len) {
+      if (c->close_after) {
+        conn_close_now(c);
+        return;
+      }
+      conn_update_poll(c);
+      emit(EV_DRAIN, c->id, 0);
+      if (c->closing) return;
+    }
+  }
+  if ((events & (UV_READABLE | UV_DISCONNECT)) && c->reading) {
+    ssize_t n;
+    do n = read(c->fd, g_rbuf, g_rlen); while (n < 0 && errno == EINTR);
+    if (n > 0) {
+      emit(EV_READ, c->id, n);
+    } else if (n == 0) {
+      c->reading = false;
+      conn_update_poll(c);
+      emit(EV_EOF, c->id, 0);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      int e = errno;
+      c->reading = false;
+      conn_update_poll(c);
+      emit(EV_ERROR, c->id, e);
+    }
+  }
+}
+
+static void conn_update_poll(conn *c) {
+  if (c->closing) return;
+  int ev = 0;
+  if (c->reading) ev |= UV_READABLE;
+  if (c->q_head < c->q_len) ev |= UV_WRITABLE;
+  if (ev == c->events) return;
+  c->events = ev;
+  if (ev) uv_poll_start(&c->poll, ev, on_conn_io);
+  else uv_poll_stop(&c->poll);
+}
+
+/* ---- listeners -------------------------------------------------------------------------- */
+
+static void on_listener_closed(uv_handle_t *h) { free(h->data); }
+
+static void on_accept(uv_poll_t *h, int status, int events) {
+  (void)events;
+  listener *l = (listener *)h->data;
+  if (l->closing || status < 0) return;
+  for (int i = 0; i < ACCEPT_BURST && !l->closing; i++) {
+    struct sockaddr_storage sa;
+    socklen_t salen = sizeof sa;
+    int fd = accept4(l->fd, (struct sockaddr *)&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      /* EAGAIN: drained. EMFILE and friends: try again on the next readiness event. */
+      return;
+    }
+    int id = alloc_id();
+    conn *c = id > 0 ? calloc(1, sizeof *c) : NULL;
+    if (!c || uv_poll_init(g_loop, &c->poll, fd) != 0) {
+      if (c) free(c);
+      if (id > 0) g_free_ids[g_free_len++] = id;
+      close(fd);
+      continue;
+    }
+    c->fd = fd;
+    c->id = id;
+    c->poll.data = c;
+    c->inet = sa.ss_family == AF_INET || sa.ss_family == AF_INET6;
+    if (c->inet) {
+      int one = 1;
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    g_conns[id] = c;
+    emit(EV_ACCEPT, id, l->id);
+  }
+}
+
+/* ---- JavaScript entry points ------------------------------------------------------------ */
+
+static size_t get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
+  size_t argc = want;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  return argc;
+}
+
+static napi_value net_init(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv) < 2) return nv_throw(env, "netInit(buffer, callback)");
+  if (g_cb) return nv_throw(env, "netInit: already initialised");
+  void *data;
+  size_t len;
+  bool isbuf;
+  napi_is_buffer(env, argv[0], &isbuf);
+  if (!isbuf || napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok || len == 0) {
+    return nv_throw(env, "netInit: the read buffer must be a non-empty Buffer");
+  }
+  napi_valuetype t;
+  napi_typeof(env, argv[1], &t);
+  if (t != napi_function) return nv_throw(env, "netInit: callback must be a function");
+  if (napi_get_uv_event_loop(env, &g_loop) != napi_ok) return nv_throw(env, "netInit: no event loop");
+  napi_value res, name;
+  napi_create_object(env, &res);
+  napi_create_string_utf8(env, "blockd:nbd-socket", NAPI_AUTO_LENGTH, &name);
+  if (napi_async_init(env, res, name, &g_async) != napi_ok) return nv_throw(env, "netInit: async_init failed");
+  napi_create_reference(env, argv[0], 1, &g_buf_ref);
+  napi_create_reference(env, argv[1], 1, &g_cb);
+  g_env = env;
+  g_rbuf = data;
+  g_rlen = len;
+  return NULL;
+}
+
+static napi_value net_listen_unix(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv) < 2) return nv_throw(env, "netListenUnix(path, backlog)");
+  struct sockaddr_un sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sun_family = AF_UNIX;
+  size_t n;
+  if (napi_get_value_string_utf8(env, argv[0], sa.sun_path, sizeof sa.sun_path, &n) != napi_ok) {
+    return nv_throw(env, "netListenUnix: path must be a string");
+  }
+  if (n >= sizeof sa.sun_path - 1) return nv_throw_errno(env, ENAMETOOLONG, "bind");
+  int backlog;
+  if (!get_int(env, argv[1], &backlog)) return NULL;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return nv_throw_errno(env, errno, "socket");
+  if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    int e = errno;
+    close(fd);
+    return nv_throw_errno(env, e, "bind");
+  }
+  if (listen(fd, backlog) < 0) {
+    int e = errno;
+    close(fd);
+    unlink(sa.sun_path);
+    return nv_throw_errno(env, e, "listen");
+  }
+  return nv_int(env, fd);
+}
+
+static napi_value net_dup(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (get_args(env, info, 1, argv) < 1 || !get_int(env, argv[0], &fd)) return NULL;
+  int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  if (d < 0) return nv_throw_errno(env, errno, "dup");
+  return nv_int(env, d);
+}
+
+static napi_value net_listen(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (get_args(env, info, 1, argv) < 1 || !get_int(env, argv[0], &fd)) return NULL;
+  if (!g_cb) return nv_throw(env, "netListen: call netInit first");
+  int type;
+  socklen_t tl = sizeof type;
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0) return nv_throw_errno(env, errno, "getsockopt");
+  if (type != SOCK_STREAM) return nv_throw_errno(env, EINVAL, "not a stream socket");
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return nv_throw_errno(env, errno, "fcntl");
+  int slot = -1;
+  for (int i = 0; i < (int)(sizeof g_listeners / sizeof g_listeners[0]); i++) {
+    if (!g_listeners[i]) {
+      slot = i;
+      break;
+    }
+  }
+  if (slot < 0) return nv_throw_errno(env, EMFILE, "netListen");
+  listener *l = calloc(1, sizeof *l);
+  if (!l) return nv_throw_errno(env, ENOMEM, "netListen");
+  if (uv_poll_init(g_loop, &l->poll, fd) != 0) {
+    free(l);
+    return nv_throw_errno(env, EINVAL, "uv_poll_init");
+  }
+  l->fd = fd;
+  l->id = slot + 1;
+  l->poll.data = l;
+  g_listeners[slot] = l;
+  uv_poll_start(&l->poll, UV_READABLE, on_accept);
+  return nv_int(env, l->id);
+}
+
+static napi_value net_listener_close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int id;
+  if (get_args(env, info, 1, argv) < 1 || !get_int(env, argv[0], &id)) return NULL;
+  if (id < 1 || id > (int)(sizeof g_listeners / sizeof g_listeners[0]) || !g_listeners[id - 1]) return NULL;
+  listener *l = g_listeners[id - 1];
+  g_listeners[id - 1] = NULL;
+  l->closing = true;
+  uv_close((uv_handle_t *)&l->poll, on_listener_closed);
+  close(l->fd);
+  return NULL;
+}
+
+static conn *arg_conn(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
+  int id;
+  if (get_args(env, info, want, argv) < 1 || !get_int(env, argv[0], &id)) return NULL;
+  return conn_of(id);
+}
+
+static napi_value net_resume(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  conn *c = arg_conn(env, info, 1, argv);
+  if (c && !c->closing) {
+    c->reading = true;
+    conn_update_poll(c);
+  }
+  return NULL;
+}
+
+static napi_value net_pause(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  conn *c = arg_conn(env, info, 1, argv);
+  if (c && !c->closing) {
+    c->reading = false;
+    conn_update_poll(c);
+  }
+  return NULL;
+}
+
+static bool queue_push(conn *c, napi_env env, napi_value buf, const char *base, size_t len, size_t off) {
+  if (c->q_len == c->q_cap) {
+    if (c->q_head > 0) {
+      memmove(c->q, c->q + c->q_head, sizeof *c->q * (size_t)(c->q_len - c->q_head));
+      c->q_len -= c->q_head;
+      c->q_head = 0;
+    }
+    if (c->q_len == c->q_cap) {
+      int cap = c->q_cap ? c->q_cap * 2 : 16;
+      pending_buf *n = realloc(c->q, sizeof *n * (size_t)cap);
+      if (!n) return false;
+      c->q = n;
+      c->q_cap = cap;
+    }
+  }
+  pending_buf *p = &c->q[c->q_len];
+  if (napi_create_reference(env, buf, 1, &p->ref) != napi_ok) return false;
+  p->base = base;
+  p->len = len;
+  p->off = off;
+  c->q_len++;
+  c->q_bytes += len - off;
+  return true;
+}
+
+/*
+ * netWrite(id, buf | buf[]): sendmsg() at once when nothing is queued; whatever the kernel does
+ * not take is queued (the Buffers referenced, not copied) and sent on writability.
+ */
+static napi_value net_write(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  conn *c = arg_conn(env, info, 2, argv);
+  if (!c || c->closing) return nv_int(env, -EPIPE);
+  bool isarr;
+  napi_is_array(env, argv[1], &isarr);
+  uint32_t count = 1;
+  if (isarr) napi_get_array_length(env, argv[1], &count);
+  if (count == 0) return nv_int(env, 1);
+  napi_value one[MAX_IOV];
+  struct iovec iov[MAX_IOV];
+  uint32_t done = 0;
+  bool blocked = c->q_head < c->q_len;
+  while (done < count) {
+    uint32_t n = count - done < MAX_IOV ? count - done : MAX_IOV;
+    for (uint32_t i = 0; i < n; i++) {
+      napi_value b = argv[1];
+      if (isarr) napi_get_element(env, argv[1], done + i, &b);
+      void *data;
+      size_t len;
+      if (napi_get_buffer_info(env, b, &data, &len) != napi_ok) {
+        return nv_throw(env, "netWrite: expected Buffers");
+      }
+      one[i] = b;
+      iov[i].iov_base = data;
+      iov[i].iov_len = len;
+    }
+    size_t off0 = 0; /* bytes of iov[first] already sent */
+    uint32_t first = 0;
+    if (!blocked) {
+      size_t total = 0;
+      for (uint32_t i = 0; i < n; i++) total += iov[i].iov_len;
+      struct msghdr m = { .msg_iov = iov, .msg_iovlen = n };
+      ssize_t w;
+      do w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT); while (w < 0 && errno == EINTR);
+      if (w < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return nv_int(env, -errno);
+        w = 0;
+      }
+      if ((size_t)w == total) {
+        done += n;
+        continue;
+      }
+      blocked = true;
+      size_t left = (size_t)w;
+      while (first < n && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+      off0 = left;
+      if (!c->big_sndbuf && !c->inet) {
+        /* Only connections that move enough data to fill the socket pay for a bigger buffer. */
+        int v = BIG_SNDBUF;
+        setsockopt(c->fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+        c->big_sndbuf = true;
+      }
+    }
+    for (uint32_t i = first; i < n; i++) {
+      if (!queue_push(c, env, one[i], iov[i].iov_base, iov[i].iov_len, i == first ? off0 : 0)) {
+        return nv_int(env, -ENOMEM);
+      }
+    }
+    done += n;
+  }
+  if (!blocked) return nv_int(env, 1);
+  /* The bigger buffer may already have room: try once more before waiting for writability. */
+  int e = flush_queue(c);
+  if (e) return nv_int(env, -e);
+  if (c->q_head == c->q_len) return nv_int(env, 1);
+  conn_update_poll(c);
+  return nv_int(env, 0);
+}
+
+static napi_value net_pending(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  conn *c = arg_conn(env, info, 1, argv);
+  return nv_int(env, c ? (int64_t)c->q_bytes : 0);
+}
+
+static napi_value net_close(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  conn *c = arg_conn(env, info, 2, argv);
+  if (!c || c->closing) return NULL;
+  bool graceful = false;
+  napi_get_value_bool(env, argv[1], &graceful);
+  if (graceful && c->q_head < c->q_len) {
+    c->close_after = true;
+    c->reading = false;
+    conn_update_poll(c);
+    return NULL;
+  }
+  conn_close_now(c);
+  return NULL;
+}
+
+static napi_value net_peer(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  conn *c = arg_conn(env, info, 1, argv);
+  napi_value r;
+  if (!c || !c->inet) {
+    napi_create_string_utf8(env, "unix", NAPI_AUTO_LENGTH, &r);
+    return r;
+  }
+  struct sockaddr_storage sa;
+  socklen_t l = sizeof sa;
+  char host[INET6_ADDRSTRLEN] = "?";
+  char out[INET6_ADDRSTRLEN + 8];
+  int port = 0;
+  if (getpeername(c->fd, (struct sockaddr *)&sa, &l) == 0) {
+    if (sa.ss_family == AF_INET) {
+      struct sockaddr_in *s4 = (struct sockaddr_in *)&sa;
+      inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
+      port = ntohs(s4->sin_port);
+    } else if (sa.ss_family == AF_INET6) {
+      struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&sa;
+      inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
+      port = ntohs(s6->sin6_port);
+    }
+  }
+  snprintf(out, sizeof out, "%s:%d", host, port);
+  napi_create_string_utf8(env, out, NAPI_AUTO_LENGTH, &r);
+  return r;
+}
+
+/* Called from the module's init (blockd_native.c). */
+void netio_register(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+    { "netInit", NULL, net_init, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netListenUnix", NULL, net_listen_unix, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netDup", NULL, net_dup, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netListen", NULL, net_listen, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netListenerClose", NULL, net_listener_close, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netResume", NULL, net_resume, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netPause", NULL, net_pause, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netWrite", NULL, net_write, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netPending", NULL, net_pending, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netClose", NULL, net_close, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netPeer", NULL, net_peer, NULL, NULL, NULL, napi_enumerable, NULL },
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}
