@@ -208,6 +208,15 @@ describe.skipIf(!z || !haveCli)('qcow2 zstd clusters', () => {
       rm(dir);
     }
   });
+
+  it('refuses a frame that declares a window over 8 MiB', async () => {
+    const data = sample(100_000);
+    const frame = execFileSync('zstd', ['-q', '-c', '--long=27', '--no-content-size'], { input: data });
+    await expect(decompressCluster(frame, Buffer.alloc(data.length), 1)).rejects.toMatchObject({
+      errno: 'EIO',
+      message: 'Failed to decompress cluster: zstd: Frame requires too much memory for decoding',
+    });
+  });
 });
 
 describe('qcow2 zstd clusters without the native addon', () => {
