@@ -1,8 +1,10 @@
 /*
- * blockd native helpers: the few Linux file calls Node.js does not expose.
+ * blockd native helpers: the few Linux file calls Node.js does not expose, and zstd (through
+ * libzstd.so.1 loaded at run time, see "zstd, loaded at run time" below).
  * Every function takes plain numbers (fd, offsets as doubles that are safe integers),
  * never blocks for long (SEEK_DATA/fallocate are metadata operations; preadv2 uses
- * RWF_NOWAIT), and reports failures as a thrown Error with `.code` = errno name.
+ * RWF_NOWAIT; synchronous zstd is meant for small clusters), and reports failures as a thrown
+ * Error with `.code` = errno name.
  */
 #define _GNU_SOURCE
 #include <node_api.h>
