@@ -144,6 +144,27 @@ export class BlockGraph {
     }
   }
 
+  /**
+   * Open a node from inline options for the length of one operation (blockdev-create's `file`
+   * given as options, like QEMU's temporary BlockdevRef open): auto-named unless the options
+   * name it. On failure nothing stays open. Close it with `closeTemporary`.
+   */
+  async openTemporary(opts: Options): Promise<BlockNode> {
+    const created: BlockNodeImpl[] = [];
+    try {
+      return await this.open(opts, undefined, created, 'root');
+    } catch (err) {
+      for (const n of created.reverse()) await this.destroy(n).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** Close a node opened by `openTemporary` (and its inline children). */
+  async closeTemporary(node: BlockNode): Promise<void> {
+    const n = this.nodes.get(node.name);
+    if (n && n === node) await this.destroy(n);
+  }
+
   private async open(
     opts: Options,
     inherited: Inherited | undefined,

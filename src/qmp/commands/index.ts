@@ -5,6 +5,7 @@ import { nbdCommands } from './nbd.js';
 import { bitmapCommands } from './bitmap.js';
 import { transactionCommands } from './transaction.js';
 import { imageCommands } from './image.js';
+import { jobCommands } from './job.js';
 import { objectCommands } from './object.js';
 
 /** Every command handler; each must have a schema in schema/commands/<name>.json. */
@@ -15,5 +16,6 @@ export const ALL_COMMANDS: readonly CommandDef[] = [
   ...bitmapCommands,
   ...transactionCommands,
   ...imageCommands,
+  ...jobCommands,
   ...objectCommands,
 ];

@@ -3,52 +3,20 @@
  * writable node). Option checks and error texts follow QEMU 7.2's qcow2_co_create.
  *
  * qcow2 layout written: header cluster, refcount table, refcount blocks, L1 table, then (with
- * preallocation=metadata) the L2 tables and the data clusters they map. Everything is counted
- * in the refcount blocks, so `qemu-img check` finds no leaks.
+ * preallocation metadata, falloc or full) the L2 tables and the data clusters they map, the
+ * same layout as `qemu-img create -o preallocation=...`. Everything is counted in the refcount
+ * blocks, so `qemu-img check` finds no leaks. The data area is then left sparse (metadata),
+ * reserved with fallocate-style write-zeroes (falloc), or written with zeroes (full).
  */
-import { constants as fsc } from 'node:fs';
-import { open } from 'node:fs/promises';
-import { BlockError, strerror } from '../../../util/errors.js';
+import { BlockError } from '../../../util/errors.js';
 import type { BlockIO } from '../../types.js';
 import { HI_COPIED, buildHeader, newHeader, writeU64 } from './format.js';
 
+/** Host file creation moved to ../file-create.ts; re-exported for existing callers. */
+export { createFile, type FileCreateOptions } from '../file-create.js';
+
 function createError(msg: string): BlockError {
   return new BlockError('CREATE', 'EINVAL', msg);
-}
-
-export interface FileCreateOptions {
-  filename: string;
-  size: number;
-  preallocation?: 'off' | 'falloc' | 'full';
-  nocow?: boolean;
-  extentSizeHint?: number;
-}
-
-/** Create (or truncate) a host file of `size` bytes. */
-export async function createFile(o: FileCreateOptions, signal?: AbortSignal): Promise<void> {
-  let fh;
-  try {
-    fh = await open(o.filename, fsc.O_RDWR | fsc.O_CREAT | fsc.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new BlockError('CREATE', 'EIO', `Could not create '${o.filename}': ${strerror(err)}`, { cause: err });
-  }
-  try {
-    if (o.preallocation === 'full' || o.preallocation === 'falloc') {
-      const chunk = Buffer.alloc(Math.min(o.size, 1 << 20));
-      for (let pos = 0; pos < o.size; pos += chunk.length) {
-        if (signal?.aborted) throw new BlockError('CANCELLED', 'ECANCELED', 'Job was cancelled');
-        const n = Math.min(chunk.length, o.size - pos);
-        await fh.write(chunk, 0, n, pos);
-      }
-    } else {
-      await fh.truncate(o.size);
-    }
-  } catch (err) {
-    if (err instanceof BlockError) throw err;
-    throw new BlockError('CREATE', 'EIO', `Could not resize file: ${strerror(err)}`, { cause: err });
-  } finally {
-    await fh.close();
-  }
 }
 
 export interface Qcow2CreateOptions {
@@ -100,9 +68,6 @@ export function checkQcow2Create(o: Qcow2CreateOptions): { clusterBits: number; 
   if (o.compressionType === 'zstd') {
     if (version < 3) throw createError('Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)');
   }
-  if (o.preallocation === 'falloc' || o.preallocation === 'full') {
-    throw new BlockError('NOT_SUPPORTED', 'ENOTSUP', `Preallocation mode '${o.preallocation}' is not supported by blockd for qcow2`);
-  }
   return { clusterBits, refcountOrder: Math.log2(refcountBits), version };
 }
 
@@ -114,7 +79,7 @@ export async function createQcow2(io: BlockIO, o: Qcow2CreateOptions, signal?: A
   const l2Entries = cs / entrySize;
   const l1Size = Math.ceil(o.size / (cs * l2Entries));
   const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / cs));
-  const prealloc = o.preallocation === 'metadata';
+  const prealloc = o.preallocation !== undefined && o.preallocation !== 'off';
   const dataClusters = prealloc ? Math.ceil(o.size / cs) : 0;
   const l2Tables = prealloc ? l1Size : 0;
   const perBlock = (cs * 8) / 2 ** refcountOrder;
@@ -193,11 +158,27 @@ export async function createQcow2(io: BlockIO, o: Qcow2CreateOptions, signal?: A
   ];
   if (l2.length) parts.push([l2, l2Off]);
   for (const [buf, off] of parts) {
-    if (signal?.aborted) throw new BlockError('CANCELLED', 'ECANCELED', 'Job was cancelled');
+    signal?.throwIfAborted();
     if (buf.length) await io.write(buf, off);
+  }
+  const dataLen = dataClusters * cs;
+  if (o.preallocation === 'falloc' && dataLen > 0) {
+    // Reserve without writing: the file driver turns this into FALLOC_FL_ZERO_RANGE.
+    signal?.throwIfAborted();
+    await io.writeZeroes(dataOff, dataLen, {});
+  } else if (o.preallocation === 'full' && dataLen > 0) {
+    const zero = Buffer.alloc(Math.min(FULL_CHUNK, dataLen));
+    for (let pos = dataOff; pos < dataOff + dataLen; pos += zero.length) {
+      signal?.throwIfAborted();
+      const n = Math.min(zero.length, dataOff + dataLen - pos);
+      await io.write(n === zero.length ? zero : zero.subarray(0, n), pos);
+    }
   }
   await io.flush();
 }
+
+/** Zero buffer size for preallocation=full. */
+const FULL_CHUNK = 1 << 20;
 
 function setRefcountOne(buf: Buffer, i: number, width: number): void {
   if (width >= 8) {

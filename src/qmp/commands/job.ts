@@ -1,0 +1,91 @@
+/**
+ * Job control: query-jobs and job-{cancel,pause,resume,complete,finalize,dismiss} for every job,
+ * and the legacy block-job-* commands plus query-block-jobs, which only see block jobs (a
+ * `create` job is not one: block-job-* answer DeviceNotActive "Block job 'X' not found").
+ */
+import { QmpError } from '../../util/errors.js';
+import { defineCommand, type CommandDef } from '../types.js';
+
+interface IdArgs {
+  id: string;
+}
+
+interface DeviceArgs {
+  device: string;
+}
+
+interface BlockJobCancelArgs {
+  device: string;
+  force?: boolean;
+}
+
+interface SetSpeedArgs {
+  device: string;
+  speed: number;
+}
+
+export const jobCommands: readonly CommandDef[] = [
+  defineCommand('query-jobs', (_args, ctx) => ctx.services.jobs.list().map((j) => j.info())),
+  defineCommand<IdArgs>('job-cancel', (args, ctx) => {
+    ctx.services.jobs.cancel(args.id, true);
+    return {};
+  }),
+  defineCommand<IdArgs>('job-pause', (args, ctx) => {
+    ctx.services.jobs.pause(args.id);
+    return {};
+  }),
+  defineCommand<IdArgs>('job-resume', (args, ctx) => {
+    ctx.services.jobs.resume(args.id);
+    return {};
+  }),
+  defineCommand<IdArgs>('job-complete', (args, ctx) => {
+    ctx.services.jobs.complete(args.id);
+    return {};
+  }),
+  defineCommand<IdArgs>('job-finalize', async (args, ctx) => {
+    await ctx.services.jobs.finalize(args.id);
+    return {};
+  }),
+  defineCommand<IdArgs>('job-dismiss', (args, ctx) => {
+    ctx.services.jobs.dismiss(args.id);
+    return {};
+  }),
+
+  defineCommand('query-block-jobs', (_args, ctx) => ctx.services.jobs.listBlockJobs().map((j) => j.blockInfo())),
+  defineCommand<BlockJobCancelArgs>('block-job-cancel', (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.getBlockJob(args.device);
+    const force = args.force ?? false;
+    if (job.userPaused && !force) {
+      throw new QmpError(`The block job for device '${args.device}' is currently paused`);
+    }
+    jobs.userCancel(job, force);
+    return {};
+  }),
+  defineCommand<DeviceArgs>('block-job-pause', (args, ctx) => {
+    ctx.services.jobs.userPause(ctx.services.jobs.getBlockJob(args.device));
+    return {};
+  }),
+  defineCommand<DeviceArgs>('block-job-resume', (args, ctx) => {
+    ctx.services.jobs.userResume(ctx.services.jobs.getBlockJob(args.device));
+    return {};
+  }),
+  defineCommand<DeviceArgs>('block-job-complete', (args, ctx) => {
+    ctx.services.jobs.userComplete(ctx.services.jobs.getBlockJob(args.device));
+    return {};
+  }),
+  defineCommand<IdArgs>('block-job-finalize', async (args, ctx) => {
+    ctx.services.jobs.getBlockJob(args.id);
+    await ctx.services.jobs.finalize(args.id);
+    return {};
+  }),
+  defineCommand<IdArgs>('block-job-dismiss', (args, ctx) => {
+    ctx.services.jobs.getBlockJob(args.id);
+    ctx.services.jobs.dismiss(args.id);
+    return {};
+  }),
+  defineCommand<SetSpeedArgs>('block-job-set-speed', (args, ctx) => {
+    ctx.services.jobs.setSpeed(ctx.services.jobs.getBlockJob(args.device), args.speed);
+    return {};
+  }),
+];
