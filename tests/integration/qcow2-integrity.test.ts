@@ -5,6 +5,9 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
+import { Qcow2Driver } from '../../src/block/drivers/qcow2/qcow2.js';
+import type { DriverOpenContext } from '../../src/block/drivers/common.js';
+import { silentLogger } from '../../src/util/logger.js';
 import {
   MiB,
   check,
@@ -12,6 +15,8 @@ import {
   imgInfo,
   newGraph,
   openQcow2,
+  peek,
+  poke,
   qemuImg,
   qemuIo,
   qemuTools,
@@ -58,5 +63,166 @@ describe.skipIf(!tools)('qcow2 refcount repair of a dirty image', () => {
     const after = contentOf(img, dir);
     expect(after.subarray(0, 16 * MiB).equals(before.subarray(0, 16 * MiB))).toBe(true);
     expect(after.subarray(40 * MiB).equals(before.subarray(40 * MiB))).toBe(true);
+  });
+});
+
+/** A 64 MiB image with guest cluster 0 allocated: L1 at 0x30000, L2 at 0x40000, data at 0x50000. */
+function smallImage(dir: string): string {
+  const img = join(dir, 'o.qcow2');
+  qemuImg('create', '-f', 'qcow2', img, '64M');
+  qemuIo(img, 'qcow2', 'write -P 0x11 0 64k');
+  expect(peek(img, 0x40000, 8).toString('hex')).toBe('8000000000050000');
+  return img;
+}
+
+/** Point L2 entry 0 (guest cluster 0) at host offset `host` (COPIED set). */
+function pointL2At(img: string, host: number): void {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE((1n << 63n) | BigInt(host), 0);
+  poke(img, 0x40000, b);
+}
+
+function corruptFlag(img: string): boolean {
+  const fs = imgInfo(img)['format-specific'] as { data: { corrupt?: boolean } };
+  return fs.data.corrupt === true;
+}
+
+describe.skipIf(!tools)('qcow2 overlap checks', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = tmp();
+  });
+  afterEach(() => rm(dir));
+
+  it('refuses a guest write that would land on the active L1 table and marks the image corrupt', async () => {
+    const img = smallImage(dir);
+    pointL2At(img, 0x30000);
+    const l1Before = peek(img, 0x30000, 65536);
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img);
+    await expect(node.io.write(Buffer.alloc(4096, 0x22), 0)).rejects.toMatchObject({
+      errno: 'EIO',
+      message: expect.stringContaining('Preventing invalid write on metadata (overlaps with active L1 table)'),
+    });
+    // From then on the node does no I/O at all (QEMU: "No medium found").
+    await expect(node.io.read(Buffer.alloc(4096), 1 * MiB)).rejects.toMatchObject({ errno: 'EINVAL' });
+    await expect(node.io.write(Buffer.alloc(4096, 0x33), 1 * MiB)).rejects.toMatchObject({ errno: 'EINVAL' });
+    await g.closeAll();
+    expect(peek(img, 0x30000, 65536).equals(l1Before)).toBe(true);
+    expect(corruptFlag(img)).toBe(true);
+    await expect(openQcow2(newGraph(), 'q', img)).rejects.toThrow('qcow2: Image is corrupt; cannot be opened read/write');
+  });
+
+  it('emits BLOCK_IMAGE_CORRUPTED with the fields QSD sends', async () => {
+    const img = smallImage(dir);
+    pointL2At(img, 0x10000); // the refcount table
+    const g = newGraph();
+    const file = await g.add({ driver: 'file', 'node-name': 'f', filename: img });
+    const events: Array<{ event: string; data: Record<string, unknown> }> = [];
+    const ctx: DriverOpenContext = {
+      nodeName: 'n0',
+      readOnly: false,
+      options: { readOnly: false } as DriverOpenContext['options'],
+      log: silentLogger(),
+      childIO: () => file.io,
+      childDriver: () => file.driver,
+      emitEvent: (event, data) => events.push({ event, data }),
+    };
+    const d = await Qcow2Driver.open(ctx, {});
+    await expect(d.write(Buffer.alloc(4096, 0x22), 0, {})).rejects.toMatchObject({ errno: 'EIO' });
+    await expect(d.write(Buffer.alloc(4096, 0x22), 0, {})).rejects.toMatchObject({ errno: 'EINVAL' });
+    expect(events).toEqual([
+      {
+        event: 'BLOCK_IMAGE_CORRUPTED',
+        data: {
+          device: '',
+          msg: 'Preventing invalid write on metadata (overlaps with refcount table)',
+          offset: 0x10000,
+          'node-name': 'n0',
+          fatal: true,
+          size: 4096,
+        },
+      },
+    ]);
+    await d.close();
+    await g.closeAll();
+    expect(corruptFlag(img)).toBe(true);
+  });
+
+  it('lets the write through with overlap-check none', async () => {
+    const img = smallImage(dir);
+    pointL2At(img, 0x30000);
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img, { 'overlap-check': 'none' });
+    await node.io.write(Buffer.alloc(8, 0), 8);
+    await g.closeAll();
+    expect(corruptFlag(img)).toBe(false);
+  });
+
+  it('honours per-kind switches of the object form', async () => {
+    const img = smallImage(dir);
+    pointL2At(img, 0x30000);
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img, { 'overlap-check': { template: 'all', 'active-l1': false } });
+    await node.io.write(Buffer.alloc(8, 0), 8);
+    await g.closeAll();
+    expect(corruptFlag(img)).toBe(false);
+    // constant = header, L1, refcount table, snapshot table, bitmap directory: not refcount blocks.
+    const img2 = smallImage(dir);
+    pointL2At(img2, 0x30000);
+    const g2 = newGraph();
+    const n2 = await openQcow2(g2, 'q', img2, { 'overlap-check': { template: 'constant' } });
+    await expect(n2.io.write(Buffer.alloc(512, 1), 0)).rejects.toThrow('overlaps with active L1 table');
+    await g2.closeAll();
+  });
+
+  it('leaves refcount blocks unchecked under the constant template', async () => {
+    const img = smallImage(dir);
+    pointL2At(img, 0x20000);
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img, { 'overlap-check': 'constant' });
+    await node.io.write(Buffer.alloc(8, 0), 4096);
+    await g.closeAll();
+    expect(corruptFlag(img)).toBe(false);
+  });
+
+  it('rejects invalid overlap-check values with QEMU\'s messages', async () => {
+    const img = smallImage(dir);
+    const g = newGraph();
+    const bad: Array<[unknown, string]> = [
+      ['foo', "Parameter 'overlap-check' does not accept value 'foo'"],
+      [{ template: 'foo' }, "Parameter 'template' does not accept value 'foo'"],
+      [{ bogus: true }, "Parameter 'overlap-check.bogus' is unexpected"],
+      [{ 'active-l1': 'yes' }, "Invalid parameter type for 'overlap-check.active-l1', expected: boolean"],
+    ];
+    for (const [v, msg] of bad) {
+      await expect(openQcow2(g, 'q', img, { 'overlap-check': v })).rejects.toThrow(msg);
+    }
+    for (const v of ['none', 'constant', 'cached', 'all', { template: 'none', 'refcount-block': true }]) {
+      await openQcow2(g, 'q', img, { 'overlap-check': v });
+      await g.closeAll();
+    }
+  });
+
+  it('raises no false alarm under allocation, table growth and frees with overlap-check all', async () => {
+    const img = join(dir, 'grow.qcow2');
+    // 512-byte clusters: a refcount block covers 128 KiB and the first refcount table 8 MiB,
+    // so 12 MiB of data needs new refcount blocks and a bigger table.
+    qemuImg('create', '-f', 'qcow2', '-o', 'cluster_size=512', img, '64M');
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img, { 'overlap-check': 'all' });
+    for (let i = 0; i < 200; i++) {
+      await node.io.write(Buffer.alloc(65536, i & 0xff), ((i * 7919) % 1024) * 65536);
+      if (i % 50 === 49) {
+        await node.io.writeZeroes(((i * 31) % 1024) * 65536, 65536, { mayUnmap: true });
+        await node.io.flush();
+      }
+    }
+    await node.io.truncate(128 * MiB);
+    await node.io.write(Buffer.alloc(65536, 0x5a), 100 * MiB);
+    await g.closeAll();
+    const c = check(img);
+    expect(c.code, c.out).toBe(0);
+    expect(corruptFlag(img)).toBe(false);
   });
 });

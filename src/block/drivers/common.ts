@@ -18,6 +18,11 @@ export interface DriverOpenContext {
   childDriver(role: string): BlockDriver;
   /** Whether a child edge with this role exists now (optional children such as `backing`). */
   hasChild?(role: string): boolean;
+  /**
+   * Emit a QMP event for this node (e.g. BLOCK_IMAGE_CORRUPTED); absent when the graph has no
+   * event sink (tests, tools).
+   */
+  emitEvent?(event: string, data: Record<string, unknown>): void;
 }
 
 export function optError(message: string): BlockError {

@@ -67,6 +67,20 @@ import { Refcounts } from './refcount.js';
 import { Qcow2BitmapStore, bitmapClusters } from '../../dirty-bitmap-qcow2.js';
 import type { LoadedBitmap, NamedBitmap } from '../../dirty-bitmap-set.js';
 import { KeyedLocks, Mutex, Storage } from './storage.js';
+import {
+  MetadataMap,
+  OL_ACTIVE_L1,
+  OL_ACTIVE_L2,
+  OL_BITMAP_DIRECTORY,
+  OL_INACTIVE_L1,
+  OL_INACTIVE_L2,
+  OL_MAIN_HEADER,
+  OL_REFCOUNT_BLOCK,
+  OL_REFCOUNT_TABLE,
+  OL_SNAPSHOT_TABLE,
+  overlapName,
+  parseOverlapCheck,
+} from './overlap.js';
 
 const QCOW2_MEMBERS = [
   ...BASE_MEMBERS,
@@ -174,6 +188,14 @@ export class Qcow2Driver implements BlockDriver {
   /** Internal snapshots (read at open; never changed by blockd) and the table's length. */
   private snapshots: SnapshotInfo[] = [];
   private snapshotTableBytes = 0;
+  /** Metadata kinds checked before writes (overlap-check), and where metadata lives. */
+  private readonly olMask: number;
+  private readonly ol: MetadataMap;
+  /**
+   * Set when a write would have hit metadata: the image is marked corrupt and the node refuses
+   * all further I/O (QEMU detaches the driver: "No medium found").
+   */
+  private broken = false;
 
   private constructor(
     private readonly ctx: DriverOpenContext,
@@ -198,6 +220,8 @@ export class Qcow2Driver implements BlockDriver {
     this.size = header.size;
     this.origFileSize = storage.size();
     this.l2Capacity = Math.max(2, Math.floor(l2CacheBytes / this.clusterSize));
+    this.olMask = writable ? parseOverlapCheck(opts['overlap-check']) : 0;
+    this.ol = new MetadataMap(this.clusterSize);
     const lazyOpt = optBool(opts, 'lazy-refcounts');
     this.lazy = writable && (lazyOpt ?? (header.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n);
     this.dirtyBitSet = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
@@ -220,6 +244,7 @@ export class Qcow2Driver implements BlockDriver {
     if (opts['encrypt'] !== undefined) throw optError("Option 'encrypt' is not supported by blockd");
     if (opts['data-file'] !== undefined) throw optError("Option 'data-file' is not supported by blockd");
     for (const k of ['pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other']) optBool(opts, k);
+    parseOverlapCheck(opts['overlap-check']);
     const cacheSize = optSize(opts, 'cache-size', 'int');
     const l2CacheSize = optSize(opts, 'l2-cache-size', 'int');
     const refcountCacheSize = optSize(opts, 'refcount-cache-size', 'int');
@@ -298,6 +323,11 @@ export class Qcow2Driver implements BlockDriver {
               driverRef.d.header.refcountTableClusters = clusters;
             }
           },
+          checkWrite: (offset, length, own) => driverRef.d?.checkOverlap(offset, length, own),
+          metadataChanged: (kind, offset, bytes, added) => {
+            if (added) driverRef.d?.ol.add(offset, bytes, kind);
+            else driverRef.d?.ol.remove(offset, bytes, kind);
+          },
         },
         bits,
         h.refcountOrder,
@@ -314,8 +344,120 @@ export class Qcow2Driver implements BlockDriver {
       d.snapshots = st.snapshots;
       d.snapshotTableBytes = st.bytes;
     }
-    if (writable) await d.prepareWritable();
+    if (writable) {
+      await d.prepareWritable();
+      await d.buildOverlapMap();
+    }
     return d;
+  }
+
+  /** Where metadata lives now (read-write open, after any repair). */
+  private async buildOverlapMap(): Promise<void> {
+    const h = this.header;
+    const cs = this.clusterSize;
+    const ol = this.ol;
+    ol.add(0, cs, OL_MAIN_HEADER);
+    if (h.l1Size > 0) ol.add(h.l1TableOffset, h.l1Size * 8, OL_ACTIVE_L1);
+    ol.add(h.refcountTableOffset, h.refcountTableClusters * cs, OL_REFCOUNT_TABLE);
+    for (const off of this.refcounts?.table ?? []) if (off !== 0) ol.add(off, cs, OL_REFCOUNT_BLOCK);
+    for (let i = 0; i < h.l1Size; i++) {
+      const off = l1EntryOffset(this.l1, i, cs);
+      if (off > 0) ol.add(off, cs, OL_ACTIVE_L2);
+    }
+    if (h.nbSnapshots > 0) {
+      ol.add(h.snapshotsOffset, this.snapshotTableBytes, OL_SNAPSHOT_TABLE);
+      for (const sn of this.snapshots) {
+        if (sn.l1Size === 0) continue;
+        ol.add(sn.l1TableOffset, sn.l1Size * 8, OL_INACTIVE_L1);
+        if ((this.olMask & OL_INACTIVE_L2) === 0) continue;
+        // Snapshot tables never change while we are open: read them once.
+        const l1 = Buffer.alloc(sn.l1Size * 8);
+        await this.storage.read(l1, sn.l1TableOffset);
+        for (let i = 0; i < sn.l1Size; i++) {
+          const off = l1EntryOffset(l1, i, cs);
+          if (off > 0) ol.add(off, cs, OL_INACTIVE_L2);
+        }
+      }
+    }
+    this.bitmapDirInMap = undefined;
+    this.syncBitmapDirectory();
+  }
+
+  /** The bitmap directory as last recorded in the overlap map. */
+  private bitmapDirInMap: { offset: number; bytes: number } | undefined;
+
+  /** Follow the header's bitmap directory (the bitmap code moves it on store/remove). */
+  private syncBitmapDirectory(): void {
+    const b = this.header.bitmaps;
+    const cur = this.bitmapDirInMap;
+    if (cur && b && cur.offset === b.directoryOffset && cur.bytes === b.directorySize) return;
+    if (cur) this.ol.remove(cur.offset, cur.bytes, OL_BITMAP_DIRECTORY);
+    this.bitmapDirInMap = b ? { offset: b.directoryOffset, bytes: b.directorySize } : undefined;
+    if (b) this.ol.add(b.directoryOffset, b.directorySize, OL_BITMAP_DIRECTORY);
+  }
+
+  /**
+   * Overlap check before writing `[offset, offset+length)` of the image file, which rewrites
+   * metadata of kinds `own` (0 for guest data and new clusters). On an overlap: mark the image
+   * corrupt and throw EIO (QEMU's qcow2_pre_write_overlap_check).
+   */
+  checkOverlap(offset: number, length: number, own: number): void {
+    if (this.broken) throw this.noMedium();
+    const mask = this.olMask & ~own;
+    if (mask === 0) return;
+    // The header check is by offset, not by cluster (QEMU: any write below the first cluster end).
+    let hit = offset < this.clusterSize ? mask & OL_MAIN_HEADER : 0;
+    if (hit === 0) hit = this.ol.check(offset, length, mask);
+    if (hit !== 0) throw this.signalCorruption(offset, length, `Preventing invalid write on metadata (overlaps with ${overlapName(hit)})`);
+  }
+
+  /**
+   * Fatal corruption: log it, emit BLOCK_IMAGE_CORRUPTED (once), set the corrupt bit in the
+   * header (in the background; nothing else is written afterwards) and stop all I/O.
+   */
+  private signalCorruption(offset: number, size: number, msg: string): BlockError {
+    if (!this.broken) {
+      this.broken = true;
+      this.ctx.log.error(
+        { offset, size },
+        `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`,
+      );
+      this.ctx.emitEvent?.('BLOCK_IMAGE_CORRUPTED', {
+        device: '',
+        msg,
+        offset,
+        'node-name': this.ctx.nodeName,
+        fatal: true,
+        size,
+      });
+      if (this.header.version === 3) {
+        this.header.incompatible |= INCOMPAT_CORRUPT;
+        const b = Buffer.alloc(8);
+        b.writeBigUInt64BE(this.header.incompatible, 0);
+        this.corruptMarked = this.storage
+          .write(b, 72)
+          .then(() => this.storage.flush())
+          .catch((err: unknown) => this.ctx.log.error({ err }, 'qcow2: could not set the corrupt bit'));
+      }
+    }
+    return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
+  }
+
+  /** The header write of signalCorruption() (close waits for it). */
+  private corruptMarked: Promise<void> | undefined;
+
+  private noMedium(): BlockError {
+    return new BlockError('NO_MEDIUM', 'EINVAL', 'No medium found');
+  }
+
+  /** Guest data (or a new cluster's contents) to the file, after the overlap check. */
+  private writeData(buf: Buffer, offset: number): Promise<void> {
+    try {
+      this.checkOverlap(offset, buf.length, 0);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.storage.write(buf, offset);
   }
 
   /** Read-write open: repair a dirty image, clear unknown autoclear bits. */
@@ -465,7 +607,10 @@ export class Qcow2Driver implements BlockDriver {
       imageSize: () => this.size,
       fileSize: () => this.storage.size(),
       read: (b, o) => this.storage.read(b, o),
-      write: (b, o) => this.storage.write(b, o),
+      write: (b, o) => {
+        this.checkOverlap(o, b.length, OL_BITMAP_DIRECTORY);
+        return this.storage.write(b, o);
+      },
       flush: () => this.storage.flush(),
       alloc: (n) => this.allocClusters(n),
       free: async (o) => {
@@ -490,21 +635,37 @@ export class Qcow2Driver implements BlockDriver {
 
   /** PersistentBitmapDriver: read the bitmap directory at open (read-write: mark in_use). */
   loadBitmaps(): Promise<LoadedBitmap[]> {
-    return this.meta.run(() => this.bitmaps().load());
+    return this.meta.run(async () => {
+      try {
+        return await this.bitmaps().load();
+      } finally {
+        this.syncBitmapDirectory();
+      }
+    });
   }
 
   /** PersistentBitmapDriver: drop a removed persistent bitmap from the image now. */
   removeStoredBitmap(name: string): Promise<void> {
-    if (this.closed) return Promise.resolve();
-    return this.meta.run(() => this.bitmaps().removeStored(name));
+    if (this.closed || this.broken) return Promise.resolve();
+    return this.meta.run(async () => {
+      try {
+        await this.bitmaps().removeStored(name);
+      } finally {
+        this.syncBitmapDirectory();
+      }
+    });
   }
 
   /** PersistentBitmapDriver: store the persistent bitmaps (clean close, before close()). */
   storeBitmaps(list: readonly NamedBitmap[]): Promise<void> {
-    if (this.closed) return Promise.resolve();
+    if (this.closed || this.broken) return Promise.resolve();
     return this.meta.run(async () => {
       await this.writeback();
-      await this.bitmaps().store(list);
+      try {
+        await this.bitmaps().store(list);
+      } finally {
+        this.syncBitmapDirectory();
+      }
     });
   }
 
@@ -782,7 +943,7 @@ export class Qcow2Driver implements BlockDriver {
    * and zero or unallocated clusters (without a backing file). False = use read().
    */
   tryReadSync(buf: Buffer, offset: number): boolean {
-    if (this.extL2 || this.closed) return false;
+    if (this.extL2 || this.closed || this.broken) return false;
     const cs = this.clusterSize;
     const span = this.l2Entries * cs;
     const end = offset + buf.length;
@@ -863,6 +1024,7 @@ export class Qcow2Driver implements BlockDriver {
   async read(buf: Buffer, offset: number): Promise<void> {
     // Page-cache hits on cached metadata need no promise chain at all.
     if (this.tryReadSync(buf, offset)) return;
+    if (this.broken) throw this.noMedium();
     const segs = await this.segments(offset, buf.length);
     await Promise.all(segs.map((s) => this.readSeg(s, buf.subarray(s.guest - offset, s.guest - offset + s.length))));
   }
@@ -982,6 +1144,7 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    if (this.broken) throw this.noMedium();
     const b = this.backing();
     if (!this.extL2 && !b) return this.statusRuns(offset, length, EXTENT_ZERO);
     let segs: Seg[];
@@ -1038,6 +1201,7 @@ export class Qcow2Driver implements BlockDriver {
       throw new BlockError('READ_ONLY', 'EPERM', `Node '${this.ctx.nodeName}' is read-only`);
     }
     if (this.closed) throw new BlockError('CLOSED', 'EIO', `Node '${this.ctx.nodeName}' is closed`);
+    if (this.broken) throw this.noMedium();
   }
 
   write(buf: Buffer, offset: number, _flags: WriteFlags): Promise<void> {
@@ -1084,6 +1248,10 @@ export class Qcow2Driver implements BlockDriver {
       try {
         const t = this.cachedL2(Math.floor(g / this.l2Entries));
         if (t && this.kindOf(t, g % this.l2Entries) === K_DATA && this.copiedOut) {
+          // A corrupt L2 entry may point into metadata: one map lookup (host is cluster-aligned).
+          if (this.olMask !== 0 && this.ol.at(this.hostOut / this.clusterSize, this.olMask) !== 0) {
+            return this.writeData(data, this.hostOut + inOff);
+          }
           return this.storage.write(data, this.hostOut + inOff);
         }
       } catch (err) {
@@ -1096,13 +1264,13 @@ export class Qcow2Driver implements BlockDriver {
   private async writeClusterSlow(g: number, inOff: number, data: Buffer): Promise<void> {
     const e = await this.lookup(g);
     if (this.inPlace(e)) {
-      await this.storage.write(data, e.host + inOff);
+      await this.writeData(data, e.host + inOff);
       return;
     }
     await this.clusterLocks.run(g, async () => {
       const cur = await this.lookup(g);
       if (this.inPlace(cur)) {
-        await this.storage.write(data, cur.host + inOff);
+        await this.writeData(data, cur.host + inOff);
         return;
       }
       const cs = this.clusterSize;
@@ -1125,6 +1293,7 @@ export class Qcow2Driver implements BlockDriver {
       const zeroView =
         cur.type === 'zero-plain' || cur.type === 'zero-alloc' || (cur.type === 'unalloc' && !this.backing());
       if (fresh && zeroView) {
+        this.checkOverlap(host, cs, 0);
         await this.storage.ensureSize(host + cs);
         await this.storage.write(data, host + inOff);
       } else {
@@ -1136,7 +1305,7 @@ export class Qcow2Driver implements BlockDriver {
           if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
           data.copy(full, inOff);
         }
-        await this.storage.write(full, host);
+        await this.writeData(full, host);
       }
       await this.meta.run(async () => {
         await this.setEntry(g, host, reuse ? undefined : cur, 'data');
@@ -1237,11 +1406,14 @@ export class Qcow2Driver implements BlockDriver {
       old.buf.copy(buf);
     }
     await this.syncRefcounts();
+    this.checkOverlap(newOff, this.clusterSize, 0);
     await this.storage.write(buf, newOff);
     const t: CachedL2 = { offset: newOff, buf, dirty: false, used: ++this.useClock };
     this.l2Cache.set(newOff, t);
     await this.writeL1Entry(l1i, newOff);
+    this.ol.add(newOff, this.clusterSize, OL_ACTIVE_L2);
     if (e.offset !== 0) {
+      this.ol.remove(e.offset, this.clusterSize, OL_ACTIVE_L2);
       this.l2Cache.delete(e.offset);
       this.pending.push({ cluster: e.offset / this.clusterSize, discard: false });
     }
@@ -1256,6 +1428,7 @@ export class Qcow2Driver implements BlockDriver {
       b.writeUInt32BE(((Math.floor(offset / 0x100000000) & HI_OFFSET_MASK) | HI_COPIED) >>> 0, 0);
       b.writeUInt32BE(offset >>> 0, 4);
     }
+    this.checkOverlap(this.header.l1TableOffset + l1i * 8, 8, OL_ACTIVE_L1);
     await this.storage.write(b, this.header.l1TableOffset + l1i * 8);
     b.copy(this.l1, l1i * 8);
   }
@@ -1301,6 +1474,7 @@ export class Qcow2Driver implements BlockDriver {
     await this.syncRefcounts();
     if (dirty.length) await this.markDirtyIfLazy();
     for (const t of dirty) {
+      this.checkOverlap(t.offset, this.clusterSize, OL_ACTIVE_L2);
       await this.storage.write(t.buf, t.offset);
       t.dirty = false;
     }
@@ -1322,6 +1496,7 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   async flush(): Promise<void> {
+    if (this.broken) return;
     if (this.writable && this.refcounts && !this.closed) {
       await this.meta.run(() => this.writeback());
     }
@@ -1429,6 +1604,7 @@ export class Qcow2Driver implements BlockDriver {
           const e = this.l1Entry(i);
           if (e.offset === 0) continue;
           await this.writeL1Entry(i, 0);
+          this.ol.remove(e.offset, cs, OL_ACTIVE_L2);
           this.l2Cache.delete(e.offset);
           this.pending.push({ cluster: e.offset / cs, discard: true });
         }
@@ -1471,6 +1647,7 @@ export class Qcow2Driver implements BlockDriver {
     this.l1.copy(buf);
     await this.syncRefcounts();
     await this.markDirtyIfLazy();
+    this.checkOverlap(newOff, buf.length, 0);
     await this.storage.write(buf, newOff);
     await this.storage.flush();
     const hdr = Buffer.alloc(12);
@@ -1480,6 +1657,8 @@ export class Qcow2Driver implements BlockDriver {
     await this.storage.flush();
     const oldOff = this.header.l1TableOffset;
     const oldClusters = Math.ceil((this.header.l1Size * 8) / cs);
+    this.ol.remove(oldOff, this.header.l1Size * 8, OL_ACTIVE_L1);
+    this.ol.add(newOff, entries * 8, OL_ACTIVE_L1);
     this.header.l1TableOffset = newOff;
     this.header.l1Size = entries;
     this.l1 = buf.subarray(0, entries * 8);
@@ -1492,6 +1671,12 @@ export class Qcow2Driver implements BlockDriver {
 
   async close(): Promise<void> {
     if (this.closed) return;
+    if (this.broken) {
+      // Nothing more is written to a corrupt image (QEMU has detached the driver by now).
+      await this.corruptMarked;
+      this.closed = true;
+      return;
+    }
     if (this.writable && this.refcounts) {
       await this.meta.run(async () => {
         await this.writeback();

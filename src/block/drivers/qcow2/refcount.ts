@@ -9,6 +9,7 @@
  * from the disk (the driver defers frees to its flush).
  */
 import { corrupt, u64, writeU64 } from './format.js';
+import { OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE } from './overlap.js';
 import type { Storage } from './storage.js';
 
 interface CachedBlock {
@@ -20,6 +21,13 @@ export interface RefcountHost {
   storage: Storage;
   /** Switch the header to a new refcount table (one 12-byte write at offset 48, synced). */
   writeReftablePointer(offset: number, clusters: number): Promise<void>;
+  /**
+   * Metadata overlap check before a write to `[offset, offset+length)` that rewrites metadata
+   * of kinds `own` (OL_* bits); throws (and marks the image corrupt) on an overlap.
+   */
+  checkWrite?(offset: number, length: number, own: number): void;
+  /** Refcount metadata appeared (`added`) or went away: kind OL_REFCOUNT_BLOCK or OL_REFCOUNT_TABLE. */
+  metadataChanged?(kind: number, offset: number, bytes: number, added: boolean): void;
 }
 
 export class Refcounts {
@@ -143,7 +151,10 @@ export class Refcounts {
   private async evict(): Promise<void> {
     for (const [off, b] of this.blocks) {
       if (this.blocks.size <= this.capacity) break;
-      if (b.dirty) await this.host.storage.write(b.buf, off);
+      if (b.dirty) {
+        this.host.checkWrite?.(off, this.cs, OL_REFCOUNT_BLOCK);
+        await this.host.storage.write(b.buf, off);
+      }
       this.blocks.delete(off);
     }
   }
@@ -237,12 +248,15 @@ export class Refcounts {
     const at = idx;
     const buf = Buffer.alloc(this.cs);
     this.setEntry(buf, at % this.perBlock, 1);
+    this.host.checkWrite?.(at * this.cs, this.cs, 0);
     await this.host.storage.write(buf, at * this.cs);
     await this.host.storage.flush();
     const entry = Buffer.alloc(8);
     writeU64(entry, 0, at * this.cs);
+    this.host.checkWrite?.(this.tableOffset + t * 8, 8, OL_REFCOUNT_TABLE);
     await this.host.storage.write(entry, this.tableOffset + t * 8);
     await this.host.storage.flush();
+    this.host.metadataChanged?.(OL_REFCOUNT_BLOCK, at * this.cs, this.cs, true);
     this.table[t] = at * this.cs;
     this.blocks.set(at * this.cs, { buf, dirty: false });
     if (at > this.highestAllocated) this.highestAllocated = at;
@@ -293,6 +307,7 @@ export class Refcounts {
     }
     const tableBuf = Buffer.alloc(tableClusters * this.cs);
     newTable.forEach((v, i) => writeU64(tableBuf, i * 8, v));
+    this.host.checkWrite?.(area * this.cs, (blocks + tableClusters) * this.cs, 0);
     for (let b = 0; b < blocks; b++) {
       await this.host.storage.write(blockBufs[b] as Buffer, (area + b) * this.cs);
     }
@@ -308,6 +323,9 @@ export class Refcounts {
     for (let b = 0; b < blocks; b++) {
       this.blocks.set((area + b) * this.cs, { buf: blockBufs[b] as Buffer, dirty: false });
     }
+    this.host.metadataChanged?.(OL_REFCOUNT_TABLE, oldOffset, oldClusters * this.cs, false);
+    this.host.metadataChanged?.(OL_REFCOUNT_TABLE, newOffset, tableClusters * this.cs, true);
+    this.host.metadataChanged?.(OL_REFCOUNT_BLOCK, area * this.cs, blocks * this.cs, true);
     const last = area + total - 1;
     if (last > this.highestAllocated) this.highestAllocated = last;
     for (let i = 0; i < oldClusters; i++) await this.update(oldOffset / this.cs + i, -1);
@@ -319,6 +337,7 @@ export class Refcounts {
     let any = false;
     for (const [off, b] of this.blocks) {
       if (!b.dirty) continue;
+      this.host.checkWrite?.(off, this.cs, OL_REFCOUNT_BLOCK);
       b.dirty = false;
       any = true;
       await this.host.storage.write(b.buf, off);
