@@ -5,6 +5,8 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { BlockIO } from '../../src/block/types.js';
 import { Qcow2Driver } from '../../src/block/drivers/qcow2/qcow2.js';
 import type { DriverOpenContext } from '../../src/block/drivers/common.js';
 import { silentLogger } from '../../src/util/logger.js';
@@ -224,5 +226,54 @@ describe.skipIf(!tools)('qcow2 overlap checks', () => {
     const c = check(img);
     expect(c.code, c.out).toBe(0);
     expect(corruptFlag(img)).toBe(false);
+  });
+});
+
+describe.skipIf(!tools)('qcow2 frees and in-flight writes', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = tmp();
+  });
+  afterEach(() => rm(dir));
+
+  it('does not hand out a discarded cluster while an earlier overwrite of it is still in flight', async () => {
+    const img = smallImage(dir); // guest cluster 0 -> host 0x50000
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img, { discard: 'unmap' });
+    await node.io.read(Buffer.alloc(4096), 0); // L2 table cached: overwrites take the fast path
+    const fileIO = node.children.find((c) => c.name === 'file')?.user.node.io as BlockIO;
+    const realWrite = fileIO.write.bind(fileIO);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let cArrived!: () => void;
+    const cSeen = new Promise<void>((r) => (cArrived = r));
+    let hold = true;
+    // The file shim holds the first overwrite of host 0x50000 until released.
+    fileIO.write = async (buf, off, flags) => {
+      if (hold && off === 0x50000 && buf[0] === 0xbb) {
+        hold = false;
+        await gate;
+      }
+      if (buf[0] === 0xcc) cArrived();
+      return realWrite(buf, off, flags);
+    };
+    const pB = node.io.write(Buffer.alloc(4096, 0xbb), 0); // in place, held in the "pool"
+    await node.io.discard(0, 65536); // drops guest cluster 0 -> host 0x50000
+    const pF = node.io.flush(); // frees 0x50000 ...
+    const pC = node.io.write(Buffer.alloc(65536, 0xcc), 65536); // ... which first fit hands out again
+    // Without the barrier C is written into 0x50000 now; with it, C waits behind the flush.
+    await Promise.race([cSeen.then(() => pC), sleep(300)]);
+    release();
+    await Promise.all([pB, pF, pC]);
+    const got = Buffer.alloc(65536);
+    await node.io.read(got, 65536);
+    expect(got.equals(Buffer.alloc(65536, 0xcc))).toBe(true);
+    const zero = Buffer.alloc(65536, 1);
+    await node.io.read(zero, 0);
+    expect(zero.equals(Buffer.alloc(65536))).toBe(true);
+    fileIO.write = realWrite;
+    await g.closeAll();
+    const c = check(img);
+    expect(c.code, c.out).toBe(0);
   });
 });

@@ -1262,13 +1262,15 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   private async writeClusterSlow(g: number, inOff: number, data: Buffer): Promise<void> {
-    const e = await this.lookup(g);
-    if (this.inPlace(e)) {
-      await this.writeData(data, e.host + inOff);
-      return;
-    }
+    const l1i = Math.floor(g / this.l2Entries);
+    // Decode and issue an in-place write in one synchronous step: a discard that drops the
+    // mapping in between would otherwise not see this write (see writeback's barrier).
+    const t0 = await this.l2Read(l1i);
+    const e = this.decode(t0, g % this.l2Entries);
+    if (this.inPlace(e)) return this.writeData(data, e.host + inOff);
     await this.clusterLocks.run(g, async () => {
-      const cur = await this.lookup(g);
+      const t1 = await this.l2Read(l1i);
+      const cur = this.decode(t1, g % this.l2Entries);
       if (this.inPlace(cur)) {
         await this.writeData(data, cur.host + inOff);
         return;
@@ -1479,6 +1481,9 @@ export class Qcow2Driver implements BlockDriver {
       t.dirty = false;
     }
     if (this.pending.length) {
+      // Overwrites issued while the old mappings were live may still be in flight: they must
+      // land before their host clusters can be reallocated.
+      await this.storage.writeBarrier();
       await this.storage.flush();
       const frees = this.pending;
       this.pending = [];

@@ -56,6 +56,22 @@ export class Storage {
    * fill around partial data. Only ever moves up (except on shrink), so it is conservative.
    */
   private zeroFrom: number;
+  /**
+   * Writes in flight per epoch (0/1). writeBarrier() flips the epoch and waits until the old
+   * one has drained: every write issued before the barrier has then completed. The counters
+   * are kept from the write's own promise (one reaction, bound callbacks, no closure).
+   */
+  private inflight0 = 0;
+  private inflight1 = 0;
+  private epoch = 0;
+  private drainedOld: (() => void) | undefined;
+  private barrierTail: Promise<void> = Promise.resolve();
+  private readonly settle0 = (): void => {
+    if (--this.inflight0 === 0 && this.epoch === 1) this.wakeBarrier();
+  };
+  private readonly settle1 = (): void => {
+    if (--this.inflight1 === 0 && this.epoch === 0) this.wakeBarrier();
+  };
 
   constructor(
     private readonly io: () => BlockIO,
@@ -92,8 +108,45 @@ export class Storage {
     const end = offset + buf.length;
     if (end > this.zeroFrom) this.zeroFrom = end;
     const io = this.io();
-    if (this.growing === undefined && io.size() >= end) return io.write(buf, offset);
-    return this.ensureSize(end).then(() => this.io().write(buf, offset));
+    const p =
+      this.growing === undefined && io.size() >= end
+        ? io.write(buf, offset)
+        : this.ensureSize(end).then(() => this.io().write(buf, offset));
+    if (this.epoch === 0) {
+      this.inflight0++;
+      p.then(this.settle0, this.settle0);
+    } else {
+      this.inflight1++;
+      p.then(this.settle1, this.settle1);
+    }
+    return p;
+  }
+
+  /**
+   * Resolves once every write issued before the call has completed (successfully or not).
+   * The qcow2 driver waits for this before it lowers refcounts, so that an overwrite still in
+   * flight to a host cluster whose mapping was just dropped cannot land after the cluster has
+   * been handed to someone else.
+   */
+  writeBarrier(): Promise<void> {
+    const p = this.barrierTail.then(() => this.flipEpoch());
+    this.barrierTail = p;
+    return p;
+  }
+
+  private flipEpoch(): Promise<void> | undefined {
+    const old = this.epoch;
+    this.epoch = old ^ 1;
+    if ((old === 0 ? this.inflight0 : this.inflight1) === 0) return undefined;
+    return new Promise<void>((r) => (this.drainedOld = r));
+  }
+
+  private wakeBarrier(): void {
+    const w = this.drainedOld;
+    if (w) {
+      this.drainedOld = undefined;
+      w();
+    }
   }
 
   /** Make the file at least `end` bytes long (sparse growth in chunks). */
