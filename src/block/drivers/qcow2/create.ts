@@ -101,8 +101,15 @@ export async function createQcow2(io: BlockIO, o: Qcow2CreateOptions, signal?: A
   const rtOff = cs;
   const rbOff = rtOff + rt * cs;
   const l1Off = rbOff + rb * cs;
+  // Where QEMU puts the L2 tables and data: with metadata each L2 table is followed by the data
+  // clusters it maps (one table, its data, the next table); with falloc and full the data is one
+  // contiguous run after the first L2 table, and the other tables follow it.
   const l2Off = l1Off + l1Clusters * cs;
-  const dataOff = l2Off + l2Tables * cs;
+  const contiguous = o.preallocation === 'falloc' || o.preallocation === 'full';
+  const tableOff = (i: number): number =>
+    !contiguous ? l2Off + i * (1 + l2Entries) * cs : i === 0 ? l2Off : l2Off + (dataClusters + i) * cs;
+  const dataOffOf = (g: number): number =>
+    !contiguous ? tableOff(Math.floor(g / l2Entries)) + (1 + (g % l2Entries)) * cs : l2Off + (1 + g) * cs;
   const total = 1 + rt + rb + l1Clusters + l2Tables + dataClusters;
 
   const h = newHeader({
@@ -123,7 +130,10 @@ export async function createQcow2(io: BlockIO, o: Qcow2CreateOptions, signal?: A
   h.l1TableOffset = l1Off;
   h.refcountTableOffset = rtOff;
   h.refcountTableClusters = rt;
-  const header = buildHeader(h);
+  // The whole header cluster is written (zero padded), as QEMU does: same allocated size.
+  const headerBytes = buildHeader(h);
+  const header = Buffer.alloc(Math.max(cs, headerBytes.length));
+  headerBytes.copy(header);
 
   const reftable = Buffer.alloc(rt * cs);
   for (let i = 0; i < rb; i++) writeU64(reftable, i * 8, rbOff + i * cs);
@@ -132,18 +142,10 @@ export async function createQcow2(io: BlockIO, o: Qcow2CreateOptions, signal?: A
   for (let c = 0; c < total; c++) setRefcountOne(refblocks, c, width);
 
   const l1 = Buffer.alloc(l1Clusters * cs);
-  const l2 = Buffer.alloc(l2Tables * cs);
   for (let i = 0; i < l2Tables; i++) {
-    const off = l2Off + i * cs;
+    const off = tableOff(i);
     l1.writeUInt32BE((Math.floor(off / 0x100000000) | HI_COPIED) >>> 0, i * 8);
     l1.writeUInt32BE(off >>> 0, i * 8 + 4);
-  }
-  for (let g = 0; g < dataClusters; g++) {
-    const off = dataOff + g * cs;
-    const at = g * entrySize;
-    l2.writeUInt32BE((Math.floor(off / 0x100000000) | HI_COPIED) >>> 0, at);
-    l2.writeUInt32BE(off >>> 0, at + 4);
-    if (o.extendedL2) l2.writeUInt32BE(0xffffffff, at + 12);
   }
 
   // Start from an empty file, then write everything in place; QEMU's files end after the L1.
@@ -151,27 +153,43 @@ export async function createQcow2(io: BlockIO, o: Qcow2CreateOptions, signal?: A
   await io.truncate(0);
   await io.truncate(fileEnd);
   const parts: [Buffer, number][] = [
-    [header, 0],
+    [header.subarray(0, Math.min(header.length, fileEnd)), 0],
     [reftable, rtOff],
     [refblocks, rbOff],
-    [l1.subarray(0, Math.min(l1.length, fileEnd - l1Off)), l1Off],
+    // Only the used part of the L1 table, like QEMU (the rest of its cluster stays a hole).
+    [l1.subarray(0, Math.max(8, l1Size * 8)), l1Off],
   ];
-  if (l2.length) parts.push([l2, l2Off]);
   for (const [buf, off] of parts) {
     signal?.throwIfAborted();
     if (buf.length) await io.write(buf, off);
   }
-  const dataLen = dataClusters * cs;
-  if (o.preallocation === 'falloc' && dataLen > 0) {
-    // Reserve without writing: the file driver turns this into FALLOC_FL_ZERO_RANGE.
+  const l2 = Buffer.alloc(l2Tables ? cs : 0);
+  const zero = o.preallocation === 'full' ? Buffer.alloc(Math.min(FULL_CHUNK, l2Entries * cs)) : undefined;
+  for (let i = 0; i < l2Tables; i++) {
     signal?.throwIfAborted();
-    await io.writeZeroes(dataOff, dataLen, {});
-  } else if (o.preallocation === 'full' && dataLen > 0) {
-    const zero = Buffer.alloc(Math.min(FULL_CHUNK, dataLen));
-    for (let pos = dataOff; pos < dataOff + dataLen; pos += zero.length) {
-      signal?.throwIfAborted();
-      const n = Math.min(zero.length, dataOff + dataLen - pos);
-      await io.write(n === zero.length ? zero : zero.subarray(0, n), pos);
+    const off = tableOff(i);
+    const first = i * l2Entries;
+    const count = Math.min(l2Entries, dataClusters - first);
+    l2.fill(0);
+    for (let k = 0; k < count; k++) {
+      const dataOff = dataOffOf(first + k);
+      const at = k * entrySize;
+      l2.writeUInt32BE((Math.floor(dataOff / 0x100000000) | HI_COPIED) >>> 0, at);
+      l2.writeUInt32BE(dataOff >>> 0, at + 4);
+      if (o.extendedL2) l2.writeUInt32BE(0xffffffff, at + 12);
+    }
+    await io.write(l2, off);
+    const dataStart = dataOffOf(first);
+    const dataEnd = dataStart + count * cs;
+    if (o.preallocation === 'falloc') {
+      // Reserve without writing: the file driver turns this into FALLOC_FL_ZERO_RANGE.
+      await io.writeZeroes(dataStart, dataEnd - dataStart, {});
+    } else if (zero) {
+      for (let pos = dataStart; pos < dataEnd; pos += zero.length) {
+        signal?.throwIfAborted();
+        const n = Math.min(zero.length, dataEnd - pos);
+        await io.write(n === zero.length ? zero : zero.subarray(0, n), pos);
+      }
     }
   }
   await io.flush();
