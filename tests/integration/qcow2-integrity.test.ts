@@ -4,6 +4,7 @@
  * images with internal snapshots. Results are checked with qemu-img.
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { BlockIO } from '../../src/block/types.js';
@@ -275,5 +276,112 @@ describe.skipIf(!tools)('qcow2 frees and in-flight writes', () => {
     await g.closeAll();
     const c = check(img);
     expect(c.code, c.out).toBe(0);
+  });
+});
+
+/** A deterministic pseudo-random generator (tests must not depend on Math.random). */
+function rng(seed: number): () => number {
+  let x = seed >>> 0;
+  return () => {
+    x = (x * 1664525 + 1013904223) >>> 0;
+    return x / 0x100000000;
+  };
+}
+
+describe.skipIf(!tools)('qcow2 read-write with internal snapshots', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = tmp();
+  });
+  afterEach(() => rm(dir));
+
+  /** 32 MiB image, data written by QEMU, then snapshot s1; returns the image and its content. */
+  function snapshotted(opts = 'cluster_size=65536'): { img: string; old: Buffer } {
+    const img = join(dir, 's.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', opts, img, '32M');
+    qemuIo(img, 'qcow2', 'write -P 0x11 0 8M', 'write -P 0x12 12M 1M', 'write -c -P 0x13 20M 128k', 'write -z 24M 1M');
+    qemuImg('snapshot', '-c', 's1', img);
+    return { img, old: contentOf(img, dir) };
+  }
+
+  /** Writes, partial writes, zeroes and discards over shared and unshared clusters. */
+  async function churn(io: BlockIO, shadow: Buffer, seed: number): Promise<void> {
+    const r = rng(seed);
+    for (let i = 0; i < 120; i++) {
+      const off = Math.floor(r() * (shadow.length / 512 - 256)) * 512;
+      const len = (1 + Math.floor(r() * 128)) * 512;
+      const op = r();
+      if (op < 0.6) {
+        const b = Buffer.alloc(len, 0x20 + (i % 200));
+        await io.write(b, off);
+        b.copy(shadow, off);
+      } else if (op < 0.8) {
+        await io.writeZeroes(off, len, { mayUnmap: op < 0.7 });
+        shadow.fill(0, off, off + len);
+      } else {
+        // Discard is only visible where it covers whole clusters; mirror it by reading back.
+        await io.discard(off, len);
+        const back = Buffer.alloc(len);
+        await io.read(back, off);
+        back.copy(shadow, off);
+      }
+      if (i % 40 === 39) await io.flush();
+    }
+  }
+
+  it.each([
+    ['64 KiB clusters', 'cluster_size=65536'],
+    ['4 KiB clusters, 8-bit refcounts', 'cluster_size=4096,refcount_bits=8'],
+    ['extended L2', 'cluster_size=65536,extended_l2=on'],
+  ])('writes copy-on-write and leaves the snapshot intact (%s)', async (_name, opts) => {
+    const { img, old } = snapshotted(opts);
+    const shadow = Buffer.from(old);
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img, { discard: 'unmap' });
+    await churn(node.io, shadow, 7);
+    await g.closeAll();
+
+    const c = check(img);
+    expect(c.code, c.out).toBe(0);
+    expect(contentOf(img, dir).equals(shadow)).toBe(true);
+    expect(qemuImg('snapshot', '-l', img)).toContain('s1');
+    const copy = join(dir, 'copy.qcow2');
+    copyFileSync(img, copy);
+    qemuImg('snapshot', '-a', 's1', copy);
+    expect(contentOf(copy, dir).equals(old)).toBe(true);
+    expect(check(copy).code).toBe(0);
+  });
+
+  it('refuses to resize an image with snapshots', async () => {
+    const { img } = snapshotted();
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img);
+    await expect(node.io.truncate(64 * MiB)).rejects.toThrow("Can't resize an image which has snapshots");
+    await g.closeAll();
+    expect(check(img).code).toBe(0);
+  });
+
+  it('repairs a dirty image with snapshots without freeing their clusters', async () => {
+    const { img, old } = snapshotted('cluster_size=65536,lazy_refcounts=on');
+    qemuIo(img, 'qcow2', 'write -P 0x44 4M 2M'); // after the snapshot: shared clusters copied
+    const now = contentOf(img, dir);
+    setIncompatible(img, 1n);
+    const shadow = Buffer.from(now);
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img);
+    // Fresh allocations: without the snapshot's references they would reuse its clusters.
+    for (let i = 0; i < 48; i++) {
+      const b = Buffer.alloc(65536, 0x60 + i);
+      await node.io.write(b, 26 * MiB + i * 65536);
+      b.copy(shadow, 26 * MiB + i * 65536);
+    }
+    await g.closeAll();
+    const c = check(img);
+    expect(c.code, c.out).toBe(0);
+    expect(contentOf(img, dir).equals(shadow)).toBe(true);
+    const copy = join(dir, 'copy.qcow2');
+    copyFileSync(img, copy);
+    qemuImg('snapshot', '-a', 's1', copy);
+    expect(contentOf(copy, dir).equals(old)).toBe(true);
   });
 });

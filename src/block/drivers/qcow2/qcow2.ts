@@ -280,9 +280,6 @@ export class Qcow2Driver implements BlockDriver {
       if ((h.incompatible & INCOMPAT_CORRUPT) !== 0n) {
         throw optError('qcow2: Image is corrupt; cannot be opened read/write');
       }
-      if (h.nbSnapshots > 0) {
-        throw optError('qcow2 images with internal snapshots can only be opened read-only by blockd');
-      }
     }
 
     const l1 = Buffer.alloc(h.l1Size * 8);
