@@ -165,7 +165,7 @@ static void emit(int ev, int id, int64_t arg) {
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
   napi_value cb, recv, argv[3], result;
   napi_get_reference_value(env, g_cb, &cb);
-  napi_get_undefined(env, &recv);
+  napi_get_global(env, &recv);
   napi_create_int32(env, ev, &argv[0]);
   napi_create_int32(env, id, &argv[1]);
   napi_create_int64(env, arg, &argv[2]);

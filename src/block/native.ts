@@ -160,6 +160,16 @@ function addonPath(): string | undefined {
 
 let cached: NativeOps | undefined;
 let loadError: string | undefined;
+let rawModule: unknown;
+
+/**
+ * The addon module itself (undefined without it), for layers that check and wrap the functions
+ * they use themselves (the NBD server's netio, see src/nbd/native-transport.ts).
+ */
+export function nativeAddon(): unknown {
+  nativeOps();
+  return rawModule;
+}
 
 /** The addon if it is built and not disabled, else the fallback. Loaded once. */
 export function nativeOps(): NativeOps {
@@ -173,6 +183,7 @@ export function nativeOps(): NativeOps {
   try {
     const require = createRequire(import.meta.url);
     const a = require(p) as RawAddon;
+    rawModule = a;
     const zstd = zstdOps(a);
     cached = {
       available: true,

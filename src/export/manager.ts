@@ -15,7 +15,8 @@ import { strerror } from '../util/errors.js';
 import { existsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { NbdExport, type MultiConnMode } from './nbd-export.js';
-import { nativeOps } from '../block/native.js';
+import { nativeAddon, nativeOps } from '../block/native.js';
+import { netIoBindingFrom } from '../nbd/native-transport.js';
 
 /** QSD 7.2.22 (Debian) and upstream >= 9.1 default. */
 export const DEFAULT_MAX_CONNECTIONS = 100;
@@ -143,6 +144,7 @@ export class ExportManager implements NbdBackend {
       // A 4 MiB send buffer holds a batch of large READ replies at once (the default ~208 KiB
       // splits every 256 KiB reply over several writability wake-ups).
       tuneUnixSocket: (fd) => nativeOps().setSendBuffer?.(fd, 4 * 1024 * 1024),
+      netio: netIoBindingFrom(nativeAddon()),
     });
     try {
       this.bound = await server.listen(opts.addr);

@@ -6,12 +6,12 @@
  * Reading pauses while the in-flight window (count or bytes) is full or the socket's
  * write side needs draining.
  */
-import type { Socket } from 'node:net';
 import type { Logger } from '../util/logger.js';
 import type { NbdBackend, NbdExtent, NbdExportHandle, NbdSession, NbdZeroRanges } from './backend.js';
 import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
 import { nbdErrorOf } from './errors.js';
 import { FrameReader } from './frame-reader.js';
+import type { NbdTransport, TransportSink } from './transport.js';
 import { Handshake, type HandshakeStep, type SelectedContext } from './handshake.js';
 import {
   CMD_TEXT,
@@ -99,11 +99,6 @@ export interface NbdConnectionOptions {
   maxInFlightBytes?: number;
   /** Called once the socket is closed and every request has settled (like `closed`, sooner). */
   onClosed?: () => void;
-  /**
-   * The socket reads into one reused buffer (net.Socket `onread`) and hands each read to
-   * {@link NbdConnection.onRead}, instead of emitting a fresh Buffer per read as 'data'.
-   */
-  userBuffer?: boolean;
 }
 
 type ReadState =
@@ -133,7 +128,7 @@ interface ReadCtx {
   hdr: number;
 }
 
-export class NbdConnection {
+export class NbdConnection implements TransportSink {
   readonly id: number;
   readonly clientAddress: string;
   private readonly baseLog: Logger;
@@ -191,7 +186,6 @@ export class NbdConnection {
   private resolveClosed: (() => void) | undefined;
   private closedPromise: Promise<void> | undefined;
   private readonly onClosed: (() => void) | undefined;
-  private readonly userBuffer: boolean;
 
   /** Resolves once the socket is closed and every request has settled (made on first use). */
   get closed(): Promise<void> {
@@ -204,15 +198,14 @@ export class NbdConnection {
   }
 
   constructor(
-    private readonly socket: Socket,
+    private readonly socket: NbdTransport,
     opts: NbdConnectionOptions,
   ) {
     this.id = opts.id;
     this.clientAddress = opts.clientAddress;
     this.backend = opts.backend;
     this.onClosed = opts.onClosed;
-    this.userBuffer = opts.userBuffer === true;
-    this.reader.volatile = this.userBuffer;
+    this.reader.volatile = socket.volatileReads;
     this.baseLog = opts.log;
     this.trace = opts.log.isLevelEnabled('trace');
     this.infoOn = opts.log.isLevelEnabled('info');
@@ -244,35 +237,35 @@ export class NbdConnection {
     // Greeting first, so the client works on it while we finish setting up.
     this.queue(this.hs.greeting());
     this.flush();
-    if (!this.userBuffer) {
-      this.socket.on('data', (chunk: Buffer) => {
-        this.reader.push(chunk);
-        this.pump();
-      });
-    }
-    this.socket.on('error', (err) => {
-      this.log.debug({ err: err.message }, 'socket error');
-    });
-    this.socket.on('close', () => this.onSocketClose());
-    this.socket.on('drain', () => {
-      if (!this.writeBlocked) return;
-      this.writeBlocked = false;
-      this.maybeResume();
-    });
-    this.socket.resume();
+    this.socket.attach(this);
   }
 
   /**
-   * Bytes read into the socket's reused buffer (see NbdConnectionOptions.userBuffer). Everything
-   * is parsed now; a partial frame is copied out before returning, since the buffer is refilled
-   * by the next read. Returns false to stop reading (the window is full).
+   * TransportSink: bytes arrived. With a volatile read buffer everything is parsed now and a
+   * partial frame is copied out before returning, since the buffer is refilled by the next read.
    */
-  onRead(n: number, buf: Buffer): boolean {
+  onData(buf: Buffer): void {
     const r = this.reader;
-    r.push(buf.subarray(0, n));
+    r.push(buf);
     this.pump();
-    r.own();
-    return !this.readingPaused;
+    if (r.volatile) r.own();
+  }
+
+  /** TransportSink: the write side has room again. */
+  onDrain(): void {
+    if (!this.writeBlocked) return;
+    this.writeBlocked = false;
+    this.maybeResume();
+  }
+
+  /** TransportSink. */
+  onError(message: string): void {
+    if (this.debugOn) this.log.debug({ err: message }, 'socket error');
+  }
+
+  /** TransportSink: the socket is gone. */
+  onClose(): void {
+    this.onSocketClose();
   }
 
   /** Close the connection now (export removed, server stopping). */
@@ -877,22 +870,10 @@ export class NbdConnection {
     const done =
       recycle.length === 0
         ? undefined
-        : (err?: Error | null) => {
-            if (!err) for (const b of recycle) releaseReplyBuffer(b);
+        : () => {
+            for (const b of recycle) releaseReplyBuffer(b);
           };
-    let ok: boolean;
-    if (merged !== undefined) {
-      ok = this.socket.write(merged, done);
-    } else if (out.length === 1) {
-      ok = this.socket.write(out[0]!, done);
-    } else {
-      this.socket.cork();
-      const last = out.length - 1;
-      for (let i = 0; i < last; i++) this.socket.write(out[i]!);
-      this.socket.write(out[last]!, done);
-      this.socket.uncork();
-      ok = !this.socket.writableNeedDrain;
-    }
+    const ok = this.socket.write(merged !== undefined ? [merged] : out, done);
     if (!ok && !this.writeBlocked) {
       this.writeBlocked = true;
       this.pauseReading();
@@ -912,13 +893,13 @@ export class NbdConnection {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.flush();
     this.ending = true;
-    if (this.disconnectOnDisc && this.socket.writableLength === 0) {
+    if (this.disconnectOnDisc && this.socket.pendingBytes === 0) {
       // Everything is in the kernel and the client has said goodbye: close now, like QEMU,
       // instead of a shutdown round through the stream machinery.
       this.socket.destroy();
       return;
     }
-    this.socket.end(() => this.socket.destroy());
+    this.socket.end();
   }
 
   /** Close without flushing (protocol violation). */

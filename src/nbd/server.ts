@@ -14,6 +14,8 @@ import type { Logger } from '../util/logger.js';
 import { DaemonError } from '../util/errors.js';
 import type { NbdBackend } from './backend.js';
 import { NbdConnection } from './connection.js';
+import { NativeListener, listenUnixFd, type NativeTransport, type NetIoBinding } from './native-transport.js';
+import { SocketTransport, type NbdTransport } from './transport.js';
 
 /** Where to listen (QAPI SocketAddress shapes, camelCase). */
 export type NbdListenAddress =
@@ -37,6 +39,11 @@ export interface NbdServerOptions {
    * its send buffer; errors are ignored.
    */
   tuneUnixSocket?: (fd: number) => void;
+  /**
+   * The addon's socket layer: when given, clients are served on native sockets (far cheaper per
+   * connection than net.Socket); without it, or with BLOCKD_NET=node, on net.Socket.
+   */
+  netio?: NetIoBinding | undefined;
 }
 
 /**
@@ -49,9 +56,8 @@ const READ_BUFFER = Buffer.allocUnsafeSlow(256 * 1024);
 
 /** Where a socket's reads go once its connection exists. */
 interface ReadTarget {
-  conn: NbdConnection | undefined;
+  transport: SocketTransport | undefined;
 }
-const readTargets = new WeakMap<net.Socket, ReadTarget>();
 
 /** The parts of Node's listening handle we replace (internal, so checked at run time). */
 interface ListenHandle {
@@ -72,8 +78,9 @@ export type NbdBoundAddress = { type: 'unix'; path: string } | { type: 'inet'; h
 export class NbdServer {
   private readonly log: Logger;
   private server: net.Server | undefined;
+  private native: NativeListener | undefined;
   private readonly active = new Set<NbdConnection>();
-  private readonly waiting: net.Socket[] = [];
+  private readonly waiting: NbdTransport[] = [];
   private nextId = 1;
   private closing = false;
   private unixPath: string | undefined;
@@ -107,26 +114,69 @@ export class NbdServer {
 
   /** Start listening. Rejects with a DaemonError (errno from the OS) on failure. */
   async listen(addr: NbdListenAddress): Promise<NbdBoundAddress> {
-    if (this.server) throw new DaemonError('NBD_SERVER_RUNNING', 'NBD server already running');
+    if (this.server || this.native) throw new DaemonError('NBD_SERVER_RUNNING', 'NBD server already running');
+    const netio = process.env['BLOCKD_NET'] === 'node' ? undefined : this.opts.netio;
+    if (netio) return this.listenNative(netio, addr);
+    return this.listenNode(addr);
+  }
+
+  /** On the addon's sockets: unix and fd natively; TCP bound by Node, then taken over. */
+  private async listenNative(netio: NetIoBinding, addr: NbdListenAddress): Promise<NbdBoundAddress> {
+    const accept = (t: NativeTransport): void => this.onTransport(t);
+    if (addr.type === 'unix') {
+      removeStaleSocket(addr.path);
+      let fd: number;
+      try {
+        fd = listenUnixFd(netio, addr.path);
+      } catch (err) {
+        throw listenError(err);
+      }
+      try {
+        this.native = new NativeListener(netio, fd, accept);
+      } catch (err) {
+        unlinkSocket(addr.path);
+        throw listenError(err);
+      }
+      this.unixPath = addr.path;
+      this.bound = { type: 'unix', path: addr.path };
+    } else if (addr.type === 'fd') {
+      try {
+        this.native = new NativeListener(netio, addr.fd, accept);
+      } catch (err) {
+        throw listenError(err);
+      }
+      this.bound = { type: 'fd', fd: addr.fd };
+    } else {
+      // Node resolves and binds the address (QEMU's inet forms); its socket is then duplicated
+      // and Node's listener closed, so only the native one accepts.
+      const bound = await this.listenNode(addr);
+      const server = this.server!;
+      const fd = (server as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+      if (typeof fd === 'number' && fd >= 0) {
+        try {
+          const dup = netio.netDup(fd);
+          this.native = new NativeListener(netio, dup, accept);
+          this.server = undefined;
+          // Clients Node accepted before the switch are still served (through 'connection').
+          server.close();
+        } catch (err) {
+          this.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'NBD: native listener failed, using net.Server');
+        }
+      }
+      return bound;
+    }
+    this.log.info({ address: this.bound }, 'NBD server listening');
+    return this.bound;
+  }
+
+  private async listenNode(addr: NbdListenAddress): Promise<NbdBoundAddress> {
     const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (s) => this.onSocket(s));
     server.on('error', (err) => this.log.error({ err: err.message }, 'NBD listener error'));
-    if (addr.type === 'unix') {
-      // QEMU replaces a stale socket file; Node would fail with EADDRINUSE.
-      try {
-        if (lstatSync(addr.path).isSocket()) unlinkSync(addr.path);
-      } catch {
-        /* absent */
-      }
-    }
+    if (addr.type === 'unix') removeStaleSocket(addr.path);
     await new Promise<void>((resolve, reject) => {
       const onErr = (err: NodeJS.ErrnoException) => {
         server.off('listening', onOk);
-        reject(
-          new DaemonError('NBD_LISTEN', `Failed to bind socket: ${err.message}`, {
-            errno: err.code === 'EADDRINUSE' ? 'EBUSY' : 'EINVAL',
-            cause: err,
-          }),
-        );
+        reject(listenError(err));
       };
       const onOk = () => {
         server.off('error', onErr);
@@ -175,7 +225,7 @@ export class NbdServer {
           /* an untuned socket still works */
         }
       }
-      const target: ReadTarget = { conn: undefined };
+      const target: ReadTarget = { transport: undefined };
       let s: net.Socket;
       try {
         if (typeof clientHandle.setNoDelay === 'function') clientHandle.setNoDelay(true);
@@ -188,15 +238,16 @@ export class NbdServer {
           onread: {
             buffer: READ_BUFFER,
             callback: (n: number, buf: Uint8Array) =>
-              target.conn ? target.conn.onRead(n, buf as Buffer) : false,
+              target.transport ? target.transport.onRead(n, buf as Buffer) : false,
           },
         } as net.SocketConstructorOpts);
       } catch (e) {
         this.log.error({ err: e instanceof Error ? e.message : String(e) }, 'NBD accept failed');
         return;
       }
-      readTargets.set(s, target);
-      this.onSocket(s);
+      const t = new SocketTransport(s, true);
+      target.transport = t;
+      this.onTransport(t);
     };
   }
 
@@ -204,36 +255,46 @@ export class NbdServer {
     return this.opts.maxConnections ?? 0;
   }
 
+  /** A client from net.Server's 'connection' event (the fallback path). */
   private onSocket(s: net.Socket): void {
+    this.onTransport(new SocketTransport(s, false));
+  }
+
+  private onTransport(t: NbdTransport): void {
     if (this.closing) {
-      s.destroy();
+      t.destroy();
       return;
     }
     if (this.limit > 0 && this.active.size >= this.limit) {
-      // The connection adds its own error listener once the client is admitted.
-      s.on('error', ignoreError);
       this.log.debug({ queued: this.waiting.length + 1 }, 'NBD connection limit reached, client queued');
-      this.waiting.push(s);
-      s.once('close', () => {
-        const i = this.waiting.indexOf(s);
-        if (i >= 0) this.waiting.splice(i, 1);
-      });
+      this.waiting.push(t);
+      if (t instanceof SocketTransport) {
+        // The connection adds its own error listener once the client is admitted.
+        t.socket.on('error', ignoreError);
+        t.socket.once('close', () => {
+          const i = this.waiting.indexOf(t);
+          if (i >= 0) this.waiting.splice(i, 1);
+        });
+      }
       return;
     }
-    this.startConnection(s);
+    this.startConnection(t);
   }
 
-  private startConnection(s: net.Socket): void {
+  private startConnection(t: NbdTransport): void {
     const id = this.nextId++;
-    // A unix peer has no address; asking the handle for one costs a syscall per connect.
-    const clientAddress =
-      this.bound?.type !== 'unix' && s.remoteAddress !== undefined
-        ? `${s.remoteAddress}:${s.remotePort ?? 0}`
-        : 'unix';
+    // A unix peer has no address; asking the socket for one costs a syscall per connect.
+    let clientAddress = 'unix';
+    if (this.bound?.type !== 'unix') {
+      if (t instanceof SocketTransport) {
+        const s = t.socket;
+        if (s.remoteAddress !== undefined) clientAddress = `${s.remoteAddress}:${s.remotePort ?? 0}`;
+      } else {
+        clientAddress = (t as NativeTransport).peer();
+      }
+    }
     const o = this.opts;
-    const target = readTargets.get(s);
-    const conn: NbdConnection = new NbdConnection(s, {
-      userBuffer: target !== undefined,
+    const conn: NbdConnection = new NbdConnection(t, {
       id,
       backend: o.backend,
       log: this.log,
@@ -246,7 +307,6 @@ export class NbdServer {
         if (this.waiting.length > 0) this.admitWaiting();
       },
     });
-    if (target) target.conn = conn;
     this.active.add(conn);
     if (this.infoOn) this.log.info({ conn: id, client: clientAddress }, 'NBD client connected');
     conn.start();
@@ -272,18 +332,35 @@ export class NbdServer {
     this.closing = true;
     const server = this.server;
     this.server = undefined;
+    this.native?.close();
+    this.native = undefined;
     for (const s of this.waiting.splice(0)) s.destroy();
     const conns = [...this.active];
     for (const c of conns) c.disconnect('NBD server stopping');
     if (server) await new Promise<void>((r) => server.close(() => r()));
-    if (this.unixPath) {
-      try {
-        if (lstatSync(this.unixPath).isSocket()) unlinkSync(this.unixPath);
-      } catch {
-        /* already gone */
-      }
-    }
+    if (this.unixPath) unlinkSocket(this.unixPath);
     await Promise.all(conns.map((c) => c.closed));
     this.log.info('NBD server stopped');
   }
+}
+
+/** QEMU replaces a stale socket file; bind() would fail with EADDRINUSE. */
+function removeStaleSocket(path: string): void {
+  unlinkSocket(path);
+}
+
+function unlinkSocket(path: string): void {
+  try {
+    if (lstatSync(path).isSocket()) unlinkSync(path);
+  } catch {
+    /* absent */
+  }
+}
+
+function listenError(err: unknown): DaemonError {
+  const e = err as NodeJS.ErrnoException;
+  return new DaemonError('NBD_LISTEN', `Failed to bind socket: ${e.message}`, {
+    errno: e.code === 'EADDRINUSE' ? 'EBUSY' : 'EINVAL',
+    cause: err,
+  });
 }

@@ -4,6 +4,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
+import { SocketTransport } from '../../src/nbd/transport.js';
 
 export class FakeSocket extends EventEmitter {
   readonly written: Buffer[] = [];
@@ -11,6 +12,7 @@ export class FakeSocket extends EventEmitter {
   ended = false;
   paused = true;
   writableNeedDrain = false;
+  writableLength = 0;
   private corked = 0;
 
   setNoDelay(): this {
@@ -55,6 +57,10 @@ export class FakeSocket extends EventEmitter {
   }
   asSocket(): Socket {
     return this as unknown as Socket;
+  }
+  /** The transport an NbdConnection runs on; `userBuffer`: reads come through its onRead(). */
+  asTransport(userBuffer = false): SocketTransport {
+    return new SocketTransport(this.asSocket(), userBuffer);
   }
 }
 

@@ -5,7 +5,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
 import {
   encodeInfoRequest,
@@ -24,6 +24,17 @@ import {
 import { silentLogger } from '../../src/util/logger.js';
 import { MemoryBackend } from '../helpers/nbd-memory-backend.js';
 import { RawNbdClient } from '../helpers/nbd-raw-client.js';
+import { nativeAddon } from '../../src/block/native.js';
+import { netIoBindingFrom, type NetIoBinding } from '../../src/nbd/native-transport.js';
+
+/** Every suite runs on both socket layers: net.Socket and the addon's netio (when built). */
+const NETIO = netIoBindingFrom(nativeAddon());
+if (!NETIO && process.env['CI'] === 'true' && process.env['BLOCKD_NO_ADDON'] !== '1') {
+  throw new Error('the native addon (netio) is required under CI');
+}
+const TRANSPORTS: [string, NetIoBinding | undefined][] = [['net.Socket', undefined]];
+if (NETIO) TRANSPORTS.push(['native netio', NETIO]);
+let netio: NetIoBinding | undefined;
 
 let dir: string | undefined;
 let server: NbdServer | undefined;
@@ -36,7 +47,7 @@ async function setup(opts: Partial<NbdServerOptions> = {}) {
     { name: 'n', size: 64 << 20, canFastZero: false },
     { name: 'ro', size: 1 << 20, readOnly: true },
   ]);
-  server = new NbdServer({ backend, log: silentLogger(), ...opts });
+  server = new NbdServer({ backend, log: silentLogger(), netio, ...opts });
   await server.listen({ type: 'unix', path });
   const connect = async () => {
     const c = await RawNbdClient.connect(path);
@@ -62,6 +73,11 @@ async function stillServes(connect: () => Promise<RawNbdClient>): Promise<void> 
   expect(r.map((x) => x.type)).toEqual([NBD_REP_SERVER, NBD_REP_SERVER, NBD_REP_ACK]);
   c.close();
 }
+
+describe.each(TRANSPORTS)('on %s', (_name, binding) => {
+beforeAll(() => {
+  netio = binding;
+});
 
 describe('NBD engine bad input', () => {
   it('closes a connection whose option magic is wrong', async () => {
@@ -210,6 +226,44 @@ describe('NBD server connection management', () => {
     expect(backend.get('n').clients).toBe(0);
   });
 
+  it('delivers reads much larger than the socket buffer to a client that reads slowly', async () => {
+    const { connect, backend } = await setup();
+    const e = backend.get('n');
+    const pattern = Buffer.alloc(16 << 20);
+    for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32BE((i * 2654435761) >>> 0, i);
+    e.fill(0, pattern);
+    const c = await connect();
+    await c.handshake('n', { structured: false });
+    c.sock.pause();
+    for (let i = 0; i < 4; i++) c.request(NBD_CMD_READ, i * (4 << 20), 4 << 20, 0, BigInt(i + 1));
+    await new Promise((r) => setTimeout(r, 100));
+    c.sock.resume();
+    const got = new Map<bigint, Buffer>();
+    for (let i = 0; i < 4; i++) {
+      const r = await c.reply();
+      expect(r?.kind).toBe('simple');
+      if (r?.kind !== 'simple') return;
+      expect(r.error).toBe(0);
+      got.set(r.cookie.readBigUInt64BE(0), (await c.read(4 << 20))!);
+    }
+    for (let i = 0; i < 4; i++) {
+      expect(got.get(BigInt(i + 1))?.equals(pattern.subarray(i * (4 << 20), (i + 1) * (4 << 20)))).toBe(true);
+    }
+  });
+
+  it('survives a client that leaves while its read replies are still queued', async () => {
+    const { connect } = await setup();
+    const c = await connect();
+    await c.handshake('n', { structured: false });
+    c.sock.pause();
+    for (let i = 0; i < 8; i++) c.request(NBD_CMD_READ, i * (4 << 20), 4 << 20, 0, BigInt(i + 1));
+    await new Promise((r) => setTimeout(r, 100));
+    c.sock.destroy();
+    for (let i = 0; i < 100 && server!.connectionCount > 0; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(server!.connectionCount).toBe(0);
+    await stillServes(connect);
+  });
+
   it('queues clients over maxConnections instead of refusing them', async () => {
     const { connect } = await setup({ maxConnections: 1 });
     const a = await connect();
@@ -249,4 +303,5 @@ describe('NBD server connection management', () => {
     const a = await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 });
     expect(a.type === 'inet' && a.port > 0).toBe(true);
   });
+});
 });

@@ -31,7 +31,7 @@ function start(exp: Partial<MemExportOptions> = {}, opts: { maxInFlight?: number
   const e = backend.get('n');
   e.fill(8192, Buffer.alloc(8192, 0xab));
   const sock = new FakeSocket();
-  const conn = new NbdConnection(sock.asSocket(), {
+  const conn = new NbdConnection(sock.asTransport(), {
     id: 1,
     backend,
     log: silentLogger(),
@@ -159,20 +159,20 @@ describe('NbdConnection reading into a reused buffer', () => {
     const e = backend.get('n');
     e.fill(8192, Buffer.alloc(8192, 0xab));
     const sock = new FakeSocket();
-    const conn = new NbdConnection(sock.asSocket(), {
+    const t = sock.asTransport(true);
+    const conn = new NbdConnection(t, {
       id: 1,
       backend,
       log: silentLogger(),
       clientAddress: 'unix',
       handshakeTimeoutMs: 0,
-      userBuffer: true,
     });
     conn.start();
     const shared = Buffer.alloc(bytes.length);
     let prev = 0;
     for (const cut of [...at, bytes.length]) {
       const n = bytes.copy(shared, 0, prev, cut);
-      conn.onRead(n, shared);
+      t.onRead(n, shared);
       shared.fill(0xee);
       prev = cut;
       await settle(2);

@@ -1,0 +1,237 @@
+/**
+ * Transports and listeners on the addon's netio (native/netio.c): sockets that are plain file
+ * descriptors polled on Node's own loop, with one JavaScript callback for all their events. A
+ * connection costs no net.Socket, stream state or event emitters, which is most of what a short
+ * NBD connection costs in Node. The nbd layer does not load the addon itself: the binding is
+ * handed in (NbdServerOptions.netio) by the layer that owns native code.
+ */
+import type { NbdTransport, TransportSink } from './transport.js';
+
+/** The addon's netio functions (see native/netio.c for the contract). */
+export interface NetIoBinding {
+  netInit(readBuffer: Buffer, callback: (ev: number, id: number, arg: number) => void): void;
+  netListenUnix(path: string, backlog: number): number;
+  netDup(fd: number): number;
+  netListen(fd: number): number;
+  netListenerClose(listenerId: number): void;
+  netResume(id: number): void;
+  netPause(id: number): void;
+  netWrite(id: number, bufs: Buffer | readonly Buffer[]): number;
+  netPending(id: number): number;
+  netClose(id: number, graceful: boolean): void;
+  netPeer(id: number): string;
+}
+
+const NETIO_FUNCTIONS = [
+  'netInit',
+  'netListenUnix',
+  'netDup',
+  'netListen',
+  'netListenerClose',
+  'netResume',
+  'netPause',
+  'netWrite',
+  'netPending',
+  'netClose',
+  'netPeer',
+] as const;
+
+/** The netio functions of an addon module, or undefined when it lacks any of them. */
+export function netIoBindingFrom(mod: unknown): NetIoBinding | undefined {
+  if (typeof mod !== 'object' || mod === null) return undefined;
+  const m = mod as Record<string, unknown>;
+  for (const f of NETIO_FUNCTIONS) if (typeof m[f] !== 'function') return undefined;
+  return m as unknown as NetIoBinding;
+}
+
+const EV_ACCEPT = 1;
+const EV_READ = 2;
+const EV_EOF = 3;
+const EV_ERROR = 4;
+const EV_DRAIN = 5;
+
+/** Every native socket reads here; a READ event's bytes are parsed before the callback returns. */
+const READ_BUFFER = Buffer.allocUnsafeSlow(256 * 1024);
+
+let bound: NetIoBinding | undefined;
+/** Live connections by id (ids are reused once closed). */
+const conns: (NativeTransport | undefined)[] = [];
+const listeners = new Map<number, NativeListener>();
+
+function onEvent(ev: number, id: number, arg: number): void {
+  // An exception here would reach napi_fatal_exception: contain it to this connection.
+  try {
+    switch (ev) {
+      case EV_READ:
+        conns[id]?.deliver(arg);
+        return;
+      case EV_ACCEPT: {
+        const l = listeners.get(arg);
+        if (!l) {
+          bound?.netClose(id, false);
+          return;
+        }
+        const t = new NativeTransport(bound!, id);
+        conns[id] = t;
+        l.onAccept(t);
+        return;
+      }
+      case EV_DRAIN:
+        conns[id]?.drained();
+        return;
+      case EV_EOF:
+        conns[id]?.gone(undefined);
+        return;
+      case EV_ERROR:
+        conns[id]?.gone(`socket error (errno ${arg})`);
+        return;
+    }
+  } catch (err) {
+    const t = conns[id];
+    if (t && ev !== EV_ACCEPT) t.fail(err instanceof Error ? err.message : String(err));
+    else if (ev === EV_ACCEPT) bound?.netClose(id, false);
+  }
+}
+
+function init(b: NetIoBinding): void {
+  if (bound === b) return;
+  if (bound) throw new Error('netio is already bound to another addon instance');
+  b.netInit(READ_BUFFER, onEvent);
+  bound = b;
+}
+
+/** One accepted socket. */
+export class NativeTransport implements NbdTransport {
+  readonly volatileReads = true;
+  private sink: TransportSink | undefined;
+  private closed = false;
+  private closeReported = false;
+  private drainWaiters: (() => void)[] = [];
+  private waitingDrain = false;
+
+  constructor(
+    private readonly b: NetIoBinding,
+    readonly id: number,
+  ) {}
+
+  get destroyed(): boolean {
+    return this.closed;
+  }
+
+  get pendingBytes(): number {
+    return this.closed ? 0 : this.b.netPending(this.id);
+  }
+
+  /** `host:port` of a TCP peer, `unix` otherwise. */
+  peer(): string {
+    return this.closed ? 'unix' : this.b.netPeer(this.id);
+  }
+
+  attach(sink: TransportSink): void {
+    this.sink = sink;
+    if (!this.closed) this.b.netResume(this.id);
+  }
+
+  deliver(n: number): void {
+    this.sink?.onData(READ_BUFFER.subarray(0, n));
+  }
+
+  drained(): void {
+    this.waitingDrain = false;
+    const w = this.drainWaiters;
+    if (w.length > 0) {
+      this.drainWaiters = [];
+      for (const f of w) f();
+    }
+    this.sink?.onDrain();
+  }
+
+  /** Peer closed or the socket failed: close our side and report once. */
+  gone(error: string | undefined): void {
+    if (error !== undefined) this.sink?.onError(error);
+    this.destroy();
+  }
+
+  fail(message: string): void {
+    this.sink?.onError(message);
+    this.destroy();
+  }
+
+  write(bufs: readonly Buffer[], done?: () => void): boolean {
+    if (this.closed) return true;
+    const r = this.b.netWrite(this.id, bufs.length === 1 ? bufs[0]! : bufs);
+    if (r === 1) {
+      if (done) done();
+      return !this.waitingDrain;
+    }
+    if (r === 0) {
+      this.waitingDrain = true;
+      if (done) this.drainWaiters.push(done);
+      return false;
+    }
+    this.fail(`write failed (errno ${-r})`);
+    return true;
+  }
+
+  pause(): void {
+    if (!this.closed) this.b.netPause(this.id);
+  }
+
+  resume(): void {
+    if (!this.closed) this.b.netResume(this.id);
+  }
+
+  end(): void {
+    if (this.closed) return;
+    this.closed = true;
+    conns[this.id] = undefined;
+    this.b.netClose(this.id, true);
+    this.reportClose();
+  }
+
+  destroy(): void {
+    if (this.closed) return;
+    this.closed = true;
+    conns[this.id] = undefined;
+    this.b.netClose(this.id, false);
+    this.reportClose();
+  }
+
+  private reportClose(): void {
+    if (this.closeReported) return;
+    this.closeReported = true;
+    this.drainWaiters = [];
+    // Asynchronously, like a socket's 'close' event: callers finish what they were doing first.
+    process.nextTick(() => this.sink?.onClose());
+  }
+}
+
+/** A listening socket whose clients become {@link NativeTransport}s. */
+export class NativeListener {
+  private readonly id: number;
+  private open = true;
+
+  /** Accept on the listening socket `fd` (owned from now on: closed by close()). */
+  constructor(
+    private readonly b: NetIoBinding,
+    fd: number,
+    readonly onAccept: (t: NativeTransport) => void,
+  ) {
+    init(b);
+    this.id = b.netListen(fd);
+    listeners.set(this.id, this);
+  }
+
+  close(): void {
+    if (!this.open) return;
+    this.open = false;
+    listeners.delete(this.id);
+    this.b.netListenerClose(this.id);
+  }
+}
+
+/** Bind and listen on a unix socket path; returns the listening fd (throws with `code`). */
+export function listenUnixFd(b: NetIoBinding, path: string): number {
+  init(b);
+  return b.netListenUnix(path, 511);
+}

@@ -1,0 +1,115 @@
+/**
+ * The byte stream an {@link NbdConnection} runs on. Two implementations: {@link SocketTransport}
+ * over a Node net.Socket (always available), and the native one in `native-transport.ts` (the
+ * addon's netio, much cheaper per connection). The connection only needs: deliver bytes, write
+ * buffers in order with back-pressure, pause/resume reading, close gracefully or at once.
+ */
+import type { Socket } from 'node:net';
+
+/** What a transport reports to its connection. */
+export interface TransportSink {
+  /**
+   * Bytes arrived. When the transport's `volatileReads` is set, `buf` is only valid during the
+   * call (it is a shared read buffer): consume or copy it before returning.
+   */
+  onData(buf: Buffer): void;
+  /** Everything written so far has reached the kernel (after a write returned false). */
+  onDrain(): void;
+  /** The stream is gone (peer closed, error, or destroy()); called once, asynchronously. */
+  onClose(): void;
+  /** A socket error (logged; onClose follows). */
+  onError(message: string): void;
+}
+
+export interface NbdTransport {
+  /** Reads land in a buffer that is reused after onData returns. */
+  readonly volatileReads: boolean;
+  readonly destroyed: boolean;
+  /** Bytes accepted by write() and not yet handed to the kernel. */
+  readonly pendingBytes: number;
+  /** Start delivering events to `sink` and start reading. */
+  attach(sink: TransportSink): void;
+  /**
+   * Write `bufs` in order. `done` runs once they are all in the kernel (not on failure).
+   * Returns false when the caller should wait for onDrain before writing more.
+   */
+  write(bufs: readonly Buffer[], done?: () => void): boolean;
+  pause(): void;
+  resume(): void;
+  /** Close once everything written has been sent. */
+  end(): void;
+  /** Close now; unsent data is dropped. */
+  destroy(): void;
+}
+
+/**
+ * A net.Socket as a transport. With `userBuffer`, the socket was built with `onread` (one shared
+ * read buffer, see server.ts) and its reads arrive through {@link SocketTransport.onRead}.
+ */
+export class SocketTransport implements NbdTransport {
+  private sink: TransportSink | undefined;
+  private paused = true;
+
+  constructor(
+    readonly socket: Socket,
+    private readonly userBuffer: boolean,
+  ) {}
+
+  get volatileReads(): boolean {
+    return this.userBuffer;
+  }
+
+  get destroyed(): boolean {
+    return this.socket.destroyed;
+  }
+
+  get pendingBytes(): number {
+    return this.socket.writableLength;
+  }
+
+  attach(sink: TransportSink): void {
+    this.sink = sink;
+    const s = this.socket;
+    if (!this.userBuffer) s.on('data', (chunk: Buffer) => sink.onData(chunk));
+    s.on('error', (err) => sink.onError(err.message));
+    s.on('close', () => sink.onClose());
+    s.on('drain', () => sink.onDrain());
+    this.resume();
+  }
+
+  /** `onread` callback of a userBuffer socket: false stops reading. */
+  onRead(n: number, buf: Buffer): boolean {
+    this.sink?.onData(buf.subarray(0, n));
+    return !this.paused;
+  }
+
+  write(bufs: readonly Buffer[], done?: () => void): boolean {
+    const s = this.socket;
+    const cb = done === undefined ? undefined : (err?: Error | null) => void (err || done());
+    if (bufs.length === 1) return s.write(bufs[0]!, cb);
+    s.cork();
+    const last = bufs.length - 1;
+    for (let i = 0; i < last; i++) s.write(bufs[i]!);
+    s.write(bufs[last]!, cb);
+    s.uncork();
+    return !s.writableNeedDrain;
+  }
+
+  pause(): void {
+    this.paused = true;
+    this.socket.pause();
+  }
+
+  resume(): void {
+    this.paused = false;
+    this.socket.resume();
+  }
+
+  end(): void {
+    this.socket.end(() => this.socket.destroy());
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
