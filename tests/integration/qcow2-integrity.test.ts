@@ -152,6 +152,18 @@ describe.skipIf(!tools)('qcow2 overlap checks', () => {
     expect(corruptFlag(img)).toBe(true);
   });
 
+  it('catches an L1 table placed on the refcount table at the first write, as QSD does', async () => {
+    const img = smallImage(dir);
+    const off = Buffer.alloc(8);
+    off.writeBigUInt64BE(0x10000n, 0);
+    poke(img, 40, off); // l1_table_offset = refcount table: L1[0] now names the refcount block
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img);
+    await expect(node.io.write(Buffer.alloc(4096, 1), 0)).rejects.toThrow('overlaps with active L2 table');
+    await g.closeAll();
+    expect(corruptFlag(img)).toBe(true);
+  });
+
   it('lets the write through with overlap-check none', async () => {
     const img = smallImage(dir);
     pointL2At(img, 0x30000);
