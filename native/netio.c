@@ -55,8 +55,11 @@
 #define MAX_IOV 64
 /* A connection whose writes block gets this send buffer (the kernel caps it at wmem_max). */
 #define BIG_SNDBUF (4 * 1024 * 1024)
-/* Connections accepted per readiness event before other work gets a turn. */
-#define ACCEPT_BURST 32
+/*
+ * Connections accepted per readiness event. One: the poll is level-triggered, so a backlog is
+ * reported again at once, and a client connecting alone costs no failing accept4() (EAGAIN).
+ */
+#define ACCEPT_BURST 1
 
 typedef struct {
   napi_ref ref; /* keeps the Buffer alive until it is sent */

@@ -128,6 +128,57 @@ interface ReadCtx {
   hdr: number;
 }
 
+/**
+ * Handshake deadlines of every connection, watched by one timer: a setTimeout per connection
+ * costs a timer-list insert and removal on the connect path. Entries are kept in insertion
+ * order; the timer is armed for the earliest deadline.
+ */
+class DeadlineSet {
+  private readonly items = new Map<NbdConnection, number>();
+  private timer: NodeJS.Timeout | undefined;
+  private armedFor = Infinity;
+
+  add(c: NbdConnection, ms: number): void {
+    const at = Date.now() + ms;
+    this.items.set(c, at);
+    if (at < this.armedFor) this.arm(at);
+  }
+
+  delete(c: NbdConnection): void {
+    this.items.delete(c);
+    if (this.items.size === 0 && this.timer) {
+      clearTimeout(this.timer);
+      this.timer = undefined;
+      this.armedFor = Infinity;
+    }
+  }
+
+  private arm(at: number): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.armedFor = at;
+    this.timer = setTimeout(() => this.fire(), Math.max(0, at - Date.now()));
+    this.timer.unref();
+  }
+
+  private fire(): void {
+    this.timer = undefined;
+    this.armedFor = Infinity;
+    const now = Date.now();
+    let next = Infinity;
+    for (const [c, at] of [...this.items]) {
+      if (at <= now) {
+        this.items.delete(c);
+        c.handshakeExpired();
+      } else if (at < next) {
+        next = at;
+      }
+    }
+    if (next < Infinity) this.arm(next);
+  }
+}
+
+const HANDSHAKE_DEADLINES = new DeadlineSet();
+
 export class NbdConnection implements TransportSink {
   readonly id: number;
   readonly clientAddress: string;
@@ -141,7 +192,8 @@ export class NbdConnection implements TransportSink {
   private readonly hs: Handshake;
   private readonly reader = new FrameReader();
   private state: ReadState = 'CLIENT_FLAGS';
-  private handshakeTimer: NodeJS.Timeout | undefined;
+  /** In HANDSHAKE_DEADLINES until the handshake ends. */
+  private handshakeTimed = false;
   private readonly maxInFlight: number;
   private readonly maxInFlightBytes: number;
 
@@ -219,11 +271,8 @@ export class NbdConnection implements TransportSink {
     });
     const timeout = opts.handshakeTimeoutMs ?? 10_000;
     if (timeout > 0) {
-      this.handshakeTimer = setTimeout(() => {
-        this.log.warn({ client: this.clientAddress }, 'NBD handshake timed out');
-        this.socket.destroy();
-      }, timeout);
-      this.handshakeTimer.unref();
+      HANDSHAKE_DEADLINES.add(this, timeout);
+      this.handshakeTimed = true;
     }
   }
 
@@ -266,6 +315,19 @@ export class NbdConnection implements TransportSink {
   /** TransportSink: the socket is gone. */
   onClose(): void {
     this.onSocketClose();
+  }
+
+  private stopHandshakeTimer(): void {
+    if (!this.handshakeTimed) return;
+    this.handshakeTimed = false;
+    HANDSHAKE_DEADLINES.delete(this);
+  }
+
+  /** The handshake deadline passed (HANDSHAKE_DEADLINES). */
+  handshakeExpired(): void {
+    this.handshakeTimed = false;
+    this.log.warn({ client: this.clientAddress }, 'NBD handshake timed out');
+    this.socket.destroy();
   }
 
   /** Close the connection now (export removed, server stopping). */
@@ -389,8 +451,7 @@ export class NbdConnection implements TransportSink {
         return;
       case 'TRANSMISSION': {
         const neg = step.negotiated!;
-        if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
-        this.handshakeTimer = undefined;
+        this.stopHandshakeTimer();
         this.exp = neg.exp;
         this.session = neg.session;
         this.structured = neg.structured;
@@ -469,9 +530,10 @@ export class NbdConnection implements TransportSink {
       if (this.trace) this.log.trace({ cmd: cmdName(type), flags, offset, length }, 'request');
       if (this.infoOn) this.log.info('client sent NBD_CMD_DISC');
       this.state = 'DISCONNECTING';
-      this.socket.pause();
       this.disconnectOnDisc = true;
       this.maybeFinishDisconnect();
+      // Still open: requests in flight. Stop reading until they are answered and it closes.
+      if (this.state === 'DISCONNECTING' && !this.ending) this.socket.pause();
       return;
     }
     const cookieCopy = Buffer.from(cookie);
@@ -890,7 +952,7 @@ export class NbdConnection implements TransportSink {
     if (this.state === 'CLOSED' || this.ending) return;
     this.state = 'DISCONNECTING';
     this.reader.clear();
-    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.stopHandshakeTimer();
     this.flush();
     this.ending = true;
     if (this.disconnectOnDisc && this.socket.pendingBytes === 0) {
@@ -912,8 +974,7 @@ export class NbdConnection implements TransportSink {
   }
 
   private onSocketClose(): void {
-    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
-    this.handshakeTimer = undefined;
+    this.stopHandshakeTimer();
     if (this.state !== 'CLOSED') {
       this.state = 'CLOSED';
       this.reader.clear();
