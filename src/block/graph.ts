@@ -96,6 +96,9 @@ export class BlockGraph {
   private order: BlockNodeImpl[] = [];
   private autoCounter = 0;
 
+  /** Where drivers' QMP events go (set by the composition root; none = dropped). */
+  eventSink: ((event: string, data: Record<string, unknown>) => void) | undefined;
+
   constructor(readonly log: Logger) {
     const why = nativeLoadError();
     if (why) log.debug({ reason: why }, 'native block addon not in use, using the JS fallback');
@@ -231,6 +234,7 @@ export class BlockGraph {
         },
         hasChild: (r) =>
           (nodeRef?.childEdges.some((e) => e.name === r) ?? false) || children.some((c) => c.role === r),
+        emitEvent: (event, data) => this.eventSink?.(event, data),
       };
       const driver = await spec.open(ctx, opts);
       const readOnly = driver instanceof FileDriver ? driver.readOnlyOpen : nodeOpts.readOnly;

@@ -34,6 +34,7 @@ export class Services {
 
   constructor(readonly log: Logger) {
     this.graph = new BlockGraph(log.child({ component: 'block' }));
+    this.graph.eventSink = (event, data) => this.events.emit(event, data);
     this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
     this.objects = new ObjectRegistry(log);
     this.exports.tlsCredsLookup = (id) => this.objects.tlsCreds(id);

@@ -11,6 +11,7 @@ import type { BlockIO } from '../../src/block/types.js';
 import { Qcow2Driver } from '../../src/block/drivers/qcow2/qcow2.js';
 import type { DriverOpenContext } from '../../src/block/drivers/common.js';
 import { silentLogger } from '../../src/util/logger.js';
+import { Daemon } from '../helpers/in-process-daemon.js';
 import {
   MiB,
   check,
@@ -149,6 +150,32 @@ describe.skipIf(!tools)('qcow2 overlap checks', () => {
     ]);
     await d.close();
     await g.closeAll();
+    expect(corruptFlag(img)).toBe(true);
+  });
+
+  it('puts BLOCK_IMAGE_CORRUPTED on the QMP event bus of the daemon', async () => {
+    const img = smallImage(dir);
+    pointL2At(img, 0x10000);
+    const daemon = new Daemon();
+    await daemon.ok('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'q',
+      file: { driver: 'file', 'node-name': 'f', filename: img },
+    });
+    const node = daemon.svc.graph.find('q');
+    await expect(node.io.write(Buffer.alloc(4096, 0x22), 0)).rejects.toMatchObject({ errno: 'EIO' });
+    const ev = daemon.events.filter((e) => e.event === 'BLOCK_IMAGE_CORRUPTED');
+    expect(ev.map((e) => e.data)).toEqual([
+      {
+        device: '',
+        msg: 'Preventing invalid write on metadata (overlaps with refcount table)',
+        offset: 0x10000,
+        'node-name': 'q',
+        fatal: true,
+        size: 4096,
+      },
+    ]);
+    await daemon.svc.shutdown();
     expect(corruptFlag(img)).toBe(true);
   });
 

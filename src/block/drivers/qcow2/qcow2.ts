@@ -62,7 +62,7 @@ import {
   type Qcow2Header,
   type SnapshotInfo,
 } from './format.js';
-import { compressedDesc, decompressCluster, hasZstd } from './compress.js';
+import { compressedDesc, decompressCluster, hasZstd, zstdUnavailableMessage } from './compress.js';
 import { Refcounts } from './refcount.js';
 import { Qcow2BitmapStore, bitmapClusters } from '../../dirty-bitmap-qcow2.js';
 import type { LoadedBitmap, NamedBitmap } from '../../dirty-bitmap-set.js';
@@ -272,7 +272,7 @@ export class Qcow2Driver implements BlockDriver {
     await storage.read(c0, 0);
     const h = parseHeader(c0, fileSize);
     if (h.compressionType === 1 && !hasZstd()) {
-      ctx.log.warn('zstd compressed clusters cannot be read: this Node.js has no zstd');
+      ctx.log.warn(zstdUnavailableMessage() ?? 'zstd compressed clusters cannot be read');
     }
 
     const writable = !ctx.readOnly;
