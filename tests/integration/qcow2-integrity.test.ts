@@ -318,6 +318,52 @@ describe.skipIf(!tools)('qcow2 frees and in-flight writes', () => {
   });
 });
 
+describe.skipIf(!tools)('qcow2 frees and in-flight reads', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = tmp();
+  });
+  afterEach(() => rm(dir));
+
+  it('does not let a read still in flight to a discarded cluster return its next owner\'s data', async () => {
+    const img = smallImage(dir); // guest cluster 0 -> host 0x50000
+    const g = newGraph();
+    const node = await openQcow2(g, 'q', img, { discard: 'unmap' });
+    await node.io.write(Buffer.alloc(65536, 0xaa), 0);
+    const fileIO = node.children.find((c) => c.name === 'file')?.user.node.io as BlockIO;
+    const realRead = fileIO.read.bind(fileIO);
+    const realTry = fileIO.tryReadSync.bind(fileIO);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let hold = true;
+    // Reads take the asynchronous path, and the first one of host 0x50000 waits in the "pool".
+    fileIO.tryReadSync = () => false;
+    fileIO.read = async (buf, off) => {
+      if (hold && off === 0x50000) {
+        hold = false;
+        await gate;
+      }
+      return realRead(buf, off);
+    };
+    const got = Buffer.alloc(65536);
+    const pA = node.io.read(got, 0);
+    await sleep(20);
+    await node.io.discard(0, 65536); // drops guest cluster 0 -> host 0x50000
+    const pF = node.io.flush(); // frees 0x50000 once nothing issued before is in flight
+    const pC = node.io.write(Buffer.alloc(65536, 0xcc), 65536); // may get 0x50000 after that
+    await Promise.race([pC, sleep(300)]);
+    release();
+    await Promise.all([pA, pF, pC]);
+    // Old contents (the read was issued first) or zeroes, never the next owner's bytes.
+    expect(got.equals(Buffer.alloc(65536, 0xaa))).toBe(true);
+    fileIO.read = realRead;
+    fileIO.tryReadSync = realTry;
+    await g.closeAll();
+    const c = check(img);
+    expect(c.code, c.out).toBe(0);
+  });
+});
+
 /** A deterministic pseudo-random generator (tests must not depend on Math.random). */
 function rng(seed: number): () => number {
   let x = seed >>> 0;

@@ -1480,7 +1480,7 @@ export class Qcow2Driver implements BlockDriver {
     if (this.pending.length) {
       // Overwrites issued while the old mappings were live may still be in flight: they must
       // land before their host clusters can be reallocated.
-      await this.storage.writeBarrier();
+      await this.storage.ioBarrier();
       await this.storage.flush();
       const frees = this.pending;
       this.pending = [];

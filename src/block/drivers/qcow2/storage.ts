@@ -57,9 +57,9 @@ export class Storage {
    */
   private zeroFrom: number;
   /**
-   * Writes in flight per epoch (0/1). writeBarrier() flips the epoch and waits until the old
-   * one has drained: every write issued before the barrier has then completed. The counters
-   * are kept from the write's own promise (one reaction, bound callbacks, no closure).
+   * Reads and writes in flight per epoch (0/1). ioBarrier() flips the epoch and waits until the
+   * old one has drained: every read and write issued before the barrier has then completed. The
+   * counters are kept from the request's own promise (one reaction, bound callbacks, no closure).
    */
   private inflight0 = 0;
   private inflight1 = 0;
@@ -96,11 +96,12 @@ export class Storage {
   }
 
   /** Read; the part past EOF reads as zeroes. */
-  async read(buf: Buffer, offset: number): Promise<void> {
+  read(buf: Buffer, offset: number): Promise<void> {
     const size = this.io().size();
     const n = Math.max(0, Math.min(buf.length, size - offset));
     if (n < buf.length) buf.fill(0, n);
-    if (n > 0) await this.io().read(n === buf.length ? buf : buf.subarray(0, n), offset);
+    if (n <= 0) return Promise.resolve();
+    return this.track(this.io().read(n === buf.length ? buf : buf.subarray(0, n), offset));
   }
 
   /** Write, growing the file first when the range ends past EOF. */
@@ -108,10 +109,15 @@ export class Storage {
     const end = offset + buf.length;
     if (end > this.zeroFrom) this.zeroFrom = end;
     const io = this.io();
-    const p =
+    return this.track(
       this.growing === undefined && io.size() >= end
         ? io.write(buf, offset)
-        : this.ensureSize(end).then(() => this.io().write(buf, offset));
+        : this.ensureSize(end).then(() => this.io().write(buf, offset)),
+    );
+  }
+
+  /** Count `p` in the current epoch until it settles (see ioBarrier). */
+  private track(p: Promise<void>): Promise<void> {
     if (this.epoch === 0) {
       this.inflight0++;
       p.then(this.settle0, this.settle0);
@@ -123,12 +129,13 @@ export class Storage {
   }
 
   /**
-   * Resolves once every write issued before the call has completed (successfully or not).
-   * The qcow2 driver waits for this before it lowers refcounts, so that an overwrite still in
-   * flight to a host cluster whose mapping was just dropped cannot land after the cluster has
-   * been handed to someone else.
+   * Resolves once every read and write issued before the call has completed (successfully or
+   * not). The qcow2 driver waits for this before it lowers refcounts, so that an overwrite still
+   * in flight to a host cluster whose mapping was just dropped cannot land after the cluster has
+   * been handed to someone else, and a read still in flight there cannot return the next owner's
+   * data. (Reads served synchronously from the page cache never overlap a refcount change.)
    */
-  writeBarrier(): Promise<void> {
+  ioBarrier(): Promise<void> {
     const p = this.barrierTail.then(() => this.flipEpoch());
     this.barrierTail = p;
     return p;
