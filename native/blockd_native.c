@@ -46,11 +46,17 @@ static const char *errno_name(int e) {
     case EOPNOTSUPP: return "EOPNOTSUPP";
     case EOVERFLOW: return "EOVERFLOW";
     case EINTR: return "EINTR";
+    case EADDRINUSE: return "EADDRINUSE";
+    case ENAMETOOLONG: return "ENAMETOOLONG";
+    case ENOTDIR: return "ENOTDIR";
+    case ENOTSOCK: return "ENOTSOCK";
+    case EMFILE: return "EMFILE";
     default: return "EIO";
   }
 }
 
-static napi_value throw_errno(napi_env env, int e, const char *what) {
+/* Throw an Error "what: strerror" with `code` (errno name) and `errno`; also used by netio.c. */
+napi_value blockd_throw_errno(napi_env env, int e, const char *what) {
   char msg[160];
   snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
   napi_value m, code, err;
@@ -98,7 +104,7 @@ static napi_value do_seek(napi_env env, napi_callback_info info, int whence) {
   off_t r = lseek((int)fd, (off_t)off, whence);
   if (r < 0) {
     if (errno == ENXIO) return num(env, -1);
-    return throw_errno(env, errno, whence == SEEK_DATA ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)");
+    return blockd_throw_errno(env, errno, whence == SEEK_DATA ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)");
   }
   return num(env, (double)r);
 }
@@ -112,7 +118,7 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info, int mode, 
       get_i64(env, argv[2], &len)) return NULL;
   int r;
   do { r = fallocate((int)fd, mode, (off_t)off, (off_t)len); } while (r < 0 && errno == EINTR);
-  if (r < 0) return throw_errno(env, errno, what);
+  if (r < 0) return blockd_throw_errno(env, errno, what);
   return NULL;
 }
 /* punchHole(fd, offset, length): deallocate, size unchanged; reads return zeroes. */
@@ -143,7 +149,7 @@ static napi_value pread_nowait(napi_env env, napi_callback_info info) {
   do { r = preadv2((int)fd, &iov, 1, (off_t)off, RWF_NOWAIT); } while (r < 0 && errno == EINTR);
   if (r < 0) {
     if (errno == EAGAIN || errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) return num(env, -1);
-    return throw_errno(env, errno, "preadv2");
+    return blockd_throw_errno(env, errno, "preadv2");
   }
   return num(env, (double)r);
 }
@@ -282,7 +288,7 @@ static napi_value io_batch_submit(napi_env env, napi_callback_info info) {
   double *results = NULL;
   if (check_batch_args(env, argv, &n, &results)) return NULL;
   io_batch *b = calloc(1, sizeof(io_batch) + n * sizeof(batch_op));
-  if (!b) return throw_errno(env, ENOMEM, "ioBatch");
+  if (!b) return blockd_throw_errno(env, ENOMEM, "ioBatch");
   b->fd = (int)fd;
   b->write = write;
   b->n = n;
@@ -423,7 +429,7 @@ static void lane_external_finalize(napi_env env, void *data, void *hint) {
 static napi_value lane_create(napi_env env, napi_callback_info info) {
   (void)info;
   write_lane *l = calloc(1, sizeof *l);
-  if (!l) return throw_errno(env, ENOMEM, "laneCreate");
+  if (!l) return blockd_throw_errno(env, ENOMEM, "laneCreate");
   pthread_mutex_init(&l->mu, NULL);
   pthread_cond_init(&l->gone, NULL);
   napi_value name, ext;
@@ -461,7 +467,7 @@ static napi_value lane_submit(napi_env env, napi_callback_info info) {
   double *results = NULL;
   if (check_batch_args(env, argv, &n, &results)) return NULL;
   lane_job *j = calloc(1, sizeof(lane_job) + n * sizeof(batch_op));
-  if (!j) return throw_errno(env, ENOMEM, "laneSubmit");
+  if (!j) return blockd_throw_errno(env, ENOMEM, "laneSubmit");
   j->fd = (int)fd;
   j->n = n;
   j->results = results;
@@ -483,7 +489,7 @@ static napi_value lane_submit(napi_env env, napi_callback_info info) {
   if (!run) {
     for (int i = 0; i < 3; i++) napi_delete_reference(env, j->keep[i]);
     free(j);
-    return throw_errno(env, ENOMEM, "laneSubmit");
+    return blockd_throw_errno(env, ENOMEM, "laneSubmit");
   }
   int start = 0;
   pthread_mutex_lock(&l->mu);
@@ -565,7 +571,7 @@ static int ofd_fcntl(napi_env env, napi_callback_info info, int cmd, const char 
   int r;
   do { r = fcntl((int)fd, cmd, fl); } while (r < 0 && errno == EINTR);
   if (r < 0) {
-    throw_errno(env, errno, what);
+    blockd_throw_errno(env, errno, what);
     return -1;
   }
   return 0;
@@ -595,7 +601,7 @@ static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
   int64_t fd, n;
   if (get_args(env, info, 2, argv) || get_i64(env, argv[0], &fd) || get_i64(env, argv[1], &n)) return NULL;
   int v = n > 0x40000000 ? 0x40000000 : (int)n;
-  if (setsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) < 0) return throw_errno(env, errno, "setsockopt(SO_SNDBUF)");
+  if (setsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) < 0) return blockd_throw_errno(env, errno, "setsockopt(SO_SNDBUF)");
   return NULL;
 }
 
@@ -621,7 +627,7 @@ static napi_value alloc_aligned(napi_env env, napi_callback_info info) {
     return NULL;
   }
   void *p = NULL;
-  if (posix_memalign(&p, (size_t)align, (size_t)size) != 0) return throw_errno(env, ENOMEM, "posix_memalign");
+  if (posix_memalign(&p, (size_t)align, (size_t)size) != 0) return blockd_throw_errno(env, ENOMEM, "posix_memalign");
   memset(p, 0, (size_t)size);
   napi_value buf;
   if (napi_create_external_buffer(env, (size_t)size, p, free_aligned, NULL, &buf) != napi_ok) {
@@ -998,7 +1004,7 @@ static napi_value zstd_decompress_async(napi_env env, napi_callback_info info) {
     return NULL;
   }
   zstd_job *j = calloc(1, sizeof *j);
-  if (!j) return throw_errno(env, ENOMEM, "zstdDecompressAsync");
+  if (!j) return blockd_throw_errno(env, ENOMEM, "zstdDecompressAsync");
   j->src = src;
   j->slen = slen;
   j->dst = dst;

@@ -108,32 +108,8 @@ static listener *g_listeners[64];
 
 /* ---- small helpers ---------------------------------------------------------------------- */
 
-static napi_value nv_throw_errno(napi_env env, int e, const char *what) {
-  char msg[256];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
-  napi_value m, err, code;
-  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-  napi_create_error(env, NULL, m, &err);
-  const char *name = e == EADDRINUSE ? "EADDRINUSE"
-                   : e == EACCES ? "EACCES"
-                   : e == ENOENT ? "ENOENT"
-                   : e == ENAMETOOLONG ? "ENAMETOOLONG"
-                   : e == ENOTDIR ? "ENOTDIR"
-                   : e == EROFS ? "EROFS"
-                   : e == EBADF ? "EBADF"
-                   : e == ENOTSOCK ? "ENOTSOCK"
-                   : e == EINVAL ? "EINVAL"
-                   : e == EMFILE ? "EMFILE"
-                   : e == ENOMEM ? "ENOMEM"
-                   : "EIO";
-  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
-  napi_set_named_property(env, err, "code", code);
-  napi_value no;
-  napi_create_int32(env, e, &no);
-  napi_set_named_property(env, err, "errno", no);
-  napi_throw(env, err);
-  return NULL;
-}
+/* blockd_native.c: an Error with `code` and `errno`. */
+napi_value blockd_throw_errno(napi_env env, int e, const char *what);
 
 static napi_value nv_throw(napi_env env, const char *msg) {
   napi_throw_error(env, NULL, msg);
@@ -405,21 +381,21 @@ static napi_value net_listen_unix(napi_env env, napi_callback_info info) {
   if (napi_get_value_string_utf8(env, argv[0], sa.sun_path, sizeof sa.sun_path, &n) != napi_ok) {
     return nv_throw(env, "netListenUnix: path must be a string");
   }
-  if (n >= sizeof sa.sun_path - 1) return nv_throw_errno(env, ENAMETOOLONG, "bind");
+  if (n >= sizeof sa.sun_path - 1) return blockd_throw_errno(env, ENAMETOOLONG, "bind");
   int backlog;
   if (!get_int(env, argv[1], &backlog)) return NULL;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return nv_throw_errno(env, errno, "socket");
+  if (fd < 0) return blockd_throw_errno(env, errno, "socket");
   if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
     int e = errno;
     close(fd);
-    return nv_throw_errno(env, e, "bind");
+    return blockd_throw_errno(env, e, "bind");
   }
   if (listen(fd, backlog) < 0) {
     int e = errno;
     close(fd);
     unlink(sa.sun_path);
-    return nv_throw_errno(env, e, "listen");
+    return blockd_throw_errno(env, e, "listen");
   }
   return nv_int(env, fd);
 }
@@ -429,7 +405,7 @@ static napi_value net_dup(napi_env env, napi_callback_info info) {
   int fd;
   if (get_args(env, info, 1, argv) < 1 || !get_int(env, argv[0], &fd)) return NULL;
   int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-  if (d < 0) return nv_throw_errno(env, errno, "dup");
+  if (d < 0) return blockd_throw_errno(env, errno, "dup");
   return nv_int(env, d);
 }
 
@@ -440,10 +416,10 @@ static napi_value net_listen(napi_env env, napi_callback_info info) {
   if (!g_cb) return nv_throw(env, "netListen: call netInit first");
   int type;
   socklen_t tl = sizeof type;
-  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0) return nv_throw_errno(env, errno, "getsockopt");
-  if (type != SOCK_STREAM) return nv_throw_errno(env, EINVAL, "not a stream socket");
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0) return blockd_throw_errno(env, errno, "getsockopt");
+  if (type != SOCK_STREAM) return blockd_throw_errno(env, EINVAL, "not a stream socket");
   int fl = fcntl(fd, F_GETFL);
-  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return nv_throw_errno(env, errno, "fcntl");
+  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return blockd_throw_errno(env, errno, "fcntl");
   int slot = -1;
   for (int i = 0; i < (int)(sizeof g_listeners / sizeof g_listeners[0]); i++) {
     if (!g_listeners[i]) {
@@ -451,12 +427,12 @@ static napi_value net_listen(napi_env env, napi_callback_info info) {
       break;
     }
   }
-  if (slot < 0) return nv_throw_errno(env, EMFILE, "netListen");
+  if (slot < 0) return blockd_throw_errno(env, EMFILE, "netListen");
   listener *l = calloc(1, sizeof *l);
-  if (!l) return nv_throw_errno(env, ENOMEM, "netListen");
+  if (!l) return blockd_throw_errno(env, ENOMEM, "netListen");
   if (uv_poll_init(g_loop, &l->poll, fd) != 0) {
     free(l);
-    return nv_throw_errno(env, EINVAL, "uv_poll_init");
+    return blockd_throw_errno(env, EINVAL, "uv_poll_init");
   }
   l->fd = fd;
   l->id = slot + 1;

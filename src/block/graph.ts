@@ -138,19 +138,14 @@ export class BlockGraph {
    */
   async add(opts: Options): Promise<BlockNode> {
     if (opts['node-name'] === undefined) throw optError("'node-name' must be specified for the root node");
-    const created: BlockNodeImpl[] = [];
-    try {
-      return await this.open(opts, undefined, created, 'root');
-    } catch (err) {
-      for (const n of created.reverse()) await this.destroy(n).catch(() => undefined);
-      throw err;
-    }
+    return this.openTemporary(opts);
   }
 
   /**
-   * Open a node from inline options for the length of one operation (blockdev-create's `file`
-   * given as options, like QEMU's temporary BlockdevRef open): auto-named unless the options
-   * name it. On failure nothing stays open. Close it with `closeTemporary`.
+   * Open a node and its inline children, all or nothing (what `add` does once the root has a
+   * name). Also used alone for a node needed for the length of one operation (blockdev-create's
+   * `file` given as options, like QEMU's temporary BlockdevRef open): auto-named unless the
+   * options name it. Close such a node with `closeTemporary`.
    */
   async openTemporary(opts: Options): Promise<BlockNode> {
     const created: BlockNodeImpl[] = [];
