@@ -141,16 +141,13 @@ class DeadlineSet {
   add(c: NbdConnection, ms: number): void {
     const at = Date.now() + ms;
     this.items.set(c, at);
+    // A timer armed for an earlier deadline re-arms for the rest when it fires.
     if (at < this.armedFor) this.arm(at);
   }
 
+  /** The timer is left running when the set empties: clients often come one after another. */
   delete(c: NbdConnection): void {
     this.items.delete(c);
-    if (this.items.size === 0 && this.timer) {
-      clearTimeout(this.timer);
-      this.timer = undefined;
-      this.armedFor = Infinity;
-    }
   }
 
   private arm(at: number): void {

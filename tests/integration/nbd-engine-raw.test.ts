@@ -288,6 +288,19 @@ describe('NBD server connection management', () => {
     expect(await c.waitClosed()).toBe(true);
   });
 
+  it('times out a stalled handshake that starts after another client finished its own', async () => {
+    const { connect } = await setup({ handshakeTimeoutMs: 150 });
+    const a = await connect();
+    await a.handshake('n');
+    await new Promise((r) => setTimeout(r, 100));
+    const b = await connect();
+    await b.read(18);
+    expect(await b.waitClosed()).toBe(true);
+    expect(a.closed).toBe(false);
+    a.request(NBD_CMD_READ, 0, 512);
+    expect((await a.reply())?.kind).toBe('chunk');
+  });
+
   it('drops every client on close()', async () => {
     const { connect } = await setup();
     const c = await connect();
