@@ -23,6 +23,7 @@
  *   netPending(id) -> bytes             bytes queued and not yet in the kernel
  *   netClose(id, graceful)              graceful: after the queued bytes are sent
  *   netPeer(id) -> string               "host:port" for TCP peers, "unix" otherwise
+ *   netOpenCount() -> n                 connections whose socket is still open
  * Events: 1 ACCEPT (id = new connection, arg = listener id), 2 READ (arg = bytes now at the start
  * of readBuffer; the callback must consume or copy them before it returns), 3 EOF, 4 ERROR
  * (arg = errno; reading has stopped, the caller closes), 5 DRAIN (the write queue is empty).
@@ -103,6 +104,7 @@ static int g_conns_cap;
 static int *g_free_ids;
 static int g_free_len;
 static int g_next_id = 1; /* 0 is never used */
+static int g_open; /* connections whose fd is still open */
 
 static listener *g_listeners[64];
 
@@ -204,6 +206,7 @@ static void conn_close_now(conn *c) {
   uv_close((uv_handle_t *)&c->poll, on_conn_closed);
   close(c->fd);
   c->fd = -1;
+  g_open--;
 }
 
 /* Send what is queued; returns 0 (all sent or still blocked) or an errno. */
@@ -244,6 +247,11 @@ static int flush_queue(conn *c) {
 static void on_conn_io(uv_poll_t *h, int status, int events) {
   conn *c = (conn *)h->data;
   if (c->closing) return;
+  if (status < 0 && c->close_after) {
+    /* Nobody listens for this connection any more (graceful close pending): just close. */
+    conn_close_now(c);
+    return;
+  }
   if (status < 0) {
     c->reading = false;
     conn_update_poll(c);
@@ -252,6 +260,10 @@ static void on_conn_io(uv_poll_t *h, int status, int events) {
   }
   if (events & UV_WRITABLE) {
     int e = flush_queue(c);
+    if (e && c->close_after) {
+      conn_close_now(c);
+      return;
+    }
     if (e) {
       c->reading = false;
       release_queue(c);
@@ -332,6 +344,7 @@ static void on_accept(uv_poll_t *h, int status, int events) {
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
     g_conns[id] = c;
+    g_open++;
     emit(EV_ACCEPT, id, l->id);
   }
 }
@@ -631,6 +644,12 @@ static napi_value net_peer(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* netOpenCount(): connections whose socket is still open (tests look for leaks with it). */
+static napi_value net_open_count(napi_env env, napi_callback_info info) {
+  (void)info;
+  return nv_int(env, g_open);
+}
+
 /* Called from the module's init (blockd_native.c). */
 void netio_register(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
@@ -645,6 +664,7 @@ void netio_register(napi_env env, napi_value exports) {
     { "netPending", NULL, net_pending, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netClose", NULL, net_close, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netPeer", NULL, net_peer, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netOpenCount", NULL, net_open_count, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }

@@ -20,6 +20,7 @@ export interface NetIoBinding {
   netPending(id: number): number;
   netClose(id: number, graceful: boolean): void;
   netPeer(id: number): string;
+  netOpenCount(): number;
 }
 
 const NETIO_FUNCTIONS = [
@@ -34,6 +35,7 @@ const NETIO_FUNCTIONS = [
   'netPending',
   'netClose',
   'netPeer',
+  'netOpenCount',
 ] as const;
 
 /** The netio functions of an addon module, or undefined when it lacks any of them. */

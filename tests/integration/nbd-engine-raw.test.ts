@@ -11,6 +11,7 @@ import {
   encodeInfoRequest,
   encodeOption,
   NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_DISC,
   NBD_CMD_READ,
   NBD_CMD_WRITE,
   NBD_CMD_WRITE_ZEROES,
@@ -249,6 +250,25 @@ describe('NBD server connection management', () => {
     for (let i = 0; i < 4; i++) {
       expect(got.get(BigInt(i + 1))?.equals(pattern.subarray(i * (4 << 20), (i + 1) * (4 << 20)))).toBe(true);
     }
+  });
+
+  it('closes the socket of a client that sends DISC and resets the connection with replies queued', async () => {
+    const { connect } = await setup();
+    const before = netio?.netOpenCount() ?? 0;
+    const c = await connect();
+    await c.handshake('n', { structured: false });
+    c.sock.pause();
+    for (let i = 0; i < 8; i++) c.request(NBD_CMD_READ, i * (4 << 20), 4 << 20, 0, BigInt(i + 1));
+    c.request(NBD_CMD_DISC, 0, 0, 0, 99n);
+    await new Promise((r) => setTimeout(r, 100));
+    c.sock.destroy(); // unread replies in its buffer: the server's next send fails
+    for (let i = 0; i < 100 && server!.connectionCount > 0; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(server!.connectionCount).toBe(0);
+    if (netio) {
+      for (let i = 0; i < 100 && netio.netOpenCount() > before; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(netio.netOpenCount()).toBe(before);
+    }
+    await stillServes(connect);
   });
 
   it('survives a client that leaves while its read replies are still queued', async () => {
