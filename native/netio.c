@@ -56,6 +56,8 @@
 #define MAX_IOV 64
 /* A connection whose writes block gets this send buffer (the kernel caps it at wmem_max). */
 #define BIG_SNDBUF (4 * 1024 * 1024)
+/* A graceful close whose peer does not take the queued bytes gives up after this long. */
+#define LINGER_MS 30000
 /*
  * Connections accepted per readiness event. One: the poll is level-triggered, so a backlog is
  * reported again at once, and a client connecting alone costs no failing accept4() (EAGAIN).
@@ -79,6 +81,7 @@ typedef struct conn {
   bool close_after;  /* graceful close once the queue is empty */
   bool big_sndbuf;   /* SO_SNDBUF already raised */
   bool inet;
+  uint64_t linger_until; /* close_after: uv_now() deadline */
   pending_buf *q;    /* write queue (FIFO, q_head .. q_len) */
   int q_head, q_len, q_cap;
   size_t q_bytes;
@@ -105,6 +108,8 @@ static int *g_free_ids;
 static int g_free_len;
 static int g_next_id = 1; /* 0 is never used */
 static int g_open; /* connections whose fd is still open */
+static int g_lingering; /* connections in a graceful close */
+static uv_timer_t g_linger_timer;
 
 static listener *g_listeners[64];
 
@@ -200,6 +205,7 @@ static void on_conn_closed(uv_handle_t *h) {
 static void conn_close_now(conn *c) {
   if (c->closing && c->fd < 0) return;
   c->closing = true;
+  if (c->close_after) g_lingering--;
   release_queue(c);
   g_conns[c->id] = NULL;
   /* uv_close stops the poll and forgets the fd synchronously, so closing it right after is safe. */
@@ -376,6 +382,8 @@ static napi_value net_init(napi_env env, napi_callback_info info) {
   napi_create_object(env, &res);
   napi_create_string_utf8(env, "blockd:nbd-socket", NAPI_AUTO_LENGTH, &name);
   if (napi_async_init(env, res, name, &g_async) != napi_ok) return nv_throw(env, "netInit: async_init failed");
+  uv_timer_init(g_loop, &g_linger_timer);
+  uv_unref((uv_handle_t *)&g_linger_timer);
   napi_create_reference(env, argv[0], 1, &g_buf_ref);
   napi_create_reference(env, argv[1], 1, &g_cb);
   g_env = env;
@@ -599,6 +607,17 @@ static napi_value net_pending(napi_env env, napi_callback_info info) {
   return nv_int(env, c ? (int64_t)c->q_bytes : 0);
 }
 
+/* Every few seconds while graceful closes are pending: close the ones past their deadline. */
+static void on_linger_timer(uv_timer_t *t) {
+  (void)t;
+  uint64_t now = uv_now(g_loop);
+  for (int i = 1; i < g_next_id && i < g_conns_cap; i++) {
+    conn *c = g_conns[i];
+    if (c && c->close_after && !c->closing && now >= c->linger_until) conn_close_now(c);
+  }
+  if (g_lingering == 0) uv_timer_stop(&g_linger_timer);
+}
+
 static napi_value net_close(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   conn *c = arg_conn(env, info, 2, argv);
@@ -606,7 +625,11 @@ static napi_value net_close(napi_env env, napi_callback_info info) {
   bool graceful = false;
   napi_get_value_bool(env, argv[1], &graceful);
   if (graceful && c->q_head < c->q_len) {
-    c->close_after = true;
+    if (!c->close_after) {
+      c->close_after = true;
+      c->linger_until = uv_now(g_loop) + LINGER_MS;
+      if (g_lingering++ == 0) uv_timer_start(&g_linger_timer, on_linger_timer, 5000, 5000);
+    }
     c->reading = false;
     conn_update_poll(c);
     return NULL;
