@@ -179,6 +179,60 @@ describe.skipIf(!tools)('qcow2 overlap checks', () => {
     expect(corruptFlag(img)).toBe(true);
   });
 
+  it('marks a writable image corrupt when a read meets an unaligned data cluster, as QSD does', async () => {
+    const img = smallImage(dir);
+    pointL2At(img, 0x50200);
+    const daemon = new Daemon();
+    await daemon.ok('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'q',
+      file: { driver: 'file', 'node-name': 'f', filename: img },
+    });
+    const node = daemon.svc.graph.find('q');
+    await expect(node.io.read(Buffer.alloc(4096), 0)).rejects.toMatchObject({ errno: 'EIO' });
+    await expect(node.io.read(Buffer.alloc(4096), 1 * MiB)).rejects.toMatchObject({ errno: 'EINVAL' });
+    const ev = daemon.events.filter((e) => e.event === 'BLOCK_IMAGE_CORRUPTED');
+    expect(ev.map((e) => e.data)).toEqual([
+      {
+        device: '',
+        msg: 'Cluster allocation offset 0x50200 unaligned (L2 offset: 0x40000, L2 index: 0)',
+        'node-name': 'q',
+        fatal: true,
+      },
+    ]);
+    await daemon.svc.shutdown();
+    expect(corruptFlag(img)).toBe(true);
+  });
+
+  it('signals corruption once and non-fatally on a read-only image, which stays usable', async () => {
+    const img = smallImage(dir);
+    pointL2At(img, 0x50200);
+    const daemon = new Daemon();
+    await daemon.ok('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'q',
+      'read-only': true,
+      file: { driver: 'file', 'node-name': 'f', filename: img, 'read-only': true },
+    });
+    const node = daemon.svc.graph.find('q');
+    await expect(node.io.read(Buffer.alloc(4096), 0)).rejects.toMatchObject({ errno: 'EIO' });
+    await expect(node.io.read(Buffer.alloc(4096), 0)).rejects.toMatchObject({ errno: 'EIO' });
+    const other = Buffer.alloc(4096, 1);
+    await node.io.read(other, 1 * MiB);
+    expect(other.equals(Buffer.alloc(4096))).toBe(true);
+    const ev = daemon.events.filter((e) => e.event === 'BLOCK_IMAGE_CORRUPTED');
+    expect(ev.map((e) => e.data)).toEqual([
+      {
+        device: '',
+        msg: 'Cluster allocation offset 0x50200 unaligned (L2 offset: 0x40000, L2 index: 0)',
+        'node-name': 'q',
+        fatal: false,
+      },
+    ]);
+    await daemon.svc.shutdown();
+    expect(corruptFlag(img)).toBe(false);
+  });
+
   it('catches an L1 table placed on the refcount table at the first write, as QSD does', async () => {
     const img = smallImage(dir);
     const off = Buffer.alloc(8);

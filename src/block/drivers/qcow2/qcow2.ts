@@ -412,20 +412,21 @@ export class Qcow2Driver implements BlockDriver {
    * Fatal corruption: log it, emit BLOCK_IMAGE_CORRUPTED (once), set the corrupt bit in the
    * header (in the background; nothing else is written afterwards) and stop all I/O.
    */
-  private signalCorruption(offset: number, size: number, msg: string): BlockError {
+  private signalCorruption(offset: number | undefined, size: number | undefined, msg: string): BlockError {
     if (!this.broken) {
       this.broken = true;
       this.ctx.log.error(
         { offset, size },
         `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`,
       );
+      // QEMU leaves offset and size out when the corruption is not about one write.
       this.ctx.emitEvent?.('BLOCK_IMAGE_CORRUPTED', {
         device: '',
         msg,
-        offset,
+        ...(offset !== undefined && { offset }),
         'node-name': this.ctx.nodeName,
         fatal: true,
-        size,
+        ...(size !== undefined && { size }),
       });
       if (this.header.version === 3) {
         this.header.incompatible |= INCOMPAT_CORRUPT;
@@ -689,7 +690,9 @@ export class Qcow2Driver implements BlockDriver {
       throw this.corruption(`L1 entry ${i} has reserved bits set`);
     }
     const offset = (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
-    if (offset % this.clusterSize !== 0) throw this.corruption(`L2 table offset of L1 entry ${i} is unaligned`);
+    if (offset % this.clusterSize !== 0) {
+      throw this.corruption(`L2 table offset ${cHex(offset)} unaligned (L1 index: ${cHex(i)})`);
+    }
     return { offset, copied: (hi & HI_COPIED) !== 0 };
   }
 
@@ -738,10 +741,12 @@ export class Qcow2Driver implements BlockDriver {
       throw this.corruption(`L2 entry at 0x${(t.offset + at).toString(16)} has reserved bits set`);
     }
     const loOff = (lo & LO_OFFSET_MASK) >>> 0;
-    if ((loOff & (this.clusterSize - 1)) !== 0) throw this.corruption('Data cluster offset is not cluster aligned');
     const hiOff = hi & HI_OFFSET_MASK;
+    if ((loOff & (this.clusterSize - 1)) !== 0) {
+      throw this.corruption(unalignedClusterMsg(hiOff * 0x100000000 + loOff, t.offset, i));
+    }
     if ((lo & LO_ZERO_FLAG) !== 0) {
-      if (this.header.version === 2) throw this.corruption('Zero cluster entry found in pre-v3 image');
+      if (this.header.version === 2) throw this.corruption(zeroInV2Msg(t.offset, i));
       return K_ZERO;
     }
     if (hiOff === 0 && loOff === 0) return K_UNALLOC;
@@ -767,16 +772,42 @@ export class Qcow2Driver implements BlockDriver {
 
   /** Kind for block status (compressed clusters are data; K_CORRUPT for a bad entry). */
   private statusKind(t: CachedL2, i: number): number {
+    // Classifying a whole table must not signal corruption for entries nobody asked about:
+    // statusRuns() decodes a K_CORRUPT entry again (loudly) when a request covers it.
+    this.quietCorruption = true;
     try {
       const k = this.kindOf(t, i);
       return k === K_COMPRESSED ? K_DATA : k;
     } catch {
       return K_CORRUPT;
+    } finally {
+      this.quietCorruption = false;
     }
   }
 
+  /** Set while statusKind() classifies entries (see there). */
+  private quietCorruption = false;
+  /** A non-fatal BLOCK_IMAGE_CORRUPTED was emitted (read-only image): no more of them. */
+  private signaledNonFatal = false;
+
+  /**
+   * Corrupt metadata met by a request: like QEMU's qcow2_signal_corruption(), fatal on a
+   * writable image (corrupt bit, event, no more I/O), a one-time non-fatal event on a read-only
+   * one. The request fails with EIO either way.
+   */
   private corruption(msg: string): BlockError {
-    this.ctx.log.error({ reason: msg }, 'qcow2 metadata corruption');
+    if (this.quietCorruption) return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
+    if (this.writable && this.refcounts) return this.signalCorruption(undefined, undefined, msg);
+    if (!this.signaledNonFatal) {
+      this.signaledNonFatal = true;
+      this.ctx.log.error(`qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`);
+      this.ctx.emitEvent?.('BLOCK_IMAGE_CORRUPTED', {
+        device: '',
+        msg,
+        'node-name': this.ctx.nodeName,
+        fatal: false,
+      });
+    }
     return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
   }
 
@@ -852,9 +883,9 @@ export class Qcow2Driver implements BlockDriver {
       throw this.corruption(`L2 entry at 0x${(t.offset + at).toString(16)} has reserved bits set`);
     }
     const host = (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
-    if (host % this.clusterSize !== 0) throw this.corruption('Data cluster offset is not cluster aligned');
+    if (host % this.clusterSize !== 0) throw this.corruption(unalignedClusterMsg(host, t.offset, idx));
     const zero = !this.extL2 && (lo & LO_ZERO_FLAG) !== 0;
-    if (zero && this.header.version === 2) throw this.corruption('Zero cluster entry found in pre-v3 image');
+    if (zero && this.header.version === 2) throw this.corruption(zeroInV2Msg(t.offset, idx));
     if (this.extL2) {
       if (host !== 0 && (bitmap & zeroBits) !== 0) throw this.corruption('Invalid subcluster bitmap');
       if (host === 0 && bitmap !== 0) throw this.corruption('Subcluster allocated in an unallocated cluster');
@@ -1749,6 +1780,21 @@ export class Qcow2Driver implements BlockDriver {
     }
     return out;
   }
+}
+
+/** C's %#x: 0x-prefixed hex, but plain 0 for zero (QEMU's messages are printed that way). */
+function cHex(v: number): string {
+  return v === 0 ? '0' : `0x${v.toString(16)}`;
+}
+
+/** QEMU's text for a data cluster offset that is not cluster aligned. */
+function unalignedClusterMsg(host: number, l2Offset: number, index: number): string {
+  return `Cluster allocation offset ${cHex(host)} unaligned (L2 offset: ${cHex(l2Offset)}, L2 index: ${cHex(index)})`;
+}
+
+/** QEMU's text for a zero-flagged entry in a version 2 image. */
+function zeroInV2Msg(l2Offset: number, index: number): string {
+  return `Zero cluster entry found in pre-v3 image (L2 offset: ${cHex(l2Offset)}, L2 index: ${cHex(index)})`;
 }
 
 const typedFill = Uint8Array.prototype.fill;
