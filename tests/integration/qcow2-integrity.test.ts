@@ -7,7 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { BlockIO } from '../../src/block/types.js';
+import type { BlockIO, BlockNode } from '../../src/block/types.js';
 import { Qcow2Driver } from '../../src/block/drivers/qcow2/qcow2.js';
 import type { DriverOpenContext } from '../../src/block/drivers/common.js';
 import { silentLogger } from '../../src/util/logger.js';
@@ -80,6 +80,24 @@ function smallImage(dir: string): string {
 }
 
 /** Point L2 entry 0 (guest cluster 0) at host offset `host` (COPIED set). */
+/** An in-process daemon with `img` opened as qcow2 node 'q' over file node 'f'. */
+async function qcow2InDaemon(img: string, readOnly: boolean): Promise<{ daemon: Daemon; node: BlockNode }> {
+  const daemon = new Daemon();
+  const ro = readOnly ? { 'read-only': true } : {};
+  await daemon.ok('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'q',
+    ...ro,
+    file: { driver: 'file', 'node-name': 'f', filename: img, ...ro },
+  });
+  return { daemon, node: daemon.svc.graph.find('q') };
+}
+
+/** The data of every BLOCK_IMAGE_CORRUPTED the daemon emitted. */
+function corruptionEvents(daemon: Daemon): Record<string, unknown>[] {
+  return daemon.events.filter((e) => e.event === 'BLOCK_IMAGE_CORRUPTED').map((e) => e.data);
+}
+
 function pointL2At(img: string, host: number): void {
   const b = Buffer.alloc(8);
   b.writeBigUInt64BE((1n << 63n) | BigInt(host), 0);
@@ -156,16 +174,9 @@ describe.skipIf(!tools)('qcow2 overlap checks', () => {
   it('puts BLOCK_IMAGE_CORRUPTED on the QMP event bus of the daemon', async () => {
     const img = smallImage(dir);
     pointL2At(img, 0x10000);
-    const daemon = new Daemon();
-    await daemon.ok('blockdev-add', {
-      driver: 'qcow2',
-      'node-name': 'q',
-      file: { driver: 'file', 'node-name': 'f', filename: img },
-    });
-    const node = daemon.svc.graph.find('q');
+    const { daemon, node } = await qcow2InDaemon(img, false);
     await expect(node.io.write(Buffer.alloc(4096, 0x22), 0)).rejects.toMatchObject({ errno: 'EIO' });
-    const ev = daemon.events.filter((e) => e.event === 'BLOCK_IMAGE_CORRUPTED');
-    expect(ev.map((e) => e.data)).toEqual([
+    expect(corruptionEvents(daemon)).toEqual([
       {
         device: '',
         msg: 'Preventing invalid write on metadata (overlaps with refcount table)',
@@ -182,17 +193,10 @@ describe.skipIf(!tools)('qcow2 overlap checks', () => {
   it('marks a writable image corrupt when a read meets an unaligned data cluster, as QSD does', async () => {
     const img = smallImage(dir);
     pointL2At(img, 0x50200);
-    const daemon = new Daemon();
-    await daemon.ok('blockdev-add', {
-      driver: 'qcow2',
-      'node-name': 'q',
-      file: { driver: 'file', 'node-name': 'f', filename: img },
-    });
-    const node = daemon.svc.graph.find('q');
+    const { daemon, node } = await qcow2InDaemon(img, false);
     await expect(node.io.read(Buffer.alloc(4096), 0)).rejects.toMatchObject({ errno: 'EIO' });
     await expect(node.io.read(Buffer.alloc(4096), 1 * MiB)).rejects.toMatchObject({ errno: 'EINVAL' });
-    const ev = daemon.events.filter((e) => e.event === 'BLOCK_IMAGE_CORRUPTED');
-    expect(ev.map((e) => e.data)).toEqual([
+    expect(corruptionEvents(daemon)).toEqual([
       {
         device: '',
         msg: 'Cluster allocation offset 0x50200 unaligned (L2 offset: 0x40000, L2 index: 0)',
@@ -207,21 +211,13 @@ describe.skipIf(!tools)('qcow2 overlap checks', () => {
   it('signals corruption once and non-fatally on a read-only image, which stays usable', async () => {
     const img = smallImage(dir);
     pointL2At(img, 0x50200);
-    const daemon = new Daemon();
-    await daemon.ok('blockdev-add', {
-      driver: 'qcow2',
-      'node-name': 'q',
-      'read-only': true,
-      file: { driver: 'file', 'node-name': 'f', filename: img, 'read-only': true },
-    });
-    const node = daemon.svc.graph.find('q');
+    const { daemon, node } = await qcow2InDaemon(img, true);
     await expect(node.io.read(Buffer.alloc(4096), 0)).rejects.toMatchObject({ errno: 'EIO' });
     await expect(node.io.read(Buffer.alloc(4096), 0)).rejects.toMatchObject({ errno: 'EIO' });
     const other = Buffer.alloc(4096, 1);
     await node.io.read(other, 1 * MiB);
     expect(other.equals(Buffer.alloc(4096))).toBe(true);
-    const ev = daemon.events.filter((e) => e.event === 'BLOCK_IMAGE_CORRUPTED');
-    expect(ev.map((e) => e.data)).toEqual([
+    expect(corruptionEvents(daemon)).toEqual([
       {
         device: '',
         msg: 'Cluster allocation offset 0x50200 unaligned (L2 offset: 0x40000, L2 index: 0)',
