@@ -482,25 +482,18 @@ static conn *arg_conn(napi_env env, napi_callback_info info, size_t want, napi_v
   return conn_of(id);
 }
 
-static napi_value net_resume(napi_env env, napi_callback_info info) {
+static napi_value set_reading(napi_env env, napi_callback_info info, bool on) {
   napi_value argv[1];
   conn *c = arg_conn(env, info, 1, argv);
   if (c && !c->closing) {
-    c->reading = true;
+    c->reading = on;
     conn_update_poll(c);
   }
   return NULL;
 }
 
-static napi_value net_pause(napi_env env, napi_callback_info info) {
-  napi_value argv[1];
-  conn *c = arg_conn(env, info, 1, argv);
-  if (c && !c->closing) {
-    c->reading = false;
-    conn_update_poll(c);
-  }
-  return NULL;
-}
+static napi_value net_resume(napi_env env, napi_callback_info info) { return set_reading(env, info, true); }
+static napi_value net_pause(napi_env env, napi_callback_info info) { return set_reading(env, info, false); }
 
 static bool queue_push(conn *c, napi_env env, napi_value buf, const char *base, size_t len, size_t off) {
   if (c->q_len == c->q_cap) {

@@ -189,8 +189,6 @@ export class NbdConnection implements TransportSink {
   private readonly hs: Handshake;
   private readonly reader = new FrameReader();
   private state: ReadState = 'CLIENT_FLAGS';
-  /** In HANDSHAKE_DEADLINES until the handshake ends. */
-  private handshakeTimed = false;
   private readonly maxInFlight: number;
   private readonly maxInFlightBytes: number;
 
@@ -269,7 +267,6 @@ export class NbdConnection implements TransportSink {
     const timeout = opts.handshakeTimeoutMs ?? 10_000;
     if (timeout > 0) {
       HANDSHAKE_DEADLINES.add(this, timeout);
-      this.handshakeTimed = true;
     }
   }
 
@@ -309,20 +306,12 @@ export class NbdConnection implements TransportSink {
     if (this.debugOn) this.log.debug({ err: message }, 'socket error');
   }
 
-  /** TransportSink: the socket is gone. */
-  onClose(): void {
-    this.onSocketClose();
-  }
-
   private stopHandshakeTimer(): void {
-    if (!this.handshakeTimed) return;
-    this.handshakeTimed = false;
     HANDSHAKE_DEADLINES.delete(this);
   }
 
-  /** The handshake deadline passed (HANDSHAKE_DEADLINES). */
+  /** The handshake deadline passed (HANDSHAKE_DEADLINES, which has already dropped it). */
   handshakeExpired(): void {
-    this.handshakeTimed = false;
     this.log.warn({ client: this.clientAddress }, 'NBD handshake timed out');
     this.socket.destroy();
   }
@@ -970,7 +959,8 @@ export class NbdConnection implements TransportSink {
     this.socket.destroy();
   }
 
-  private onSocketClose(): void {
+  /** TransportSink: the socket is gone. */
+  onClose(): void {
     this.stopHandshakeTimer();
     if (this.state !== 'CLOSED') {
       this.state = 'CLOSED';

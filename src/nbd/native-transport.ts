@@ -90,7 +90,7 @@ function onEvent(ev: number, id: number, arg: number): void {
     }
   } catch (err) {
     const t = conns[id];
-    if (t && ev !== EV_ACCEPT) t.fail(err instanceof Error ? err.message : String(err));
+    if (t && ev !== EV_ACCEPT) t.gone(err instanceof Error ? err.message : String(err));
     else if (ev === EV_ACCEPT) bound?.netClose(id, false);
   }
 }
@@ -124,8 +124,7 @@ export class NativeTransport implements NbdTransport {
     return this.closed ? 0 : this.b.netPending(this.id);
   }
 
-  /** `host:port` of a TCP peer, `unix` otherwise. */
-  peer(): string {
+  remoteAddress(): string {
     return this.closed ? 'unix' : this.b.netPeer(this.id);
   }
 
@@ -154,11 +153,6 @@ export class NativeTransport implements NbdTransport {
     this.destroy();
   }
 
-  fail(message: string): void {
-    this.sink?.onError(message);
-    this.destroy();
-  }
-
   write(bufs: readonly Buffer[], done?: () => void): boolean {
     if (this.closed) return true;
     const r = this.b.netWrite(this.id, bufs.length === 1 ? bufs[0]! : bufs);
@@ -171,7 +165,7 @@ export class NativeTransport implements NbdTransport {
       if (done) this.drainWaiters.push(done);
       return false;
     }
-    this.fail(`write failed (errno ${-r})`);
+    this.gone(`write failed (errno ${-r})`);
     return true;
   }
 

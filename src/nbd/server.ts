@@ -124,7 +124,7 @@ export class NbdServer {
   private async listenNative(netio: NetIoBinding, addr: NbdListenAddress): Promise<NbdBoundAddress> {
     const accept = (t: NativeTransport): void => this.onTransport(t);
     if (addr.type === 'unix') {
-      removeStaleSocket(addr.path);
+      unlinkSocket(addr.path); // a stale socket file: QEMU replaces it
       let fd: number;
       try {
         fd = listenUnixFd(netio, addr.path);
@@ -172,7 +172,7 @@ export class NbdServer {
   private async listenNode(addr: NbdListenAddress): Promise<NbdBoundAddress> {
     const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (s) => this.onSocket(s));
     server.on('error', (err) => this.log.error({ err: err.message }, 'NBD listener error'));
-    if (addr.type === 'unix') removeStaleSocket(addr.path);
+    if (addr.type === 'unix') unlinkSocket(addr.path); // a stale socket file: QEMU replaces it
     await new Promise<void>((resolve, reject) => {
       const onErr = (err: NodeJS.ErrnoException) => {
         server.off('listening', onOk);
@@ -284,15 +284,7 @@ export class NbdServer {
   private startConnection(t: NbdTransport): void {
     const id = this.nextId++;
     // A unix peer has no address; asking the socket for one costs a syscall per connect.
-    let clientAddress = 'unix';
-    if (this.bound?.type !== 'unix') {
-      if (t instanceof SocketTransport) {
-        const s = t.socket;
-        if (s.remoteAddress !== undefined) clientAddress = `${s.remoteAddress}:${s.remotePort ?? 0}`;
-      } else {
-        clientAddress = (t as NativeTransport).peer();
-      }
-    }
+    const clientAddress = this.bound?.type !== 'unix' ? t.remoteAddress() : 'unix';
     const o = this.opts;
     const conn: NbdConnection = new NbdConnection(t, {
       id,
@@ -344,11 +336,7 @@ export class NbdServer {
   }
 }
 
-/** QEMU replaces a stale socket file; bind() would fail with EADDRINUSE. */
-function removeStaleSocket(path: string): void {
-  unlinkSocket(path);
-}
-
+/** Remove the socket file at `path`, if there is one (bind() would fail with EADDRINUSE). */
 function unlinkSocket(path: string): void {
   try {
     if (lstatSync(path).isSocket()) unlinkSync(path);

@@ -40,6 +40,8 @@ export interface NbdTransport {
   end(): void;
   /** Close now; unsent data is dropped. */
   destroy(): void;
+  /** `host:port` of a TCP peer, `unix` otherwise (a syscall: ask once, and not for unix listeners). */
+  remoteAddress(): string;
 }
 
 /**
@@ -111,5 +113,10 @@ export class SocketTransport implements NbdTransport {
 
   destroy(): void {
     this.socket.destroy();
+  }
+
+  remoteAddress(): string {
+    const s = this.socket;
+    return s.remoteAddress !== undefined ? `${s.remoteAddress}:${s.remotePort ?? 0}` : 'unix';
   }
 }
