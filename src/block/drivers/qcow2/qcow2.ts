@@ -110,6 +110,10 @@ type Seg =
   | { kind: 'unalloc'; guest: number; length: number }
   | { kind: 'compressed'; guest: number; length: number; cluster: number; hi: number; lo: number };
 
+/** Header offsets of the version 3 feature bit fields. */
+const HDR_INCOMPATIBLE = 72;
+const HDR_AUTOCLEAR = 88;
+
 /** Kinds of a standard (8-byte) L2 entry, for the fast paths. */
 const K_UNALLOC = 0;
 const K_DATA = 1;
@@ -419,26 +423,27 @@ export class Qcow2Driver implements BlockDriver {
         { offset, size },
         `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`,
       );
-      // QEMU leaves offset and size out when the corruption is not about one write.
-      this.ctx.emitEvent?.('BLOCK_IMAGE_CORRUPTED', {
-        device: '',
-        msg,
-        ...(offset !== undefined && { offset }),
-        'node-name': this.ctx.nodeName,
-        fatal: true,
-        ...(size !== undefined && { size }),
-      });
+      this.corruptionEvent(msg, true, offset, size);
       if (this.header.version === 3) {
         this.header.incompatible |= INCOMPAT_CORRUPT;
-        const b = Buffer.alloc(8);
-        b.writeBigUInt64BE(this.header.incompatible, 0);
-        this.corruptMarked = this.storage
-          .write(b, 72)
-          .then(() => this.storage.flush())
-          .catch((err: unknown) => this.ctx.log.error({ err }, 'qcow2: could not set the corrupt bit'));
+        this.corruptMarked = this.writeHeaderU64(HDR_INCOMPATIBLE, this.header.incompatible).catch(
+          (err: unknown) => this.ctx.log.error({ err }, 'qcow2: could not set the corrupt bit'),
+        );
       }
     }
-    return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
+    return corruptError(msg);
+  }
+
+  /** BLOCK_IMAGE_CORRUPTED; QEMU leaves offset and size out when it is not about one write. */
+  private corruptionEvent(msg: string, fatal: boolean, offset?: number, size?: number): void {
+    this.ctx.emitEvent?.('BLOCK_IMAGE_CORRUPTED', {
+      device: '',
+      msg,
+      ...(offset !== undefined && { offset }),
+      'node-name': this.ctx.nodeName,
+      fatal,
+      ...(size !== undefined && { size }),
+    });
   }
 
   /** The header write of signalCorruption() (close waits for it). */
@@ -458,6 +463,14 @@ export class Qcow2Driver implements BlockDriver {
     return this.storage.write(buf, offset);
   }
 
+  /** One 64-bit header field (feature bits), written and flushed. */
+  private async writeHeaderU64(at: number, v: bigint): Promise<void> {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(v, 0);
+    await this.storage.write(b, at);
+    await this.storage.flush();
+  }
+
   /** Read-write open: repair a dirty image, clear unknown autoclear bits. */
   private async prepareWritable(): Promise<void> {
     const h = this.header;
@@ -470,10 +483,7 @@ export class Qcow2Driver implements BlockDriver {
     }
     if (h.version === 3 && (h.autoclear & ~AUTOCLEAR_KNOWN) !== 0n) {
       h.autoclear &= AUTOCLEAR_KNOWN;
-      const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(h.autoclear, 0);
-      await this.storage.write(b, 88);
-      await this.storage.flush();
+      await this.writeHeaderU64(HDR_AUTOCLEAR, h.autoclear);
     }
   }
 
@@ -562,10 +572,7 @@ export class Qcow2Driver implements BlockDriver {
     h.refcountTableOffset = (base + blocks) * cs;
     h.refcountTableClusters = tableClusters;
     h.incompatible &= ~INCOMPAT_DIRTY;
-    const inc = Buffer.alloc(8);
-    inc.writeBigUInt64BE(h.incompatible, 0);
-    await this.storage.write(inc, 72);
-    await this.storage.flush();
+    await this.writeHeaderU64(HDR_INCOMPATIBLE, h.incompatible);
     this.dirtyBitSet = false;
     rc.replaceTable(table, h.refcountTableOffset, tableClusters);
     this.ctx.log.warn('qcow2: repaired the refcounts of a dirty image');
@@ -796,19 +803,14 @@ export class Qcow2Driver implements BlockDriver {
    * one. The request fails with EIO either way.
    */
   private corruption(msg: string): BlockError {
-    if (this.quietCorruption) return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
+    if (this.quietCorruption) return corruptError(msg);
     if (this.writable && this.refcounts) return this.signalCorruption(undefined, undefined, msg);
     if (!this.signaledNonFatal) {
       this.signaledNonFatal = true;
       this.ctx.log.error(`qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`);
-      this.ctx.emitEvent?.('BLOCK_IMAGE_CORRUPTED', {
-        device: '',
-        msg,
-        'node-name': this.ctx.nodeName,
-        fatal: false,
-      });
+      this.corruptionEvent(msg, false);
     }
-    return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
+    return corruptError(msg);
   }
 
   /** The most recently touched table (a repeated hit on it needs no new stamp). */
@@ -1475,10 +1477,7 @@ export class Qcow2Driver implements BlockDriver {
   private async markDirtyIfLazy(): Promise<void> {
     if (!this.lazy || this.dirtyBitSet || this.header.version !== 3) return;
     this.header.incompatible |= INCOMPAT_DIRTY;
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64BE(this.header.incompatible, 0);
-    await this.storage.write(b, 72);
-    await this.storage.flush();
+    await this.writeHeaderU64(HDR_INCOMPATIBLE, this.header.incompatible);
     this.dirtyBitSet = true;
   }
 
@@ -1722,10 +1721,7 @@ export class Qcow2Driver implements BlockDriver {
         }
         if (this.dirtyBitSet) {
           this.header.incompatible &= ~INCOMPAT_DIRTY;
-          const b = Buffer.alloc(8);
-          b.writeBigUInt64BE(this.header.incompatible, 0);
-          await this.storage.write(b, 72);
-          await this.storage.flush();
+          await this.writeHeaderU64(HDR_INCOMPATIBLE, this.header.incompatible);
           this.dirtyBitSet = false;
         }
       });
@@ -1780,6 +1776,10 @@ export class Qcow2Driver implements BlockDriver {
     }
     return out;
   }
+}
+
+function corruptError(msg: string): BlockError {
+  return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
 }
 
 /** C's %#x: 0x-prefixed hex, but plain 0 for zero (QEMU's messages are printed that way). */
