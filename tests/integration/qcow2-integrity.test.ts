@@ -144,7 +144,14 @@ describe.skipIf(!tools)('qcow2 overlap checks', () => {
     const ctx: DriverOpenContext = {
       nodeName: 'n0',
       readOnly: false,
-      options: { readOnly: false } as DriverOpenContext['options'],
+      options: {
+        cacheDirect: false,
+        cacheNoFlush: false,
+        discard: 'ignore',
+        detectZeroes: 'off',
+        forceShare: false,
+        autoReadOnly: false,
+      },
       log: silentLogger(),
       childIO: () => file.io,
       childDriver: () => file.driver,

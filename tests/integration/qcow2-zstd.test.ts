@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import { BlockGraph } from '../../src/block/graph.js';
 import type { BlockGraph as Graph } from '../../src/block/graph.js';
-import { resetNativeOpsForTests, zstdOpsIfAvailable } from '../../src/block/native.js';
+import { zstdOpsIfAvailable } from '../../src/block/native.js';
 import {
   MiB,
   contentOf,
@@ -24,6 +24,7 @@ import {
   rm,
   tmp,
 } from '../helpers/qcow2.js';
+import { withoutAddon } from '../helpers/native.js';
 
 const tools = qemuTools();
 const withZstd = zstdOpsIfAvailable() !== undefined;
@@ -110,17 +111,7 @@ describe.skipIf(!tools)('qcow2 images with zstd compressed clusters', () => {
   });
 
   describe('without the native addon', () => {
-    let saved: string | undefined;
-    beforeEach(() => {
-      saved = process.env['BLOCKD_NO_ADDON'];
-      process.env['BLOCKD_NO_ADDON'] = '1';
-      resetNativeOpsForTests();
-    });
-    afterEach(() => {
-      if (saved === undefined) delete process.env['BLOCKD_NO_ADDON'];
-      else process.env['BLOCKD_NO_ADDON'] = saved;
-      resetNativeOpsForTests();
-    });
+    withoutAddon();
 
     it('opens with a warning and refuses compressed reads with a clear ENOTSUP', async () => {
       const raw = join(dir, 'src.raw');

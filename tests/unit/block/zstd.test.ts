@@ -2,20 +2,20 @@
  * The addon's zstd (libzstd.so.1 loaded at run time) and the qcow2 cluster decoder built on it,
  * checked against frames made by the system `zstd` tool; and the refusal without the addon.
  */
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   nativeOps,
-  resetNativeOpsForTests,
   zstdOpsIfAvailable,
   zstdUnavailableReason,
   type ZstdOps,
 } from '../../../src/block/native.js';
 import { decompressCluster, hasZstd } from '../../../src/block/drivers/qcow2/compress.js';
 import { have, rm, tmp } from '../../helpers/qcow2.js';
+import { withoutAddon } from '../../helpers/native.js';
 
 const haveCli = have('zstd');
 const z: ZstdOps | undefined = zstdOpsIfAvailable();
@@ -220,17 +220,7 @@ describe.skipIf(!z || !haveCli)('qcow2 zstd clusters', () => {
 });
 
 describe('qcow2 zstd clusters without the native addon', () => {
-  let saved: string | undefined;
-  beforeEach(() => {
-    saved = process.env['BLOCKD_NO_ADDON'];
-    process.env['BLOCKD_NO_ADDON'] = '1';
-    resetNativeOpsForTests();
-  });
-  afterEach(() => {
-    if (saved === undefined) delete process.env['BLOCKD_NO_ADDON'];
-    else process.env['BLOCKD_NO_ADDON'] = saved;
-    resetNativeOpsForTests();
-  });
+  withoutAddon();
 
   it('says zstd is unavailable and why', () => {
     expect(nativeOps().zstd).toBeUndefined();
