@@ -229,6 +229,16 @@ export async function run(args: readonly string[], script: string = process.argv
   }
 
   // ---- pass 2: left to right, first failure exits 1 with no rollback ---------------------
+  // Nothing is answered before the whole command line is set up (QSD runs its main loop only
+  // then): monitor clients get no greeting and NBD clients no handshake until 'ready' below.
+  // A failed start-up leaves none of the sockets it created behind.
+  monitors.hold();
+  services.exports.holdClients();
+  process.on('exit', () => {
+    if (stopping !== undefined) return;
+    monitors.unlinkSocketFiles();
+    services.exports.unlinkSocketFile();
+  });
   const ctx: Pass2Context = {
     dispatcher,
     schema,
@@ -273,5 +283,7 @@ export async function run(args: readonly string[], script: string = process.argv
     process.chdir('/');
     channel.ready();
   }
+  services.exports.releaseClients();
+  monitors.release();
   log.info({ pid: process.pid }, 'blockd ready');
 }

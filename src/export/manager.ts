@@ -93,12 +93,33 @@ export class ExportManager implements NbdBackend {
   private readonly exports = new Map<string, NbdExport>();
   /** Per export id: users that keep the nodes of its exported bitmaps alive. */
   private readonly bitmapHolders = new Map<string, BlockUser[]>();
+  /** Start-up gate: NBD clients wait unread until {@link releaseClients}. */
+  private holding = false;
 
   constructor(
     readonly graph: BlockGraph,
     readonly events: EventBus,
     readonly log: Logger,
   ) {}
+
+  /**
+   * Hold NBD clients (accepted, not greeted) until {@link releaseClients}: while the command
+   * line is processed, a client must not see a server whose exports are not all added yet.
+   */
+  holdClients(): void {
+    this.holding = true;
+    this.server?.hold();
+  }
+
+  releaseClients(): void {
+    this.holding = false;
+    this.server?.release();
+  }
+
+  /** Remove the NBD server's unix socket file, synchronously (process exit). */
+  unlinkSocketFile(): void {
+    this.server?.unlinkSocketFile();
+  }
 
   get serverRunning(): boolean {
     return this.server !== undefined;
@@ -146,6 +167,7 @@ export class ExportManager implements NbdBackend {
       tuneUnixSocket: (fd) => nativeOps().setSendBuffer?.(fd, 4 * 1024 * 1024),
       netio: netIoBindingFrom(nativeAddon()),
     });
+    if (this.holding) server.hold();
     try {
       this.bound = await server.listen(opts.addr);
     } catch (err) {

@@ -8,10 +8,10 @@
  * unread (no greeting) until a slot frees. Seen from the client it is the same: the
  * connect succeeds and the greeting arrives when another client leaves.
  */
-import { lstatSync, unlinkSync } from 'node:fs';
 import net from 'node:net';
 import type { Logger } from '../util/logger.js';
 import { DaemonError } from '../util/errors.js';
+import { bindPathFor, publishSocket, unlinkStaleSocket } from '../util/socket-path.js';
 import type { NbdBackend } from './backend.js';
 import { NbdConnection } from './connection.js';
 import { NativeListener, listenUnixFd, type NativeTransport, type NetIoBinding } from './native-transport.js';
@@ -81,6 +81,9 @@ export class NbdServer {
   private native: NativeListener | undefined;
   private readonly active = new Set<NbdConnection>();
   private readonly waiting: NbdTransport[] = [];
+  /** Clients accepted while the daemon is still starting (see {@link hold}). */
+  private readonly held: NbdTransport[] = [];
+  private holding = false;
   private nextId = 1;
   private closing = false;
   private unixPath: string | undefined;
@@ -124,17 +127,19 @@ export class NbdServer {
   private async listenNative(netio: NetIoBinding, addr: NbdListenAddress): Promise<NbdBoundAddress> {
     const accept = (t: NativeTransport): void => this.onTransport(t);
     if (addr.type === 'unix') {
-      unlinkSocket(addr.path); // a stale socket file: QEMU replaces it
+      unlinkStaleSocket(addr.path); // a stale socket file: QEMU replaces it
+      const bound = bindPathFor(addr.path);
       let fd: number;
       try {
-        fd = listenUnixFd(netio, addr.path);
+        fd = listenUnixFd(netio, bound);
+        publishSocket(bound, addr.path);
       } catch (err) {
         throw listenError(err);
       }
       try {
         this.native = new NativeListener(netio, fd, accept);
       } catch (err) {
-        unlinkSocket(addr.path);
+        unlinkStaleSocket(addr.path);
         throw listenError(err);
       }
       this.unixPath = addr.path;
@@ -172,7 +177,8 @@ export class NbdServer {
   private async listenNode(addr: NbdListenAddress): Promise<NbdBoundAddress> {
     const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (s) => this.onSocket(s));
     server.on('error', (err) => this.log.error({ err: err.message }, 'NBD listener error'));
-    if (addr.type === 'unix') unlinkSocket(addr.path); // a stale socket file: QEMU replaces it
+    if (addr.type === 'unix') unlinkStaleSocket(addr.path); // a stale socket file: QEMU replaces it
+    const unixBound = addr.type === 'unix' ? bindPathFor(addr.path) : undefined;
     await new Promise<void>((resolve, reject) => {
       const onErr = (err: NodeJS.ErrnoException) => {
         server.off('listening', onOk);
@@ -180,11 +186,20 @@ export class NbdServer {
       };
       const onOk = () => {
         server.off('error', onErr);
+        if (addr.type === 'unix' && unixBound !== undefined) {
+          try {
+            publishSocket(unixBound, addr.path);
+          } catch (err) {
+            server.close();
+            reject(listenError(err));
+            return;
+          }
+        }
         resolve();
       };
       server.once('error', onErr);
       server.once('listening', onOk);
-      if (addr.type === 'unix') server.listen(addr.path);
+      if (addr.type === 'unix') server.listen(unixBound ?? addr.path);
       else if (addr.type === 'fd') server.listen({ fd: addr.fd });
       else server.listen(Number(addr.port), addr.host);
     });
@@ -265,20 +280,39 @@ export class NbdServer {
       t.destroy();
       return;
     }
+    if (this.holding) {
+      park(this.held, t);
+      return;
+    }
     if (this.limit > 0 && this.active.size >= this.limit) {
       this.log.debug({ queued: this.waiting.length + 1 }, 'NBD connection limit reached, client queued');
-      this.waiting.push(t);
-      if (t instanceof SocketTransport) {
-        // The connection adds its own error listener once the client is admitted.
-        t.socket.on('error', ignoreError);
-        t.socket.once('close', () => {
-          const i = this.waiting.indexOf(t);
-          if (i >= 0) this.waiting.splice(i, 1);
-        });
-      }
+      park(this.waiting, t);
       return;
     }
     this.startConnection(t);
+  }
+
+  /**
+   * Accept clients but leave them unread (no greeting) until {@link release}: the daemon
+   * holds the server while the rest of its command line (exports) is still being set up,
+   * as QSD does by not running its main loop before then.
+   */
+  hold(): void {
+    this.holding = true;
+  }
+
+  /** Serve the clients held so far, in arrival order, and new ones at once. */
+  release(): void {
+    if (!this.holding) return;
+    this.holding = false;
+    for (const t of this.held.splice(0)) {
+      if (!t.destroyed) this.onTransport(t);
+    }
+  }
+
+  /** Remove our unix socket file, synchronously (process exit before a clean close). */
+  unlinkSocketFile(): void {
+    if (this.unixPath !== undefined) unlinkStaleSocket(this.unixPath);
   }
 
   private startConnection(t: NbdTransport): void {
@@ -327,21 +361,26 @@ export class NbdServer {
     this.native?.close();
     this.native = undefined;
     for (const s of this.waiting.splice(0)) s.destroy();
+    for (const s of this.held.splice(0)) s.destroy();
     const conns = [...this.active];
     for (const c of conns) c.disconnect('NBD server stopping');
     if (server) await new Promise<void>((r) => server.close(() => r()));
-    if (this.unixPath) unlinkSocket(this.unixPath);
+    if (this.unixPath) unlinkStaleSocket(this.unixPath);
     await Promise.all(conns.map((c) => c.closed));
     this.log.info('NBD server stopped');
   }
 }
 
-/** Remove the socket file at `path`, if there is one (bind() would fail with EADDRINUSE). */
-function unlinkSocket(path: string): void {
-  try {
-    if (lstatSync(path).isSocket()) unlinkSync(path);
-  } catch {
-    /* absent */
+/** Queue a client unread; a net.Socket that closes meanwhile leaves the queue. */
+function park(queue: NbdTransport[], t: NbdTransport): void {
+  queue.push(t);
+  if (t instanceof SocketTransport) {
+    // The connection adds its own error listener once the client is admitted.
+    t.socket.on('error', ignoreError);
+    t.socket.once('close', () => {
+      const i = queue.indexOf(t);
+      if (i >= 0) queue.splice(i, 1);
+    });
   }
 }
 

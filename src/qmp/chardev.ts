@@ -4,7 +4,8 @@
  */
 import net from 'node:net';
 import http from 'node:http';
-import { unlinkSync, lstatSync } from 'node:fs';
+import { unlinkSync } from 'node:fs';
+import { bindPathFor, publishSocket, unlinkStaleSocket } from '../util/socket-path.js';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Logger } from '../util/logger.js';
 import { CliError, strerror } from '../util/errors.js';
@@ -161,6 +162,8 @@ export class Chardev {
   private active: QmpPeer | undefined;
   private createdPath: string | undefined;
   private closed = false;
+  /** While held, clients are accepted but not handed to the monitor (start-up gate). */
+  private held = false;
   private readonly log: Logger;
   /** Resolves on the first client (used by wait=on). */
   private firstClient: (() => void) | undefined;
@@ -260,13 +263,19 @@ export class Chardev {
         resolve();
       };
       if (a.type === 'unix') {
-        try {
-          if (lstatSync(a.path).isSocket()) unlinkSync(a.path);
-        } catch {
-          // nothing to remove
-        }
-        target.listen({ path: a.path }, done);
-        this.createdPath = a.path;
+        unlinkStaleSocket(a.path);
+        const bound = bindPathFor(a.path);
+        target.listen({ path: bound }, () => {
+          try {
+            publishSocket(bound, a.path);
+          } catch (err) {
+            target.close();
+            fail(err as Error);
+            return;
+          }
+          this.createdPath = a.path;
+          done();
+        });
       } else if (a.type === 'inet') {
         target.listen({ host: a.host, port: Number(a.port) }, done);
       } else {
@@ -299,7 +308,7 @@ export class Chardev {
   }
 
   private startNext(): void {
-    if (this.handler === undefined || this.closed) return;
+    if (this.handler === undefined || this.closed || this.held) return;
     const multi = this.options.backend !== 'stdio' && this.options.multiClient;
     while (this.waiting.length > 0 && (multi || this.active === undefined)) {
       const peer = this.waiting.shift() as QmpPeer;
@@ -313,6 +322,32 @@ export class Chardev {
   setHandler(handler: PeerHandler): void {
     this.handler = handler;
     this.startNext();
+  }
+
+  /**
+   * Keep clients waiting (connected, unread, no greeting) until {@link release}: the daemon
+   * holds its monitors while the command line is still being processed, as QSD answers
+   * nothing before its main loop runs.
+   */
+  hold(): void {
+    this.held = true;
+  }
+
+  /** Hand waiting clients to the monitor from now on. */
+  release(): void {
+    this.held = false;
+    this.startNext();
+  }
+
+  /** Remove the unix socket file we created, synchronously (exit paths that cannot wait). */
+  unlinkSocketFile(): void {
+    if (this.createdPath === undefined) return;
+    try {
+      unlinkSync(this.createdPath);
+    } catch {
+      // already gone
+    }
+    this.createdPath = undefined;
   }
 
   get attached(): boolean {
@@ -329,12 +364,6 @@ export class Chardev {
     if (srv !== undefined) {
       await new Promise<void>((resolve) => srv.close(() => resolve()));
     }
-    if (this.createdPath !== undefined) {
-      try {
-        unlinkSync(this.createdPath);
-      } catch {
-        // already gone
-      }
-    }
+    this.unlinkSocketFile();
   }
 }

@@ -12,6 +12,8 @@ export class MonitorManager {
   private readonly chardevs = new Map<string, Chardev>();
   private readonly sessions = new Set<MonitorSession>();
   private readonly log: Logger;
+  /** Start-up gate: while set, every chardev keeps its clients waiting (see {@link hold}). */
+  private holding = false;
 
   constructor(
     private readonly services: Services,
@@ -27,6 +29,7 @@ export class MonitorManager {
       throw new DaemonError('CHARDEV_EXISTS', `attempt to add duplicate chardev '${options.id}'`);
     }
     const c = new Chardev(options, this.log);
+    if (this.holding) c.hold();
     this.chardevs.set(options.id, c);
     try {
       await c.open(open);
@@ -36,6 +39,27 @@ export class MonitorManager {
       throw err;
     }
     return c;
+  }
+
+  /**
+   * Hold every monitor until {@link release}: clients may connect (the socket exists, as
+   * with QSD) but get no greeting and are not read, so the first thing a client sees is the
+   * complete start-up state. Chardevs added while holding are held too.
+   */
+  hold(): void {
+    this.holding = true;
+    for (const c of this.chardevs.values()) c.hold();
+  }
+
+  /** Greet waiting clients and serve new ones from now on. */
+  release(): void {
+    this.holding = false;
+    for (const c of this.chardevs.values()) c.release();
+  }
+
+  /** Remove the unix socket files of every chardev, synchronously (process exit). */
+  unlinkSocketFiles(): void {
+    for (const c of this.chardevs.values()) c.unlinkSocketFile();
   }
 
   chardev(id: string): Chardev | undefined {

@@ -60,11 +60,14 @@ export function tempDir(prefix = 'blockd-cli-'): string {
 }
 
 /** Start blockd; `done` resolves with its exit code and output once it has exited. */
-export function startBlockd(args: string[], opts: { cwd?: string } = {}): { child: ChildProcess; done: Promise<Run> } {
+export function startBlockd(
+  args: string[],
+  opts: { cwd?: string; env?: Record<string, string> } = {},
+): { child: ChildProcess; done: Promise<Run> } {
   const child = spawn(BIN, [...args], {
     cwd: opts.cwd ?? ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, BLOCKD_DAEMONIZED_CHILD: '' },
+    env: { ...process.env, BLOCKD_DAEMONIZED_CHILD: '', ...opts.env },
   });
   children.add(child);
   let stdout = '';
