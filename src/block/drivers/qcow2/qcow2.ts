@@ -1,6 +1,13 @@
 /**
  * `qcow2`: the QEMU copy-on-write format driver over a `file` child, with an optional `backing`
- * child (opened by the graph from the header or linked by name).
+ * child (opened by the graph from the header or linked by name). This file is the driver face:
+ * option checks and open (cache sizing, refcounts, dirty-image repair, the overlap map), the
+ * persistent bitmaps hooks, the write/zero/discard/resize entry points, flush, close and
+ * query-block info. The rest lives in layers below it (see image.ts):
+ *   image.ts        geometry, header, storage, corruption guard (overlap checks, events)
+ *   cluster-map.ts  L1/L2 map, L2 cache, entry decoding
+ *   read.ts         reads (sync fast path, segments, compressed, backing) and block status
+ *   allocate.ts     allocation, copy-on-write, L2/L1 updates, metadata write-back, frees
  *
  * Concurrency: reads and in-place writes to allocated clusters run without locks. Allocating
  * writes take a per-guest-cluster lock (so two writes to one new cluster are serialised, writes
@@ -14,17 +21,7 @@
  */
 import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
 import { BlockError } from '../../../util/errors.js';
-import {
-  EXTENT_ALLOCATED,
-  EXTENT_DATA,
-  EXTENT_ZERO,
-  type BlockDriver,
-  type BlockExtent,
-  type BlockIO,
-  type DriverCaps,
-  type WriteFlags,
-  type ZeroFlags,
-} from '../../types.js';
+import type { BlockDriver, BlockIO, DriverCaps, WriteFlags, ZeroFlags } from '../../types.js';
 import {
   BASE_MEMBERS,
   optBool,
@@ -40,35 +37,22 @@ import {
   AUTOCLEAR_KNOWN,
   COMPAT_LAZY_REFCOUNTS,
   HEADER_PROBE,
-  HI_COMPRESSED,
-  HI_COPIED,
-  HI_OFFSET_MASK,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
-  L1_HI_RESERVED,
-  L1_LO_RESERVED,
-  L2_HI_RESERVED,
-  L2_LO_RESERVED,
-  LO_OFFSET_MASK,
-  LO_ZERO_FLAG,
-  MAX_L1_SIZE,
   corrupt,
   parseHeader,
   readSnapshotTable,
   writeU64,
   buildHeader,
   type BitmapsExt,
-  type Qcow2Header,
-  type SnapshotInfo,
 } from './format.js';
-import { compressedDesc, decompressCluster, hasZstd, zstdUnavailableMessage } from './compress.js';
+import { hasZstd, zstdUnavailableMessage } from './compress.js';
 import { Refcounts } from './refcount.js';
 import { Qcow2BitmapStore, bitmapClusters } from '../../dirty-bitmap-qcow2.js';
 import type { LoadedBitmap, NamedBitmap } from '../../dirty-bitmap-set.js';
-import { KeyedLocks, Mutex, Storage } from './storage.js';
+import { Storage } from './storage.js';
 import {
-  MetadataMap,
   OL_ACTIVE_L1,
   OL_ACTIVE_L2,
   OL_BITMAP_DIRECTORY,
@@ -78,9 +62,11 @@ import {
   OL_REFCOUNT_BLOCK,
   OL_REFCOUNT_TABLE,
   OL_SNAPSHOT_TABLE,
-  overlapName,
   parseOverlapCheck,
 } from './overlap.js';
+import { HDR_AUTOCLEAR, HDR_INCOMPATIBLE, type Qcow2Parts } from './image.js';
+import { l1EntryOffset, type CachedL2 } from './cluster-map.js';
+import { Qcow2Allocator } from './allocate.js';
 
 const QCOW2_MEMBERS = [
   ...BASE_MEMBERS,
@@ -103,52 +89,6 @@ const QCOW2_MEMBERS = [
 /** QEMU's default maximum L2 cache (Linux): 32 MiB, or less when that covers the whole disk. */
 const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
 
-/** How one guest range maps (a run of clusters or subclusters of one kind). */
-type Seg =
-  | { kind: 'data'; guest: number; length: number; host: number }
-  | { kind: 'zero'; guest: number; length: number }
-  | { kind: 'unalloc'; guest: number; length: number }
-  | { kind: 'compressed'; guest: number; length: number; cluster: number; hi: number; lo: number };
-
-/** Header offsets of the version 3 feature bit fields. */
-const HDR_INCOMPATIBLE = 72;
-const HDR_AUTOCLEAR = 88;
-
-/** Kinds of a standard (8-byte) L2 entry, for the fast paths. */
-const K_UNALLOC = 0;
-const K_DATA = 1;
-const K_ZERO = 2;
-const K_COMPRESSED = 3;
-/** An entry kindOf() rejects (kindsOf() marks it; kindOf() raises the error when it is used). */
-const K_CORRUPT = 4;
-
-/** Block status covers at most this many clusters per call (the caller asks again for the rest). */
-const STATUS_MAX_CLUSTERS = 1 << 20;
-
-interface CachedL2 {
-  offset: number;
-  buf: Buffer;
-  dirty: boolean;
-  /** LRU stamp (driver's use clock at the last access). */
-  used: number;
-  /**
-   * Status kind of every entry (standard L2: K_DATA, K_ZERO, K_UNALLOC or K_CORRUPT), built on
-   * the first block status call, kept current by setEntry.
-   */
-  kinds?: Uint8Array | undefined;
-}
-
-/** A decoded L2 entry. */
-interface Entry {
-  hi: number;
-  lo: number;
-  bitmap: number; // low 32 bits: alloc; high 32 bits in `zeroBits`
-  zeroBits: number;
-  type: 'unalloc' | 'normal' | 'zero-plain' | 'zero-alloc' | 'compressed';
-  host: number;
-  copied: boolean;
-}
-
 /** What the graph needs to open the backing file recorded in an image. */
 export interface BackingRequest {
   /** Path as recorded in the header. */
@@ -158,82 +98,18 @@ export interface BackingRequest {
   format: string | undefined;
 }
 
-interface PendingFree {
-  cluster: number;
-  discard: boolean;
-}
-
-export class Qcow2Driver implements BlockDriver {
+export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
   readonly name = 'qcow2';
   readonly caps: DriverCaps;
-  readonly header: Qcow2Header;
-  readonly clusterSize: number;
-  private readonly clusterBits: number;
-  private readonly extL2: boolean;
-  private readonly entrySize: number;
-  private readonly l2Entries: number;
-  private readonly subclusterSize: number;
-  private readonly storage: Storage;
-  private readonly refcounts: Refcounts | undefined;
-  private l1: Buffer;
-  private readonly l2Cache = new Map<number, CachedL2>();
-  private readonly l2Loading = new Map<number, Promise<CachedL2>>();
-  private readonly l2Capacity: number;
-  private readonly meta = new Mutex();
-  private readonly clusterLocks = new KeyedLocks();
-  private pending: PendingFree[] = [];
-  private readonly decompressed = new Map<number, Promise<Buffer>>();
-  private lazy: boolean;
-  private dirtyBitSet: boolean;
-  private size: number;
-  private closed = false;
   private readonly origFileSize: number;
-  private readonly passDiscardRequest: boolean;
-  /** Internal snapshots (read at open; never changed by blockd) and the table's length. */
-  private snapshots: SnapshotInfo[] = [];
-  private snapshotTableBytes = 0;
-  /** Metadata kinds checked before writes (overlap-check), and where metadata lives. */
-  private readonly olMask: number;
-  private readonly ol: MetadataMap;
-  /**
-   * Set when a write would have hit metadata: the image is marked corrupt and the node refuses
-   * all further I/O (QEMU detaches the driver: "No medium found").
-   */
-  private broken = false;
 
-  private constructor(
-    private readonly ctx: DriverOpenContext,
-    private readonly opts: Options,
-    header: Qcow2Header,
-    l1: Buffer,
-    storage: Storage,
-    refcounts: Refcounts | undefined,
-    l2CacheBytes: number,
-    readonly writable: boolean,
-  ) {
-    this.header = header;
-    this.clusterBits = header.clusterBits;
-    this.clusterSize = 2 ** header.clusterBits;
-    this.extL2 = (header.incompatible & INCOMPAT_EXTL2) !== 0n;
-    this.entrySize = this.extL2 ? 16 : 8;
-    this.l2Entries = this.clusterSize / this.entrySize;
-    this.subclusterSize = this.clusterSize / 32;
-    this.storage = storage;
-    this.refcounts = refcounts;
-    this.l1 = l1;
-    this.size = header.size;
-    this.origFileSize = storage.size();
-    this.l2Capacity = Math.max(2, Math.floor(l2CacheBytes / this.clusterSize));
-    this.olMask = writable ? parseOverlapCheck(opts['overlap-check']) : 0;
-    this.ol = new MetadataMap(this.clusterSize);
-    const lazyOpt = optBool(opts, 'lazy-refcounts');
-    this.lazy = writable && (lazyOpt ?? (header.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n);
-    this.dirtyBitSet = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
-    this.passDiscardRequest = optBool(opts, 'pass-discard-request') ?? ctx.options.discard === 'unmap';
+  private constructor(p: Qcow2Parts) {
+    super(p);
+    this.origFileSize = p.storage.size();
     this.caps = {
-      writeZeroes: header.version === 3,
+      writeZeroes: p.header.version === 3,
       fua: false,
-      discard: ctx.options.discard === 'unmap',
+      discard: p.ctx.options.discard === 'unmap',
       blockStatus: true,
       resize: true,
       readSync: true,
@@ -338,7 +214,7 @@ export class Qcow2Driver implements BlockDriver {
         Math.max(4, Math.floor(rcBytes / cs)),
       );
     }
-    const d = new Qcow2Driver(ctx, opts, h, l1, storage, refcounts, l2Bytes, writable);
+    const d = new Qcow2Driver({ ctx, opts, header: h, l1, storage, refcounts, l2CacheBytes: l2Bytes, writable });
     driverRef.d = d;
     if (h.nbSnapshots > 0) {
       const st = await readSnapshotTable((b, o) => storage.read(b, o), h.snapshotsOffset, h.nbSnapshots, cs);
@@ -395,80 +271,6 @@ export class Qcow2Driver implements BlockDriver {
     if (cur) this.ol.remove(cur.offset, cur.bytes, OL_BITMAP_DIRECTORY);
     this.bitmapDirInMap = b ? { offset: b.directoryOffset, bytes: b.directorySize } : undefined;
     if (b) this.ol.add(b.directoryOffset, b.directorySize, OL_BITMAP_DIRECTORY);
-  }
-
-  /**
-   * Overlap check before writing `[offset, offset+length)` of the image file, which rewrites
-   * metadata of kinds `own` (0 for guest data and new clusters). On an overlap: mark the image
-   * corrupt and throw EIO (QEMU's qcow2_pre_write_overlap_check).
-   */
-  checkOverlap(offset: number, length: number, own: number): void {
-    if (this.broken) throw this.noMedium();
-    const mask = this.olMask & ~own;
-    if (mask === 0) return;
-    // The header check is by offset, not by cluster (QEMU: any write below the first cluster end).
-    let hit = offset < this.clusterSize ? mask & OL_MAIN_HEADER : 0;
-    if (hit === 0) hit = this.ol.check(offset, length, mask);
-    if (hit !== 0) throw this.signalCorruption(offset, length, `Preventing invalid write on metadata (overlaps with ${overlapName(hit)})`);
-  }
-
-  /**
-   * Fatal corruption: log it, emit BLOCK_IMAGE_CORRUPTED (once), set the corrupt bit in the
-   * header (in the background; nothing else is written afterwards) and stop all I/O.
-   */
-  private signalCorruption(offset: number | undefined, size: number | undefined, msg: string): BlockError {
-    if (!this.broken) {
-      this.broken = true;
-      this.ctx.log.error(
-        { offset, size },
-        `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`,
-      );
-      this.corruptionEvent(msg, true, offset, size);
-      if (this.header.version === 3) {
-        this.header.incompatible |= INCOMPAT_CORRUPT;
-        this.corruptMarked = this.writeHeaderU64(HDR_INCOMPATIBLE, this.header.incompatible).catch(
-          (err: unknown) => this.ctx.log.error({ err }, 'qcow2: could not set the corrupt bit'),
-        );
-      }
-    }
-    return corruptError(msg);
-  }
-
-  /** BLOCK_IMAGE_CORRUPTED; QEMU leaves offset and size out when it is not about one write. */
-  private corruptionEvent(msg: string, fatal: boolean, offset?: number, size?: number): void {
-    this.ctx.emitEvent?.('BLOCK_IMAGE_CORRUPTED', {
-      device: '',
-      msg,
-      ...(offset !== undefined && { offset }),
-      'node-name': this.ctx.nodeName,
-      fatal,
-      ...(size !== undefined && { size }),
-    });
-  }
-
-  /** The header write of signalCorruption() (close waits for it). */
-  private corruptMarked: Promise<void> | undefined;
-
-  private noMedium(): BlockError {
-    return new BlockError('NO_MEDIUM', 'EINVAL', 'No medium found');
-  }
-
-  /** Guest data (or a new cluster's contents) to the file, after the overlap check. */
-  private writeData(buf: Buffer, offset: number): Promise<void> {
-    try {
-      this.checkOverlap(offset, buf.length, 0);
-    } catch (err) {
-      return Promise.reject(err);
-    }
-    return this.storage.write(buf, offset);
-  }
-
-  /** One 64-bit header field (feature bits), written and flushed. */
-  private async writeHeaderU64(at: number, v: bigint): Promise<void> {
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64BE(v, 0);
-    await this.storage.write(b, at);
-    await this.storage.flush();
   }
 
   /** Read-write open: repair a dirty image, clear unknown autoclear bits. */
@@ -674,554 +476,8 @@ export class Qcow2Driver implements BlockDriver {
     });
   }
 
-  private backing(): BlockIO | undefined {
-    if (this.ctx.hasChild && !this.ctx.hasChild('backing')) return undefined;
-    try {
-      return this.ctx.childIO('backing');
-    } catch {
-      return undefined;
-    }
-  }
-
   getLength(): number {
     return this.size;
-  }
-
-  // ---- L1 / L2 --------------------------------------------------------------------------------
-
-  private l1Entry(i: number): { offset: number; copied: boolean } {
-    if (i * 8 + 8 > this.l1.length) return { offset: 0, copied: false };
-    const hi = this.l1.readUInt32BE(i * 8);
-    const lo = this.l1.readUInt32BE(i * 8 + 4);
-    if ((hi & L1_HI_RESERVED) !== 0 || (lo & L1_LO_RESERVED) !== 0) {
-      throw this.corruption(`L1 entry ${i} has reserved bits set`);
-    }
-    const offset = (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
-    if (offset % this.clusterSize !== 0) {
-      throw this.corruption(`L2 table offset ${cHex(offset)} unaligned (L1 index: ${cHex(i)})`);
-    }
-    return { offset, copied: (hi & HI_COPIED) !== 0 };
-  }
-
-  /** Host offset of the L2 table of L1 entry `i` (0 = none); same checks as l1Entry(). */
-  private l1Offset(i: number): number {
-    const at = i * 8;
-    if (at + 8 > this.l1.length) return 0;
-    const hi = this.l1.readUInt32BE(at);
-    const lo = this.l1.readUInt32BE(at + 4);
-    if (hi === 0 && lo === 0) return 0;
-    return this.l1Entry(i).offset;
-  }
-
-  /**
-   * Synchronous L2 lookup: the cached table of L1 index `l1i`, `undefined` when the L1 entry is
-   * empty (all clusters unallocated), `null` when the table is not in the cache.
-   */
-  private cachedL2(l1i: number): CachedL2 | undefined | null {
-    const off = this.l1Offset(l1i);
-    if (off === 0) return undefined;
-    const t = this.l2Cache.get(off);
-    if (t === undefined) return null;
-    if (this.mru !== t) this.touch(t);
-    return t;
-  }
-
-  /** Host offset and COPIED flag of the last entry kindOf() classified as K_DATA. */
-  private hostOut = 0;
-  private copiedOut = false;
-
-  /**
-   * Kind of standard L2 entry `i` of `t` (K_*), with decode()'s checks; for K_DATA the host
-   * offset of the cluster is left in `hostOut` (no allocation on the hot paths).
-   */
-  private kindOf(t: CachedL2, i: number): number {
-    const buf = t.buf;
-    const at = i * 8;
-    const hi = buf.readUInt32BE(at);
-    const lo = buf.readUInt32BE(at + 4);
-    if (hi === 0 && lo === 0) return K_UNALLOC;
-    if ((hi & HI_COMPRESSED) !== 0) {
-      if ((hi & HI_COPIED) !== 0) throw this.corruption('Compressed cluster has the COPIED flag set');
-      return K_COMPRESSED;
-    }
-    if ((hi & L2_HI_RESERVED) !== 0 || (lo & L2_LO_RESERVED) !== 0) {
-      throw this.corruption(`L2 entry at 0x${(t.offset + at).toString(16)} has reserved bits set`);
-    }
-    const loOff = (lo & LO_OFFSET_MASK) >>> 0;
-    const hiOff = hi & HI_OFFSET_MASK;
-    if ((loOff & (this.clusterSize - 1)) !== 0) {
-      throw this.corruption(unalignedClusterMsg(hiOff * 0x100000000 + loOff, t.offset, i));
-    }
-    if ((lo & LO_ZERO_FLAG) !== 0) {
-      if (this.header.version === 2) throw this.corruption(zeroInV2Msg(t.offset, i));
-      return K_ZERO;
-    }
-    if (hiOff === 0 && loOff === 0) return K_UNALLOC;
-    this.hostOut = hiOff * 0x100000000 + loOff;
-    this.copiedOut = (hi & HI_COPIED) !== 0;
-    return K_DATA;
-  }
-
-  /** Entry kinds of a whole table, cached on it (block status walks these, not the entries). */
-  private kindsOf(t: CachedL2): Uint8Array {
-    if (t.kinds) return t.kinds;
-    const k = new Uint8Array(this.l2Entries);
-    const buf = t.buf;
-    for (let i = 0; i < k.length; i++) {
-      const at = i * 8;
-      // Most entries of a sparse image are zero: no need to decode those.
-      if (buf[at] === 0 && buf.readUInt32BE(at) === 0 && buf.readUInt32BE(at + 4) === 0) continue;
-      k[i] = this.statusKind(t, i);
-    }
-    t.kinds = k;
-    return k;
-  }
-
-  /** Kind for block status (compressed clusters are data; K_CORRUPT for a bad entry). */
-  private statusKind(t: CachedL2, i: number): number {
-    // Classifying a whole table must not signal corruption for entries nobody asked about:
-    // statusRuns() decodes a K_CORRUPT entry again (loudly) when a request covers it.
-    this.quietCorruption = true;
-    try {
-      const k = this.kindOf(t, i);
-      return k === K_COMPRESSED ? K_DATA : k;
-    } catch {
-      return K_CORRUPT;
-    } finally {
-      this.quietCorruption = false;
-    }
-  }
-
-  /** Set while statusKind() classifies entries (see there). */
-  private quietCorruption = false;
-  /** A non-fatal BLOCK_IMAGE_CORRUPTED was emitted (read-only image): no more of them. */
-  private signaledNonFatal = false;
-
-  /**
-   * Corrupt metadata met by a request: like QEMU's qcow2_signal_corruption(), fatal on a
-   * writable image (corrupt bit, event, no more I/O), a one-time non-fatal event on a read-only
-   * one. The request fails with EIO either way.
-   */
-  private corruption(msg: string): BlockError {
-    if (this.quietCorruption) return corruptError(msg);
-    if (this.writable && this.refcounts) return this.signalCorruption(undefined, undefined, msg);
-    if (!this.signaledNonFatal) {
-      this.signaledNonFatal = true;
-      this.ctx.log.error(`qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`);
-      this.corruptionEvent(msg, false);
-    }
-    return corruptError(msg);
-  }
-
-  /** The most recently touched table (a repeated hit on it needs no new stamp). */
-  private mru: CachedL2 | undefined;
-  private useClock = 0;
-
-  /**
-   * Mark `t` used now (and make it the cached copy of its offset). LRU order is kept with
-   * stamps, not by re-inserting into the Map: delete+set on every hit makes V8 rebuild the
-   * Map's backing store over and over, which showed up as old-space GC on the read path.
-   */
-  private touch(t: CachedL2): void {
-    t.used = ++this.useClock;
-    this.mru = t;
-    if (this.l2Cache.get(t.offset) !== t) this.l2Cache.set(t.offset, t);
-  }
-
-  /** Over capacity: drop the least recently used clean tables (down to 7/8 of the capacity). */
-  private evictClean(): void {
-    if (this.l2Cache.size <= this.l2Capacity) return;
-    const target = this.l2Capacity - Math.floor(this.l2Capacity / 8);
-    const clean = [...this.l2Cache.values()].filter((t) => !t.dirty).sort((a, b) => a.used - b.used);
-    for (const t of clean) {
-      if (this.l2Cache.size <= target) break;
-      this.l2Cache.delete(t.offset);
-      if (this.mru === t) this.mru = undefined;
-    }
-  }
-
-  /** The L2 table at `offset` (cached; concurrent misses share one read). */
-  private async loadL2(offset: number): Promise<CachedL2> {
-    const hit = this.l2Cache.get(offset);
-    if (hit) {
-      this.touch(hit);
-      return hit;
-    }
-    let p = this.l2Loading.get(offset);
-    if (!p) {
-      p = (async () => {
-        const buf = Buffer.alloc(this.clusterSize);
-        await this.storage.read(buf, offset);
-        const t: CachedL2 = { offset, buf, dirty: false, used: ++this.useClock };
-        const again = this.l2Cache.get(offset);
-        if (again) return again;
-        this.l2Cache.set(offset, t);
-        this.mru = t;
-        this.evictClean();
-        return t;
-      })();
-      this.l2Loading.set(offset, p);
-      p.finally(() => this.l2Loading.delete(offset)).catch(() => undefined);
-    }
-    return p;
-  }
-
-  private decode(t: CachedL2 | undefined, idx: number): Entry {
-    if (!t) return { hi: 0, lo: 0, bitmap: 0, zeroBits: 0, type: 'unalloc', host: 0, copied: false };
-    const at = idx * this.entrySize;
-    const hi = t.buf.readUInt32BE(at);
-    const lo = t.buf.readUInt32BE(at + 4);
-    const bitmap = this.extL2 ? t.buf.readUInt32BE(at + 12) : 0;
-    const zeroBits = this.extL2 ? t.buf.readUInt32BE(at + 8) : 0;
-    const copied = (hi & HI_COPIED) !== 0;
-    if ((hi & HI_COMPRESSED) !== 0) {
-      if (copied) throw this.corruption('Compressed cluster has the COPIED flag set');
-      if (this.extL2 && (bitmap !== 0 || zeroBits !== 0)) {
-        throw this.corruption('Compressed cluster has a non-zero subcluster bitmap');
-      }
-      return { hi, lo, bitmap, zeroBits, type: 'compressed', host: 0, copied: false };
-    }
-    if ((hi & L2_HI_RESERVED) !== 0 || (lo & L2_LO_RESERVED) !== 0) {
-      throw this.corruption(`L2 entry at 0x${(t.offset + at).toString(16)} has reserved bits set`);
-    }
-    const host = (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
-    if (host % this.clusterSize !== 0) throw this.corruption(unalignedClusterMsg(host, t.offset, idx));
-    const zero = !this.extL2 && (lo & LO_ZERO_FLAG) !== 0;
-    if (zero && this.header.version === 2) throw this.corruption(zeroInV2Msg(t.offset, idx));
-    if (this.extL2) {
-      if (host !== 0 && (bitmap & zeroBits) !== 0) throw this.corruption('Invalid subcluster bitmap');
-      if (host === 0 && bitmap !== 0) throw this.corruption('Subcluster allocated in an unallocated cluster');
-    }
-    let type: Entry['type'];
-    if (zero) type = host !== 0 ? 'zero-alloc' : 'zero-plain';
-    else type = host !== 0 ? 'normal' : 'unalloc';
-    return { hi, lo, bitmap, zeroBits, type, host, copied };
-  }
-
-  /** L2 table of L1 index `l1i` for reading (undefined = unallocated). */
-  private async l2Read(l1i: number): Promise<CachedL2 | undefined> {
-    const e = this.l1Entry(l1i);
-    if (e.offset === 0) return undefined;
-    return this.loadL2(e.offset);
-  }
-
-  /** Map [guest, guest+length) into segments (both inside the disk). */
-  private async segments(guest: number, length: number): Promise<Seg[]> {
-    const out: Seg[] = [];
-    const cs = this.clusterSize;
-    const push = (s: Seg): void => {
-      const last = out[out.length - 1];
-      if (last && last.kind === s.kind && last.guest + last.length === s.guest) {
-        if (last.kind === 'data' && s.kind === 'data') {
-          if (last.host + last.length === s.host) {
-            last.length += s.length;
-            return;
-          }
-        } else if (last.kind !== 'compressed') {
-          last.length += s.length;
-          return;
-        }
-      }
-      out.push(s);
-    };
-    let pos = guest;
-    const end = guest + length;
-    while (pos < end) {
-      const g = Math.floor(pos / cs);
-      const l1i = Math.floor(g / this.l2Entries);
-      const t = await this.l2Read(l1i);
-      const tableEnd = Math.min(end, (l1i + 1) * this.l2Entries * cs);
-      while (pos < tableEnd) {
-        const gc = Math.floor(pos / cs);
-        const inOff = pos - gc * cs;
-        const n = Math.min(cs - inOff, tableEnd - pos);
-        const e = this.decode(t, gc % this.l2Entries);
-        if (e.type === 'compressed') {
-          push({ kind: 'compressed', guest: pos, length: n, cluster: gc, hi: e.hi, lo: e.lo });
-        } else if (!this.extL2) {
-          if (e.type === 'normal') push({ kind: 'data', guest: pos, length: n, host: e.host + inOff });
-          else if (e.type === 'unalloc') push({ kind: 'unalloc', guest: pos, length: n });
-          else push({ kind: 'zero', guest: pos, length: n });
-        } else {
-          // Per subcluster.
-          const sc = this.subclusterSize;
-          let p = inOff;
-          while (p < inOff + n) {
-            const x = Math.floor(p / sc);
-            const m = Math.min((x + 1) * sc, inOff + n) - p;
-            const bit = 2 ** x;
-            const alloc = Math.floor(e.bitmap / bit) % 2 === 1;
-            const zero = Math.floor(e.zeroBits / bit) % 2 === 1;
-            const gp = gc * cs + p;
-            if (alloc) push({ kind: 'data', guest: gp, length: m, host: e.host + p });
-            else if (zero) push({ kind: 'zero', guest: gp, length: m });
-            else push({ kind: 'unalloc', guest: gp, length: m });
-            p += m;
-          }
-        }
-        pos += n;
-      }
-    }
-    return out;
-  }
-
-  // ---- read -----------------------------------------------------------------------------------
-
-  /**
-   * Synchronous read when every L2 table involved is cached and the range holds only data
-   * clusters (read with the file child's own sync path, contiguous host clusters in one call)
-   * and zero or unallocated clusters (without a backing file). False = use read().
-   */
-  tryReadSync(buf: Buffer, offset: number): boolean {
-    if (this.extL2 || this.closed || this.broken) return false;
-    const cs = this.clusterSize;
-    const span = this.l2Entries * cs;
-    const end = offset + buf.length;
-    let file: BlockIO | undefined;
-    let backingKnown = false;
-    let pos = offset;
-    // The pending run of contiguous host data: buffer index, host offset, length.
-    let runAt = 0;
-    let runHost = -1;
-    let runLen = 0;
-    while (pos < end) {
-      const l1i = Math.floor(pos / span);
-      const t = this.cachedL2(l1i);
-      if (t === null) return false;
-      const tEnd = Math.min(end, (l1i + 1) * span);
-      if (t === undefined) {
-        if (!backingKnown) {
-          if (this.backing() !== undefined) return false;
-          backingKnown = true;
-        }
-        zeroFill(buf, pos - offset, tEnd - offset);
-        pos = tEnd;
-        continue;
-      }
-      while (pos < tEnd) {
-        const g = Math.floor(pos / cs);
-        const inOff = pos - g * cs;
-        const n = Math.min(cs - inOff, tEnd - pos);
-        const k = this.kindOf(t, g % this.l2Entries);
-        if (k === K_DATA) {
-          const h = this.hostOut + inOff;
-          if (runHost >= 0 && runHost + runLen === h) {
-            runLen += n;
-          } else {
-            if (runHost >= 0) {
-              file ??= this.ctx.childIO('file');
-              if (!file.tryReadSync(buf.subarray(runAt, runAt + runLen), runHost)) return false;
-            }
-            runAt = pos - offset;
-            runHost = h;
-            runLen = n;
-          }
-        } else if (k === K_ZERO) {
-          zeroFill(buf, pos - offset, pos - offset + n);
-        } else if (k === K_UNALLOC) {
-          if (!backingKnown) {
-            if (this.backing() !== undefined) return false;
-            backingKnown = true;
-          }
-          zeroFill(buf, pos - offset, pos - offset + n);
-        } else {
-          return false;
-        }
-        pos += n;
-      }
-    }
-    if (runHost >= 0) {
-      file ??= this.ctx.childIO('file');
-      const part = runLen === buf.length ? buf : buf.subarray(runAt, runAt + runLen);
-      if (!file.tryReadSync(part, runHost)) return false;
-    }
-    return true;
-  }
-
-  /** True when the range is all data clusters whose L2 tables are cached (no block status needed). */
-  isDataSync(offset: number, length: number): boolean {
-    if (this.extL2 || this.closed) return false;
-    const cs = this.clusterSize;
-    const end = offset + length;
-    for (let g = Math.floor(offset / cs); g * cs < end; g++) {
-      const t = this.cachedL2(Math.floor(g / this.l2Entries));
-      if (!t) return false;
-      if (this.kindOf(t, g % this.l2Entries) !== K_DATA) return false;
-    }
-    return true;
-  }
-
-  async read(buf: Buffer, offset: number): Promise<void> {
-    // Page-cache hits on cached metadata need no promise chain at all.
-    if (this.tryReadSync(buf, offset)) return;
-    if (this.broken) throw this.noMedium();
-    const segs = await this.segments(offset, buf.length);
-    await Promise.all(segs.map((s) => this.readSeg(s, buf.subarray(s.guest - offset, s.guest - offset + s.length))));
-  }
-
-  private async readSeg(s: Seg, out: Buffer): Promise<void> {
-    switch (s.kind) {
-      case 'data':
-        return this.storage.read(out, s.host);
-      case 'zero':
-        out.fill(0);
-        return;
-      case 'unalloc':
-        return this.readBacking(out, s.guest);
-      case 'compressed': {
-        const data = await this.decompress(s.cluster, s.hi, s.lo);
-        const inOff = s.guest - s.cluster * this.clusterSize;
-        data.copy(out, 0, inOff, inOff + s.length);
-      }
-    }
-  }
-
-  /** Read from the backing chain; past its end (or without one) the data is zero. */
-  private async readBacking(out: Buffer, guest: number): Promise<void> {
-    const b = this.backing();
-    const bsize = b ? b.size() : 0;
-    const n = Math.max(0, Math.min(out.length, bsize - guest));
-    if (n < out.length) out.fill(0, n);
-    if (n > 0 && b) await b.read(out.subarray(0, n), guest);
-  }
-
-  private decompress(cluster: number, hi: number, lo: number): Promise<Buffer> {
-    const key = cluster;
-    const hit = this.decompressed.get(key);
-    if (hit) return hit;
-    const p = (async () => {
-      const d = compressedDesc(hi, lo, this.clusterBits);
-      const src = Buffer.alloc(Math.min(d.length, this.clusterSize * 2 + 512));
-      await this.storage.read(src, d.offset);
-      const out = Buffer.alloc(this.clusterSize);
-      await decompressCluster(src, out, this.header.compressionType);
-      return out;
-    })();
-    this.decompressed.set(key, p);
-    p.catch(() => this.decompressed.delete(key));
-    while (this.decompressed.size > 8) {
-      const first = this.decompressed.keys().next().value as number;
-      this.decompressed.delete(first);
-    }
-    return p;
-  }
-
-  // ---- block status ---------------------------------------------------------------------------
-
-  /** Extended L2: one L2 table's worth of segments per call. */
-  private statusSegsExt(offset: number, length: number): Promise<Seg[]> {
-    const span = this.l2Entries * this.clusterSize;
-    const end = Math.min(offset + length, (Math.floor(offset / span) + 1) * span);
-    return this.segments(offset, end - offset);
-  }
-
-  /**
-   * Standard L2: walk the tables (cached ones without a promise) and build extents of one kind
-   * in one pass over the whole request (up to STATUS_MAX_CLUSTERS clusters), merging neighbours.
-   * Unallocated runs get `unallocFlags` and depth 0 (the caller resolves them in the backing chain).
-   */
-  private async statusRuns(offset: number, length: number, unallocFlags: number): Promise<BlockExtent[]> {
-    const cs = this.clusterSize;
-    const span = this.l2Entries * cs;
-    const end = Math.min(offset + length, (Math.floor(offset / cs) + STATUS_MAX_CLUSTERS) * cs);
-    const out: BlockExtent[] = [];
-    let runKind = -1;
-    let runStart = offset;
-    const emit = (kind: number, start: number, stop: number): void => {
-      const len = stop - start;
-      if (kind === K_DATA) out.push({ offset: start, length: len, flags: EXTENT_DATA | EXTENT_ALLOCATED, depth: 1 });
-      else if (kind === K_ZERO) out.push({ offset: start, length: len, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 1 });
-      else out.push({ offset: start, length: len, flags: unallocFlags, depth: 0 });
-    };
-    let pos = offset;
-    while (pos < end) {
-      const l1i = Math.floor(pos / span);
-      const tEnd = Math.min(end, (l1i + 1) * span);
-      let t = this.cachedL2(l1i);
-      if (t === null) t = await this.l2Read(l1i);
-      if (t === undefined) {
-        if (runKind !== K_UNALLOC) {
-          if (runKind >= 0) emit(runKind, runStart, pos);
-          runKind = K_UNALLOC;
-          runStart = pos;
-        }
-        pos = tEnd;
-        continue;
-      }
-      const first = Math.floor(pos / cs);
-      const last = Math.ceil(tEnd / cs);
-      const base = l1i * this.l2Entries;
-      const kinds = this.kindsOf(t);
-      const stop = last - base;
-      let i = first - base;
-      while (i < stop) {
-        const k = kinds[i] as number;
-        if (k === K_CORRUPT) this.kindOf(t, i); // throws the corruption error
-        let j = i + 1;
-        while (j < stop && kinds[j] === k) j++;
-        if (k !== runKind) {
-          const at = Math.max((base + i) * cs, offset);
-          if (runKind >= 0) emit(runKind, runStart, at);
-          runKind = k;
-          runStart = at;
-        }
-        i = j;
-      }
-      pos = tEnd;
-    }
-    if (runKind >= 0 && runStart < end) emit(runKind, runStart, end);
-    return out;
-  }
-
-  async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
-    if (this.broken) throw this.noMedium();
-    const b = this.backing();
-    if (!this.extL2 && !b) return this.statusRuns(offset, length, EXTENT_ZERO);
-    let segs: Seg[];
-    if (this.extL2) {
-      segs = await this.statusSegsExt(offset, length);
-    } else {
-      segs = [];
-      for (const e of await this.statusRuns(offset, length, 0)) {
-        if (e.depth === 0) segs.push({ kind: 'unalloc', guest: e.offset, length: e.length });
-        else if (e.flags & EXTENT_ZERO) segs.push({ kind: 'zero', guest: e.offset, length: e.length });
-        else segs.push({ kind: 'data', guest: e.offset, length: e.length, host: 0 });
-      }
-    }
-    const out: BlockExtent[] = [];
-    const bsize = b ? b.size() : 0;
-    for (const s of segs) {
-      if (s.kind === 'data' || s.kind === 'compressed') {
-        out.push({ offset: s.guest, length: s.length, flags: EXTENT_DATA | EXTENT_ALLOCATED, depth: 1 });
-      } else if (s.kind === 'zero') {
-        out.push({ offset: s.guest, length: s.length, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 1 });
-      } else {
-        let pos = s.guest;
-        const sEnd = s.guest + s.length;
-        if (b && pos < bsize) {
-          const bEnd = Math.min(sEnd, bsize);
-          while (pos < bEnd) {
-            const ext = await b.blockStatus(pos, bEnd - pos);
-            if (ext.length === 0) break;
-            for (const e of ext) {
-              out.push({ offset: e.offset, length: e.length, flags: e.flags, depth: e.depth > 0 ? e.depth + 1 : 0 });
-              pos = e.offset + e.length;
-            }
-          }
-          // Return what we have: the caller asks again for the rest.
-          if (pos < sEnd) {
-            // Past the backing file's end QEMU reports zeroes "allocated" in the backing layer.
-            if (pos >= bsize) out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 2 });
-            break;
-          }
-        } else if (b) {
-          out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO | EXTENT_ALLOCATED, depth: 2 });
-        } else {
-          out.push({ offset: pos, length: sEnd - pos, flags: EXTENT_ZERO, depth: 0 });
-        }
-      }
-    }
-    return out;
   }
 
   // ---- write ----------------------------------------------------------------------------------
@@ -1261,272 +517,6 @@ export class Qcow2Driver implements BlockDriver {
     await Promise.all(tasks);
   }
 
-  private async lookup(g: number): Promise<Entry> {
-    const t = await this.l2Read(Math.floor(g / this.l2Entries));
-    return this.decode(t, g % this.l2Entries);
-  }
-
-  /** Whether a write into this cluster can go straight to its host cluster. */
-  private inPlace(e: Entry): boolean {
-    return e.type === 'normal' && e.copied && (!this.extL2 || e.bitmap === 0xffffffff);
-  }
-
-  /** Never throws synchronously (callers collect these promises). */
-  private writeCluster(g: number, inOff: number, data: Buffer): Promise<void> {
-    if (!this.extL2) {
-      // Overwrite of an owned data cluster whose L2 table is cached: straight to the file.
-      try {
-        const t = this.cachedL2(Math.floor(g / this.l2Entries));
-        if (t && this.kindOf(t, g % this.l2Entries) === K_DATA && this.copiedOut) {
-          // A corrupt L2 entry may point into metadata: one map lookup (host is cluster-aligned).
-          if (this.olMask !== 0 && this.ol.at(this.hostOut / this.clusterSize, this.olMask) !== 0) {
-            return this.writeData(data, this.hostOut + inOff);
-          }
-          return this.storage.write(data, this.hostOut + inOff);
-        }
-      } catch (err) {
-        return Promise.reject(err);
-      }
-    }
-    return this.writeClusterSlow(g, inOff, data);
-  }
-
-  private async writeClusterSlow(g: number, inOff: number, data: Buffer): Promise<void> {
-    const l1i = Math.floor(g / this.l2Entries);
-    // Decode and issue an in-place write in one synchronous step: a discard that drops the
-    // mapping in between would otherwise not see this write (see writeback's barrier).
-    const t0 = await this.l2Read(l1i);
-    const e = this.decode(t0, g % this.l2Entries);
-    if (this.inPlace(e)) return this.writeData(data, e.host + inOff);
-    await this.clusterLocks.run(g, async () => {
-      const t1 = await this.l2Read(l1i);
-      const cur = this.decode(t1, g % this.l2Entries);
-      if (this.inPlace(cur)) {
-        await this.writeData(data, cur.host + inOff);
-        return;
-      }
-      const cs = this.clusterSize;
-      // Reuse the host cluster when we own it (zero-alloc, or a partly allocated ext-L2 cluster).
-      const reuse = (cur.type === 'zero-alloc' || cur.type === 'normal') && cur.copied;
-      let host: number;
-      let fresh = false;
-      if (reuse) {
-        host = cur.host;
-      } else {
-        host = await this.meta.run(async () => {
-          const h = await this.allocClusters(1);
-          fresh = this.storage.claimZero(h, cs);
-          return h;
-        });
-      }
-      // A cluster that reads as zeroes around the new data needs no copy-on-write: the guest
-      // view was zero (zero cluster, or unallocated without a backing file) and the new host
-      // cluster lies in never-written sparse space.
-      const zeroView =
-        cur.type === 'zero-plain' || cur.type === 'zero-alloc' || (cur.type === 'unalloc' && !this.backing());
-      if (fresh && zeroView) {
-        this.checkOverlap(host, cs, 0);
-        await this.storage.ensureSize(host + cs);
-        await this.storage.write(data, host + inOff);
-      } else {
-        let full: Buffer;
-        if (inOff === 0 && data.length === cs) {
-          full = data;
-        } else {
-          full = Buffer.alloc(cs);
-          if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
-          data.copy(full, inOff);
-        }
-        await this.writeData(full, host);
-      }
-      await this.meta.run(async () => {
-        await this.setEntry(g, host, reuse ? undefined : cur, 'data');
-      });
-    });
-  }
-
-  /** Read the guest view of a whole cluster (the part inside the disk; zero beyond). */
-  private async readCluster(g: number, out: Buffer): Promise<void> {
-    const start = g * this.clusterSize;
-    const n = Math.min(this.clusterSize, this.size - start);
-    if (n < out.length) out.fill(0, Math.max(0, n));
-    if (n > 0) await this.read(out.subarray(0, n), start);
-  }
-
-  private async allocClusters(n: number): Promise<number> {
-    const rc = this.refcounts;
-    if (!rc) throw new BlockError('READ_ONLY', 'EPERM', 'image is read-only');
-    return rc.alloc(n);
-  }
-
-  /** Clusters an entry holds references to (for freeing). */
-  private refsOf(e: Entry): number[] {
-    if (e.type === 'normal' || e.type === 'zero-alloc') return [e.host / this.clusterSize];
-    if (e.type === 'compressed') {
-      const d = compressedDesc(e.hi, e.lo, this.clusterBits);
-      const first = Math.floor(d.offset / this.clusterSize);
-      const last = Math.floor((d.offset + d.length - 1) / this.clusterSize);
-      const out: number[] = [];
-      for (let c = first; c <= last; c++) out.push(c);
-      return out;
-    }
-    return [];
-  }
-
-  /**
-   * Under the metadata mutex: point guest cluster `g` at `host` (data), or make it zero/unallocated.
-   * `old` (the entry being replaced) has its references freed after the change is on disk.
-   */
-  private async setEntry(
-    g: number,
-    host: number,
-    old: Entry | undefined,
-    mode: 'data' | 'zero-plain' | 'zero-alloc' | 'unalloc',
-    discard = false,
-  ): Promise<void> {
-    const t = await this.l2Write(Math.floor(g / this.l2Entries));
-    const at = (g % this.l2Entries) * this.entrySize;
-    const current = this.decode(t, g % this.l2Entries);
-    if (old) {
-      for (const c of this.refsOf(current)) this.pending.push({ cluster: c, discard });
-    }
-    let hi = 0;
-    let lo = 0;
-    let alloc = 0;
-    let zeros = 0;
-    const setHost = (): void => {
-      hi = (Math.floor(host / 0x100000000) & HI_OFFSET_MASK) | HI_COPIED;
-      lo = host >>> 0;
-    };
-    if (mode === 'data') {
-      setHost();
-      alloc = 0xffffffff;
-    } else if (mode === 'zero-alloc') {
-      setHost();
-      if (this.extL2) zeros = 0xffffffff;
-      else lo |= LO_ZERO_FLAG;
-    } else if (mode === 'zero-plain') {
-      if (this.extL2) zeros = 0xffffffff;
-      else lo = LO_ZERO_FLAG;
-    }
-    t.buf.writeUInt32BE(hi >>> 0, at);
-    t.buf.writeUInt32BE(lo >>> 0, at + 4);
-    if (this.extL2) {
-      t.buf.writeUInt32BE(zeros >>> 0, at + 8);
-      t.buf.writeUInt32BE(alloc >>> 0, at + 12);
-    }
-    if (t.kinds) t.kinds[g % this.l2Entries] = this.statusKind(t, g % this.l2Entries);
-    t.dirty = true;
-    // A reader may have evicted the (then clean) table meanwhile: this copy is the current one.
-    this.touch(t);
-    await this.maybeWriteback();
-  }
-
-  /** Under the metadata mutex: a private, cached L2 table for L1 index `l1i`. */
-  private async l2Write(l1i: number): Promise<CachedL2> {
-    if (l1i >= this.header.l1Size) throw this.corruption('L1 index out of range');
-    const e = this.l1Entry(l1i);
-    if (e.offset !== 0 && e.copied) {
-      const t = await this.loadL2(e.offset);
-      this.touch(t);
-      return t;
-    }
-    const newOff = await this.allocClusters(1);
-    const buf = Buffer.alloc(this.clusterSize);
-    if (e.offset !== 0) {
-      const old = await this.loadL2(e.offset);
-      old.buf.copy(buf);
-    }
-    await this.syncRefcounts();
-    this.checkOverlap(newOff, this.clusterSize, 0);
-    await this.storage.write(buf, newOff);
-    const t: CachedL2 = { offset: newOff, buf, dirty: false, used: ++this.useClock };
-    this.l2Cache.set(newOff, t);
-    await this.writeL1Entry(l1i, newOff);
-    this.ol.add(newOff, this.clusterSize, OL_ACTIVE_L2);
-    if (e.offset !== 0) {
-      this.ol.remove(e.offset, this.clusterSize, OL_ACTIVE_L2);
-      this.l2Cache.delete(e.offset);
-      this.pending.push({ cluster: e.offset / this.clusterSize, discard: false });
-    }
-    this.evictClean();
-    return t;
-  }
-
-  private async writeL1Entry(l1i: number, offset: number): Promise<void> {
-    await this.markDirtyIfLazy();
-    const b = Buffer.alloc(8);
-    if (offset !== 0) {
-      b.writeUInt32BE(((Math.floor(offset / 0x100000000) & HI_OFFSET_MASK) | HI_COPIED) >>> 0, 0);
-      b.writeUInt32BE(offset >>> 0, 4);
-    }
-    this.checkOverlap(this.header.l1TableOffset + l1i * 8, 8, OL_ACTIVE_L1);
-    await this.storage.write(b, this.header.l1TableOffset + l1i * 8);
-    b.copy(this.l1, l1i * 8);
-  }
-
-  /** Refcount increments reach the disk before metadata that depends on them. */
-  private async syncRefcounts(): Promise<void> {
-    const rc = this.refcounts;
-    if (!rc) return;
-    if (await rc.writeDirty()) {
-      if (!this.lazy) await this.storage.flush();
-    }
-  }
-
-  private async markDirtyIfLazy(): Promise<void> {
-    if (!this.lazy || this.dirtyBitSet || this.header.version !== 3) return;
-    this.header.incompatible |= INCOMPAT_DIRTY;
-    await this.writeHeaderU64(HDR_INCOMPATIBLE, this.header.incompatible);
-    this.dirtyBitSet = true;
-  }
-
-  private dirtyL2Count(): number {
-    let n = 0;
-    for (const t of this.l2Cache.values()) if (t.dirty) n++;
-    return n;
-  }
-
-  private async maybeWriteback(): Promise<void> {
-    if (this.l2Cache.size > this.l2Capacity && this.dirtyL2Count() > this.l2Capacity / 2) {
-      await this.writeback();
-    }
-    this.evictClean();
-  }
-
-  /**
-   * Under the metadata mutex: refcount blocks, then L2 tables, then deferred frees.
-   * The caller syncs afterwards (flush) when it needs durability.
-   */
-  private async writeback(): Promise<void> {
-    const dirty = [...this.l2Cache.values()].filter((t) => t.dirty);
-    await this.syncRefcounts();
-    if (dirty.length) await this.markDirtyIfLazy();
-    for (const t of dirty) {
-      this.checkOverlap(t.offset, this.clusterSize, OL_ACTIVE_L2);
-      await this.storage.write(t.buf, t.offset);
-      t.dirty = false;
-    }
-    if (this.pending.length) {
-      // Overwrites issued while the old mappings were live may still be in flight: they must
-      // land before their host clusters can be reallocated.
-      await this.storage.ioBarrier();
-      await this.storage.flush();
-      const frees = this.pending;
-      this.pending = [];
-      const rc = this.refcounts;
-      if (rc) {
-        for (const f of frees) {
-          const left = await rc.update(f.cluster, -1);
-          if (left === 0 && f.discard && this.passDiscardRequest) {
-            await this.storage.discard(f.cluster * this.clusterSize, this.clusterSize).catch(() => undefined);
-          }
-        }
-        await rc.writeDirty();
-      }
-    }
-  }
-
   async flush(): Promise<void> {
     if (this.broken) return;
     if (this.writable && this.refcounts && !this.closed) {
@@ -1564,40 +554,6 @@ export class Qcow2Driver implements BlockDriver {
         else await this.setEntry(g, 0, hasRefs ? cur : undefined, 'unalloc', true);
       }
     }, false);
-  }
-
-  /**
-   * Apply `fn` to every whole cluster of the range (under its cluster lock and the metadata
-   * mutex); partial head/tail clusters are written as zero bytes when `zeroPartial`, ignored
-   * otherwise (discard). The range end at the disk end counts as a cluster end.
-   */
-  private async clearRange(
-    offset: number,
-    length: number,
-    fn: (g: number, cur: Entry) => Promise<void>,
-    zeroPartial: boolean,
-  ): Promise<void> {
-    const cs = this.clusterSize;
-    const end = offset + length;
-    let pos = offset;
-    const tasks: Promise<void>[] = [];
-    while (pos < end) {
-      const g = Math.floor(pos / cs);
-      const cStart = g * cs;
-      const cEnd = Math.min(cStart + cs, this.size);
-      const n = Math.min(cEnd, end) - pos;
-      if (pos === cStart && pos + n === cEnd) {
-        tasks.push(
-          this.clusterLocks.run(g, async () => {
-            await this.meta.run(async () => fn(g, await this.lookup(g)));
-          }),
-        );
-      } else if (zeroPartial) {
-        tasks.push(this.writeCluster(g, pos - cStart, Buffer.alloc(n)));
-      }
-      pos += n;
-    }
-    await Promise.all(tasks);
   }
 
   // ---- resize ---------------------------------------------------------------------------------
@@ -1655,47 +611,6 @@ export class Qcow2Driver implements BlockDriver {
     const b = this.backing();
     if (b && b.size() > old && this.header.version === 3) {
       await this.writeZeroes(old, Math.min(size, b.size()) - old, {});
-    }
-  }
-
-  private async writeSize(size: number): Promise<void> {
-    await this.syncRefcounts();
-    const b = Buffer.alloc(8);
-    writeU64(b, 0, size);
-    await this.storage.write(b, 24);
-    await this.storage.flush();
-    this.header.size = size;
-  }
-
-  private async growL1(need: number): Promise<void> {
-    const cs = this.clusterSize;
-    // QEMU grows the L1 table by about 1.5x.
-    let entries = Math.max(need, Math.floor((this.header.l1Size * 3) / 2));
-    if (entries * 8 > MAX_L1_SIZE) entries = need;
-    if (entries * 8 > MAX_L1_SIZE) throw new BlockError('BAD_SIZE', 'EFBIG', 'Image size too big for qcow2 L1 table');
-    const clusters = Math.ceil((entries * 8) / cs);
-    const newOff = await this.allocClusters(clusters);
-    const buf = Buffer.alloc(clusters * cs);
-    this.l1.copy(buf);
-    await this.syncRefcounts();
-    await this.markDirtyIfLazy();
-    this.checkOverlap(newOff, buf.length, 0);
-    await this.storage.write(buf, newOff);
-    await this.storage.flush();
-    const hdr = Buffer.alloc(12);
-    hdr.writeUInt32BE(entries, 0);
-    writeU64(hdr, 4, newOff);
-    await this.storage.write(hdr, 36);
-    await this.storage.flush();
-    const oldOff = this.header.l1TableOffset;
-    const oldClusters = Math.ceil((this.header.l1Size * 8) / cs);
-    this.ol.remove(oldOff, this.header.l1Size * 8, OL_ACTIVE_L1);
-    this.ol.add(newOff, entries * 8, OL_ACTIVE_L1);
-    this.header.l1TableOffset = newOff;
-    this.header.l1Size = entries;
-    this.l1 = buf.subarray(0, entries * 8);
-    if (oldOff !== 0) {
-      for (let i = 0; i < oldClusters; i++) this.pending.push({ cluster: oldOff / cs + i, discard: true });
     }
   }
 
@@ -1776,44 +691,6 @@ export class Qcow2Driver implements BlockDriver {
     }
     return out;
   }
-}
-
-function corruptError(msg: string): BlockError {
-  return new BlockError('QCOW2_CORRUPT', 'EIO', `qcow2: ${msg}`);
-}
-
-/** C's %#x: 0x-prefixed hex, but plain 0 for zero (QEMU's messages are printed that way). */
-function cHex(v: number): string {
-  return v === 0 ? '0' : `0x${v.toString(16)}`;
-}
-
-/** QEMU's text for a data cluster offset that is not cluster aligned. */
-function unalignedClusterMsg(host: number, l2Offset: number, index: number): string {
-  return `Cluster allocation offset ${cHex(host)} unaligned (L2 offset: ${cHex(l2Offset)}, L2 index: ${cHex(index)})`;
-}
-
-/** QEMU's text for a zero-flagged entry in a version 2 image. */
-function zeroInV2Msg(l2Offset: number, index: number): string {
-  return `Zero cluster entry found in pre-v3 image (L2 offset: ${cHex(l2Offset)}, L2 index: ${cHex(index)})`;
-}
-
-const typedFill = Uint8Array.prototype.fill;
-
-/** Zero `buf[start, end)` (the typed-array builtin: Buffer#fill's argument handling costs more). */
-function zeroFill(buf: Buffer, start: number, end: number): void {
-  typedFill.call(buf, 0, start, end);
-}
-
-/**
- * Host offset of the L2 table in entry `i` of an L1 table buffer: 0 = none, -1 = reserved bits
- * set or unaligned. (Snapshot L1 tables may carry stale COPIED bits: ignored.)
- */
-function l1EntryOffset(l1: Buffer, i: number, cs: number): number {
-  const hi = l1.readUInt32BE(i * 8);
-  const lo = l1.readUInt32BE(i * 8 + 4);
-  if ((hi & L1_HI_RESERVED) !== 0 || (lo & L1_LO_RESERVED) !== 0) return -1;
-  const off = (hi & HI_OFFSET_MASK) * 0x100000000 + ((lo & LO_OFFSET_MASK) >>> 0);
-  return off % cs === 0 ? off : -1;
 }
 
 /** Set refcount entry `i` of one refcount block to `v` (widths 1..64 bits). */

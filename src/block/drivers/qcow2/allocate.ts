@@ -1,0 +1,373 @@
+/**
+ * qcow2 allocation and copy-on-write: guest writes to new or shared clusters (per-cluster locks,
+ * COW from the backing chain), cluster allocation through the refcounts, L2 entry updates,
+ * private L2 tables, L1 writes and growth, the lazy-refcounts dirty bit, and the write-back of
+ * dirty metadata with the deferred frees.
+ *
+ * Ordering (digest §7): data is written before the L2 entry that points at it; L2/L1 entries
+ * reach the disk only after the refcount increments they depend on; clusters whose last
+ * reference goes away are freed only after that change is on disk (deferred to write-back).
+ */
+import { BlockError } from '../../../util/errors.js';
+import { optBool } from '../common.js';
+import {
+  HI_COPIED,
+  HI_OFFSET_MASK,
+  COMPAT_LAZY_REFCOUNTS,
+  INCOMPAT_DIRTY,
+  LO_ZERO_FLAG,
+  MAX_L1_SIZE,
+  writeU64,
+} from './format.js';
+import { KeyedLocks, Mutex } from './storage.js';
+import { OL_ACTIVE_L1, OL_ACTIVE_L2 } from './overlap.js';
+import { HDR_INCOMPATIBLE, type Qcow2Parts } from './image.js';
+import { K_DATA, type CachedL2, type Entry } from './cluster-map.js';
+import { Qcow2Reader } from './read.js';
+
+interface PendingFree {
+  cluster: number;
+  discard: boolean;
+}
+
+export abstract class Qcow2Allocator extends Qcow2Reader {
+  protected readonly meta = new Mutex();
+  protected readonly clusterLocks = new KeyedLocks();
+  protected pending: PendingFree[] = [];
+  protected lazy: boolean;
+  protected dirtyBitSet: boolean;
+  protected readonly passDiscardRequest: boolean;
+
+  protected constructor(p: Qcow2Parts) {
+    super(p);
+    const header = p.header;
+    const lazyOpt = optBool(p.opts, 'lazy-refcounts');
+    this.lazy = p.writable && (lazyOpt ?? (header.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n);
+    this.dirtyBitSet = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
+    this.passDiscardRequest = optBool(p.opts, 'pass-discard-request') ?? p.ctx.options.discard === 'unmap';
+  }
+
+  /** Whether a write into this cluster can go straight to its host cluster. */
+  protected inPlace(e: Entry): boolean {
+    return e.type === 'normal' && e.copied && (!this.extL2 || e.bitmap === 0xffffffff);
+  }
+
+  /** Never throws synchronously (callers collect these promises). */
+  protected writeCluster(g: number, inOff: number, data: Buffer): Promise<void> {
+    if (!this.extL2) {
+      // Overwrite of an owned data cluster whose L2 table is cached: straight to the file.
+      try {
+        const t = this.cachedL2(Math.floor(g / this.l2Entries));
+        if (t && this.kindOf(t, g % this.l2Entries) === K_DATA && this.copiedOut) {
+          // A corrupt L2 entry may point into metadata: one map lookup (host is cluster-aligned).
+          if (this.olMask !== 0 && this.ol.at(this.hostOut / this.clusterSize, this.olMask) !== 0) {
+            return this.writeData(data, this.hostOut + inOff);
+          }
+          return this.storage.write(data, this.hostOut + inOff);
+        }
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
+    return this.writeClusterSlow(g, inOff, data);
+  }
+
+  protected async writeClusterSlow(g: number, inOff: number, data: Buffer): Promise<void> {
+    const l1i = Math.floor(g / this.l2Entries);
+    // Decode and issue an in-place write in one synchronous step: a discard that drops the
+    // mapping in between would otherwise not see this write (see writeback's barrier).
+    const t0 = await this.l2Read(l1i);
+    const e = this.decode(t0, g % this.l2Entries);
+    if (this.inPlace(e)) return this.writeData(data, e.host + inOff);
+    await this.clusterLocks.run(g, async () => {
+      const t1 = await this.l2Read(l1i);
+      const cur = this.decode(t1, g % this.l2Entries);
+      if (this.inPlace(cur)) {
+        await this.writeData(data, cur.host + inOff);
+        return;
+      }
+      const cs = this.clusterSize;
+      // Reuse the host cluster when we own it (zero-alloc, or a partly allocated ext-L2 cluster).
+      const reuse = (cur.type === 'zero-alloc' || cur.type === 'normal') && cur.copied;
+      let host: number;
+      let fresh = false;
+      if (reuse) {
+        host = cur.host;
+      } else {
+        host = await this.meta.run(async () => {
+          const h = await this.allocClusters(1);
+          fresh = this.storage.claimZero(h, cs);
+          return h;
+        });
+      }
+      // A cluster that reads as zeroes around the new data needs no copy-on-write: the guest
+      // view was zero (zero cluster, or unallocated without a backing file) and the new host
+      // cluster lies in never-written sparse space.
+      const zeroView =
+        cur.type === 'zero-plain' || cur.type === 'zero-alloc' || (cur.type === 'unalloc' && !this.backing());
+      if (fresh && zeroView) {
+        this.checkOverlap(host, cs, 0);
+        await this.storage.ensureSize(host + cs);
+        await this.storage.write(data, host + inOff);
+      } else {
+        let full: Buffer;
+        if (inOff === 0 && data.length === cs) {
+          full = data;
+        } else {
+          full = Buffer.alloc(cs);
+          if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
+          data.copy(full, inOff);
+        }
+        await this.writeData(full, host);
+      }
+      await this.meta.run(async () => {
+        await this.setEntry(g, host, reuse ? undefined : cur, 'data');
+      });
+    });
+  }
+
+  /** Read the guest view of a whole cluster (the part inside the disk; zero beyond). */
+  protected async readCluster(g: number, out: Buffer): Promise<void> {
+    const start = g * this.clusterSize;
+    const n = Math.min(this.clusterSize, this.size - start);
+    if (n < out.length) out.fill(0, Math.max(0, n));
+    if (n > 0) await this.read(out.subarray(0, n), start);
+  }
+
+  protected async allocClusters(n: number): Promise<number> {
+    const rc = this.refcounts;
+    if (!rc) throw new BlockError('READ_ONLY', 'EPERM', 'image is read-only');
+    return rc.alloc(n);
+  }
+
+
+  /**
+   * Under the metadata mutex: point guest cluster `g` at `host` (data), or make it zero/unallocated.
+   * `old` (the entry being replaced) has its references freed after the change is on disk.
+   */
+  protected async setEntry(
+    g: number,
+    host: number,
+    old: Entry | undefined,
+    mode: 'data' | 'zero-plain' | 'zero-alloc' | 'unalloc',
+    discard = false,
+  ): Promise<void> {
+    const t = await this.l2Write(Math.floor(g / this.l2Entries));
+    const at = (g % this.l2Entries) * this.entrySize;
+    const current = this.decode(t, g % this.l2Entries);
+    if (old) {
+      for (const c of this.refsOf(current)) this.pending.push({ cluster: c, discard });
+    }
+    let hi = 0;
+    let lo = 0;
+    let alloc = 0;
+    let zeros = 0;
+    const setHost = (): void => {
+      hi = (Math.floor(host / 0x100000000) & HI_OFFSET_MASK) | HI_COPIED;
+      lo = host >>> 0;
+    };
+    if (mode === 'data') {
+      setHost();
+      alloc = 0xffffffff;
+    } else if (mode === 'zero-alloc') {
+      setHost();
+      if (this.extL2) zeros = 0xffffffff;
+      else lo |= LO_ZERO_FLAG;
+    } else if (mode === 'zero-plain') {
+      if (this.extL2) zeros = 0xffffffff;
+      else lo = LO_ZERO_FLAG;
+    }
+    t.buf.writeUInt32BE(hi >>> 0, at);
+    t.buf.writeUInt32BE(lo >>> 0, at + 4);
+    if (this.extL2) {
+      t.buf.writeUInt32BE(zeros >>> 0, at + 8);
+      t.buf.writeUInt32BE(alloc >>> 0, at + 12);
+    }
+    if (t.kinds) t.kinds[g % this.l2Entries] = this.statusKind(t, g % this.l2Entries);
+    t.dirty = true;
+    // A reader may have evicted the (then clean) table meanwhile: this copy is the current one.
+    this.touch(t);
+    await this.maybeWriteback();
+  }
+
+  /** Under the metadata mutex: a private, cached L2 table for L1 index `l1i`. */
+  protected async l2Write(l1i: number): Promise<CachedL2> {
+    if (l1i >= this.header.l1Size) throw this.corruption('L1 index out of range');
+    const e = this.l1Entry(l1i);
+    if (e.offset !== 0 && e.copied) {
+      const t = await this.loadL2(e.offset);
+      this.touch(t);
+      return t;
+    }
+    const newOff = await this.allocClusters(1);
+    const buf = Buffer.alloc(this.clusterSize);
+    if (e.offset !== 0) {
+      const old = await this.loadL2(e.offset);
+      old.buf.copy(buf);
+    }
+    await this.syncRefcounts();
+    this.checkOverlap(newOff, this.clusterSize, 0);
+    await this.storage.write(buf, newOff);
+    const t: CachedL2 = { offset: newOff, buf, dirty: false, used: ++this.useClock };
+    this.l2Cache.set(newOff, t);
+    await this.writeL1Entry(l1i, newOff);
+    this.ol.add(newOff, this.clusterSize, OL_ACTIVE_L2);
+    if (e.offset !== 0) {
+      this.ol.remove(e.offset, this.clusterSize, OL_ACTIVE_L2);
+      this.l2Cache.delete(e.offset);
+      this.pending.push({ cluster: e.offset / this.clusterSize, discard: false });
+    }
+    this.evictClean();
+    return t;
+  }
+
+  protected async writeL1Entry(l1i: number, offset: number): Promise<void> {
+    await this.markDirtyIfLazy();
+    const b = Buffer.alloc(8);
+    if (offset !== 0) {
+      b.writeUInt32BE(((Math.floor(offset / 0x100000000) & HI_OFFSET_MASK) | HI_COPIED) >>> 0, 0);
+      b.writeUInt32BE(offset >>> 0, 4);
+    }
+    this.checkOverlap(this.header.l1TableOffset + l1i * 8, 8, OL_ACTIVE_L1);
+    await this.storage.write(b, this.header.l1TableOffset + l1i * 8);
+    b.copy(this.l1, l1i * 8);
+  }
+
+  /** Refcount increments reach the disk before metadata that depends on them. */
+  protected async syncRefcounts(): Promise<void> {
+    const rc = this.refcounts;
+    if (!rc) return;
+    if (await rc.writeDirty()) {
+      if (!this.lazy) await this.storage.flush();
+    }
+  }
+
+  protected async markDirtyIfLazy(): Promise<void> {
+    if (!this.lazy || this.dirtyBitSet || this.header.version !== 3) return;
+    this.header.incompatible |= INCOMPAT_DIRTY;
+    await this.writeHeaderU64(HDR_INCOMPATIBLE, this.header.incompatible);
+    this.dirtyBitSet = true;
+  }
+
+  protected dirtyL2Count(): number {
+    let n = 0;
+    for (const t of this.l2Cache.values()) if (t.dirty) n++;
+    return n;
+  }
+
+  protected async maybeWriteback(): Promise<void> {
+    if (this.l2Cache.size > this.l2Capacity && this.dirtyL2Count() > this.l2Capacity / 2) {
+      await this.writeback();
+    }
+    this.evictClean();
+  }
+
+  /**
+   * Under the metadata mutex: refcount blocks, then L2 tables, then deferred frees.
+   * The caller syncs afterwards (flush) when it needs durability.
+   */
+  protected async writeback(): Promise<void> {
+    const dirty = [...this.l2Cache.values()].filter((t) => t.dirty);
+    await this.syncRefcounts();
+    if (dirty.length) await this.markDirtyIfLazy();
+    for (const t of dirty) {
+      this.checkOverlap(t.offset, this.clusterSize, OL_ACTIVE_L2);
+      await this.storage.write(t.buf, t.offset);
+      t.dirty = false;
+    }
+    if (this.pending.length) {
+      // Overwrites issued while the old mappings were live may still be in flight: they must
+      // land before their host clusters can be reallocated.
+      await this.storage.ioBarrier();
+      await this.storage.flush();
+      const frees = this.pending;
+      this.pending = [];
+      const rc = this.refcounts;
+      if (rc) {
+        for (const f of frees) {
+          const left = await rc.update(f.cluster, -1);
+          if (left === 0 && f.discard && this.passDiscardRequest) {
+            await this.storage.discard(f.cluster * this.clusterSize, this.clusterSize).catch(() => undefined);
+          }
+        }
+        await rc.writeDirty();
+      }
+    }
+  }
+
+
+  /**
+   * Apply `fn` to every whole cluster of the range (under its cluster lock and the metadata
+   * mutex); partial head/tail clusters are written as zero bytes when `zeroPartial`, ignored
+   * otherwise (discard). The range end at the disk end counts as a cluster end.
+   */
+  protected async clearRange(
+    offset: number,
+    length: number,
+    fn: (g: number, cur: Entry) => Promise<void>,
+    zeroPartial: boolean,
+  ): Promise<void> {
+    const cs = this.clusterSize;
+    const end = offset + length;
+    let pos = offset;
+    const tasks: Promise<void>[] = [];
+    while (pos < end) {
+      const g = Math.floor(pos / cs);
+      const cStart = g * cs;
+      const cEnd = Math.min(cStart + cs, this.size);
+      const n = Math.min(cEnd, end) - pos;
+      if (pos === cStart && pos + n === cEnd) {
+        tasks.push(
+          this.clusterLocks.run(g, async () => {
+            await this.meta.run(async () => fn(g, await this.lookup(g)));
+          }),
+        );
+      } else if (zeroPartial) {
+        tasks.push(this.writeCluster(g, pos - cStart, Buffer.alloc(n)));
+      }
+      pos += n;
+    }
+    await Promise.all(tasks);
+  }
+
+  protected async writeSize(size: number): Promise<void> {
+    await this.syncRefcounts();
+    const b = Buffer.alloc(8);
+    writeU64(b, 0, size);
+    await this.storage.write(b, 24);
+    await this.storage.flush();
+    this.header.size = size;
+  }
+
+  protected async growL1(need: number): Promise<void> {
+    const cs = this.clusterSize;
+    // QEMU grows the L1 table by about 1.5x.
+    let entries = Math.max(need, Math.floor((this.header.l1Size * 3) / 2));
+    if (entries * 8 > MAX_L1_SIZE) entries = need;
+    if (entries * 8 > MAX_L1_SIZE) throw new BlockError('BAD_SIZE', 'EFBIG', 'Image size too big for qcow2 L1 table');
+    const clusters = Math.ceil((entries * 8) / cs);
+    const newOff = await this.allocClusters(clusters);
+    const buf = Buffer.alloc(clusters * cs);
+    this.l1.copy(buf);
+    await this.syncRefcounts();
+    await this.markDirtyIfLazy();
+    this.checkOverlap(newOff, buf.length, 0);
+    await this.storage.write(buf, newOff);
+    await this.storage.flush();
+    const hdr = Buffer.alloc(12);
+    hdr.writeUInt32BE(entries, 0);
+    writeU64(hdr, 4, newOff);
+    await this.storage.write(hdr, 36);
+    await this.storage.flush();
+    const oldOff = this.header.l1TableOffset;
+    const oldClusters = Math.ceil((this.header.l1Size * 8) / cs);
+    this.ol.remove(oldOff, this.header.l1Size * 8, OL_ACTIVE_L1);
+    this.ol.add(newOff, entries * 8, OL_ACTIVE_L1);
+    this.header.l1TableOffset = newOff;
+    this.header.l1Size = entries;
+    this.l1 = buf.subarray(0, entries * 8);
+    if (oldOff !== 0) {
+      for (let i = 0; i < oldClusters; i++) this.pending.push({ cluster: oldOff / cs + i, discard: true });
+    }
+  }
+}
