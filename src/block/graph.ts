@@ -24,6 +24,7 @@ import { optError, type DriverOpenContext, type Options } from './drivers/common
 import { nativeLoadError } from './native.js';
 import { describeBitmaps, loadPersistentBitmaps, storePersistentBitmaps } from './dirty-bitmap-set.js';
 import { BlockNodeImpl, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
+import { debugBlockGraph, type XDbgGraph } from './graph-debug.js';
 import type { BlockDriver, BlockNode } from './types.js';
 
 /** Every value of QSD 7.2's BlockdevDriver enum, in its order. */
@@ -410,6 +411,11 @@ export class BlockGraph {
     const overlay = this.nodes.get(overlayName);
     if (!overlay) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${overlayName}' nor node-name='${overlayName}'`);
     snapshotGraph(node, overlay);
+  }
+
+  /** x-debug-query-block-graph. */
+  debugGraph(): XDbgGraph {
+    return debugBlockGraph(this.order);
   }
 
   /** Close every node, parents before children, flushing data. */

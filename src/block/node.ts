@@ -86,7 +86,12 @@ export interface NodeOptionsInfo {
   autoReadOnly: boolean;
 }
 
+/** Creation counter of users: x-debug-query-block-graph lists backends in creation order. */
+let userSeq = 0;
+
 export class BlockUserImpl implements BlockUser {
+  /** Creation order among all users. */
+  readonly seq = userSeq++;
   perm: number;
   shared: number;
   private attached = true;
