@@ -452,7 +452,7 @@ export class BlockGraph {
       drv: n.driverName,
       iops: 0,
       'bps_wr': 0,
-      'write_threshold': 0,
+      'write_threshold': n.io.writeThreshold,
       ...(backing ? { 'backing_file': backing.driver.describeFilename() } : {}),
       ...bitmapMember(n),
       encrypted: false,

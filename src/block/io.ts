@@ -17,6 +17,7 @@ import {
   type BlockStats,
   type WriteFlags,
   type WriteHook,
+  type WriteThresholdListener,
   type ZeroFlags,
 } from './types.js';
 
@@ -44,8 +45,27 @@ function emptyStats(): BlockStats {
     discardBytes: 0,
     flushOps: 0,
     failedOps: 0,
+    failedReadOps: 0,
+    failedWriteOps: 0,
+    failedDiscardOps: 0,
+    failedFlushOps: 0,
+    invalidReadOps: 0,
+    invalidWriteOps: 0,
+    invalidDiscardOps: 0,
+    wrHighestOffset: 0,
+    driverDiscardOk: 0,
+    driverDiscardFailed: 0,
+    driverDiscardBytesOk: 0,
   };
 }
+
+/** What a request is, for the range check's `invalid*` counters. */
+const KIND_READ = 0;
+const KIND_WRITE = 1;
+const KIND_DISCARD = 2;
+/** Block status: checked like a read, not counted. */
+const KIND_STATUS = 3;
+type RequestKind = typeof KIND_READ | typeof KIND_WRITE | typeof KIND_DISCARD | typeof KIND_STATUS;
 
 /** What the wrapper needs to know about its node. */
 export interface NodeIOOwner {
@@ -84,6 +104,8 @@ export class NodeIO implements BlockIO {
   /** Set while a resize waits for or runs without in-flight I/O. */
   private gate: Promise<void> | undefined;
   private drained: (() => void) | undefined;
+  private threshold = 0;
+  private thresholdListener: WriteThresholdListener | undefined;
 
   constructor(
     private readonly owner: NodeIOOwner,
@@ -102,20 +124,55 @@ export class NodeIO implements BlockIO {
     };
   }
 
+  get writeThreshold(): number {
+    return this.threshold;
+  }
+
+  setWriteThreshold(offset: number, onExceeded?: WriteThresholdListener): void {
+    if (!Number.isSafeInteger(offset) || offset < 0) {
+      throw new BlockError('RANGE', 'EINVAL', `invalid write threshold for '${this.owner.name}'`);
+    }
+    this.threshold = offset;
+    this.thresholdListener = offset > 0 ? onExceeded : undefined;
+  }
+
+  /**
+   * QEMU's bdrv_write_threshold_check_write: a write-like request ending past the threshold
+   * disarms it and tells the listener once (before the driver sees the request).
+   */
+  private checkThreshold(offset: number, length: number): void {
+    const end = offset + length;
+    if (this.threshold === 0 || end <= this.threshold) return;
+    const threshold = this.threshold;
+    const listener = this.thresholdListener;
+    this.threshold = 0;
+    this.thresholdListener = undefined;
+    listener?.(end - threshold, threshold);
+  }
+
   // ---- checks ---------------------------------------------------------------------------
 
-  private checkRange(offset: number, length: number, write: boolean): void {
+  private checkRange(offset: number, length: number, kind: RequestKind): void {
     if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
+      this.countInvalid(kind);
       throw new BlockError('RANGE', 'EINVAL', `invalid request range on '${this.owner.name}'`);
     }
     if (offset + length > MAX_OFFSET) {
+      this.countInvalid(kind);
       throw new BlockError('RANGE', 'EOVERFLOW', `request beyond 2^53 on '${this.owner.name}'`);
     }
     if (offset + length > this.driver.getLength()) {
-      throw write
+      this.countInvalid(kind);
+      throw kind === KIND_WRITE || kind === KIND_DISCARD
         ? new BlockError('RANGE', 'ENOSPC', `write past end of '${this.owner.name}'`)
         : new BlockError('RANGE', 'EINVAL', `request past end of '${this.owner.name}'`);
     }
+  }
+
+  private countInvalid(kind: RequestKind): void {
+    if (kind === KIND_READ) this.stats.invalidReadOps++;
+    else if (kind === KIND_WRITE) this.stats.invalidWriteOps++;
+    else if (kind === KIND_DISCARD) this.stats.invalidDiscardOps++;
   }
 
   private checkWritable(): void {
@@ -129,6 +186,10 @@ export class NodeIO implements BlockIO {
       const r = h(offset, length, kind);
       if (r !== undefined) await r;
     }
+  }
+
+  private noteWriteEnd(end: number): void {
+    if (end > this.stats.wrHighestOffset) this.stats.wrHighestOffset = end;
   }
 
   private enter(): void {
@@ -177,7 +238,7 @@ export class NodeIO implements BlockIO {
 
   async read(buf: Buffer, offset: number): Promise<void> {
     if (this.gate) await this.gate;
-    this.checkRange(offset, buf.length, false);
+    this.checkRange(offset, buf.length, KIND_READ);
     if (buf.length === 0) return;
     this.enter();
     try {
@@ -186,6 +247,7 @@ export class NodeIO implements BlockIO {
       this.stats.readBytes += buf.length;
     } catch (err) {
       this.stats.failedOps++;
+      this.stats.failedReadOps++;
       throw toBlockError(err, `read from '${this.owner.name}'`);
     } finally {
       this.leave();
@@ -195,13 +257,15 @@ export class NodeIO implements BlockIO {
   async write(buf: Buffer, offset: number, flags: WriteFlags = {}): Promise<void> {
     if (this.gate) await this.gate;
     this.checkWritable();
-    this.checkRange(offset, buf.length, true);
+    this.checkRange(offset, buf.length, KIND_WRITE);
     if (buf.length === 0) return;
     const dz = this.owner.options?.detectZeroes;
     if (dz !== undefined && dz !== 'off' && isZeroBuffer(buf)) {
       const mayUnmap = dz === 'unmap' && this.owner.options?.discard === 'unmap';
       return this.writeZeroes(offset, buf.length, { ...flags, mayUnmap });
     }
+    if (this.threshold !== 0) this.checkThreshold(offset, buf.length);
+    this.noteWriteEnd(offset + buf.length);
     this.enter();
     try {
       if (this.hooks.length) await this.runHooks(offset, buf.length, 'write');
@@ -211,6 +275,7 @@ export class NodeIO implements BlockIO {
       this.stats.writeBytes += buf.length;
     } catch (err) {
       this.stats.failedOps++;
+      this.stats.failedWriteOps++;
       throw toBlockError(err, `write to '${this.owner.name}'`);
     } finally {
       this.leave();
@@ -220,12 +285,14 @@ export class NodeIO implements BlockIO {
   async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
     if (this.gate) await this.gate;
     this.checkWritable();
-    this.checkRange(offset, length, true);
+    this.checkRange(offset, length, KIND_WRITE);
     if (length === 0) return;
     const driver = this.driver;
     if (flags.noFallback && !driver.caps.writeZeroes) {
       throw new BlockError('NOT_SUPPORTED', 'ENOTSUP', `fast zeroing not supported by '${this.owner.name}'`);
     }
+    if (this.threshold !== 0) this.checkThreshold(offset, length);
+    this.noteWriteEnd(offset + length);
     this.enter();
     try {
       if (this.hooks.length) await this.runHooks(offset, length, 'zero');
@@ -250,6 +317,7 @@ export class NodeIO implements BlockIO {
       this.stats.zeroBytes += length;
     } catch (err) {
       this.stats.failedOps++;
+      this.stats.failedWriteOps++;
       throw toBlockError(err, `write zeroes to '${this.owner.name}'`);
     } finally {
       this.leave();
@@ -259,15 +327,22 @@ export class NodeIO implements BlockIO {
   async discard(offset: number, length: number): Promise<void> {
     if (this.gate) await this.gate;
     this.checkWritable();
-    this.checkRange(offset, length, true);
+    this.checkRange(offset, length, KIND_DISCARD);
     if (length === 0) return;
+    // QEMU's bdrv_co_pdiscard: a node opened with discard=ignore drops the request before
+    // anything sees it (no write threshold, no dirty bit, no counter, nothing passed down).
+    if (this.owner.options?.discard === 'ignore') return;
+    if (this.threshold !== 0) this.checkThreshold(offset, length);
     this.enter();
     try {
       if (this.hooks.length) await this.runHooks(offset, length, 'discard');
       if (this.driver.caps.discard && this.driver.discard) {
         try {
           await this.driver.discard(offset, length);
+          this.stats.driverDiscardOk++;
+          this.stats.driverDiscardBytesOk += length;
         } catch (err) {
+          this.stats.driverDiscardFailed++;
           // Discard is advisory: a driver that cannot do it for this range has done nothing wrong.
           if (!isNotSupported(err)) throw err;
         }
@@ -276,6 +351,7 @@ export class NodeIO implements BlockIO {
       this.stats.discardBytes += length;
     } catch (err) {
       this.stats.failedOps++;
+      this.stats.failedDiscardOps++;
       throw toBlockError(err, `discard on '${this.owner.name}'`);
     } finally {
       this.leave();
@@ -290,6 +366,7 @@ export class NodeIO implements BlockIO {
       this.stats.flushOps++;
     } catch (err) {
       this.stats.failedOps++;
+      this.stats.failedFlushOps++;
       throw toBlockError(err, `flush of '${this.owner.name}'`);
     } finally {
       this.leave();
@@ -298,7 +375,7 @@ export class NodeIO implements BlockIO {
 
   async blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
     if (this.gate) await this.gate;
-    this.checkRange(offset, length, false);
+    this.checkRange(offset, length, KIND_STATUS);
     if (length === 0) return [];
     const all: BlockExtent[] = [{ offset, length, flags: EXTENT_DATA | EXTENT_ALLOCATED, depth: 1 }];
     if (!this.driver.caps.blockStatus || !this.driver.blockStatus) return all;

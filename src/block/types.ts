@@ -167,7 +167,10 @@ export interface BlockDriver {
 // ---------------------------------------------------------------------------------------------
 // Node-facing API
 
-/** Per-node I/O counters (query-blockstats, NBD statistics). */
+/**
+ * Per-node I/O counters (query-blockstats with `query-nodes`, see docs/qmp.md). Counted by
+ * io.ts for every request that passed the range checks; `invalid*` counts the ones that did not.
+ */
 export interface BlockStats {
   readOps: number;
   readBytes: number;
@@ -178,7 +181,23 @@ export interface BlockStats {
   discardOps: number;
   discardBytes: number;
   flushOps: number;
+  /** Every failed request (the sum of the failed* counters below). */
   failedOps: number;
+  failedReadOps: number;
+  /** Failed writes and write-zeroes. */
+  failedWriteOps: number;
+  failedDiscardOps: number;
+  failedFlushOps: number;
+  /** Requests refused by the range checks (out of range, beyond 2^53). */
+  invalidReadOps: number;
+  invalidWriteOps: number;
+  invalidDiscardOps: number;
+  /** Largest end offset of a write or write-zeroes seen (QEMU's wr_highest_offset). */
+  wrHighestOffset: number;
+  /** Discards the driver itself was asked for, and how they ended (file: driver-specific stats). */
+  driverDiscardOk: number;
+  driverDiscardFailed: number;
+  driverDiscardBytesOk: number;
 }
 
 /**
@@ -210,7 +229,17 @@ export interface BlockIO {
   /** Write hooks (dirty bitmaps, write notifiers). Returns an unsubscribe function. */
   addWriteHook(hook: WriteHook): () => void;
   readonly stats: BlockStats;
+  /** block-set-write-threshold's offset (0 = none); query-named-block-nodes' `write_threshold`. */
+  readonly writeThreshold: number;
+  /**
+   * Arm (or with 0 disarm) the write threshold: the first write, write-zeroes or discard that
+   * ends past `offset` calls `onExceeded` once, before it reaches the driver, and disarms it.
+   */
+  setWriteThreshold(offset: number, onExceeded?: WriteThresholdListener): void;
 }
+
+/** Told how far a request went past the write threshold, and what the threshold was. */
+export type WriteThresholdListener = (amountExceeded: number, threshold: number) => void;
 
 /** A child edge of a node. */
 export interface BlockChild {

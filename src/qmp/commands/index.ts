@@ -7,6 +7,7 @@ import { transactionCommands } from './transaction.js';
 import { imageCommands } from './image.js';
 import { jobCommands } from './job.js';
 import { objectCommands } from './object.js';
+import { statsCommands } from './stats.js';
 import { graphCommands } from './graph.js';
 
 /** Every command handler; each must have a schema in schema/commands/<name>.json. */
@@ -19,5 +20,6 @@ export const ALL_COMMANDS: readonly CommandDef[] = [
   ...imageCommands,
   ...jobCommands,
   ...objectCommands,
+  ...statsCommands,
   ...graphCommands,
 ];
