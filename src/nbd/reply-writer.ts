@@ -1,0 +1,213 @@
+/**
+ * The output side of an NBD connection: the reply queue written once per event-loop turn (one
+ * write, or one gathered copy into a pooled buffer for a small batch), simple and structured
+ * reply encoding, sparse READ replies (OFFSET_DATA / OFFSET_HOLE chunks) and error replies.
+ *
+ * An NbdConnection is one object built in layers, each extending the one below:
+ * reply-writer.ts (this) -> dispatch.ts (commands run against the export, in-flight accounting)
+ * -> request.ts (request header parsing, validation, WRITE payloads) -> connection.ts (socket
+ * lifecycle, handshake, input state machine, flow control, close).
+ */
+import type { Logger } from '../util/logger.js';
+import type { NbdZeroRanges } from './backend.js';
+import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
+import type { NbdTransport } from './transport.js';
+import {
+  cmdName,
+  encodeErrorChunk,
+  encodeOffsetHole,
+  NBD_CMD_FLAG_DF,
+  NBD_REPLY_FLAG_DONE,
+  NBD_SIMPLE_REPLY_SIZE,
+  writeOffsetDataHeader,
+  writeSimpleReply,
+} from './protocol.js';
+
+export type ReadState =
+  | 'CLIENT_FLAGS'
+  | 'OPTION_HEADER'
+  | 'OPTION_PAYLOAD'
+  | 'OPTION_DRAIN'
+  | 'REQUEST'
+  | 'WRITE_PAYLOAD'
+  | 'WRITE_DRAIN'
+  | 'DISCONNECTING'
+  | 'CLOSED';
+
+/** State of an async READ until its reply is queued. */
+export interface ReadCtx {
+  cookie: Buffer;
+  offset: number;
+  length: number;
+  flags: number;
+  /** Reply buffer: header room + data. */
+  buf: Buffer;
+  hdr: number;
+}
+
+export abstract class NbdReplyWriter {
+  readonly id: number;
+  private readonly baseLog: Logger;
+  private childLog: Logger | undefined;
+  protected readonly trace: boolean;
+  /** Info-level logging is on (checked once: building log arguments costs on the connect path). */
+  protected readonly infoOn: boolean;
+  protected readonly debugOn: boolean;
+  protected state: ReadState = 'CLIENT_FLAGS';
+  protected structured = false;
+  protected out: Buffer[] = [];
+  private outBytes = 0;
+  /** Large pooled reply buffers among `out`, recycled once their write completes. */
+  protected outRecycle: Buffer[] = [];
+  private flushScheduled = false;
+  protected writeBlocked = false;
+  /** socket.end() was called: nothing more may be written. */
+  protected ending = false;
+
+  protected constructor(
+    protected readonly socket: NbdTransport,
+    id: number,
+    log: Logger,
+  ) {
+    this.id = id;
+    this.baseLog = log;
+    this.trace = log.isLevelEnabled('trace');
+    this.infoOn = log.isLevelEnabled('info');
+    this.debugOn = log.isLevelEnabled('debug');
+  }
+
+  /** The socket's write side is full: stop reading requests (connection.ts). */
+  protected abstract pauseReading(): void;
+
+  /** The per-connection logger, created on first use (a pino child costs a few µs per connect). */
+  protected get log(): Logger {
+    return (this.childLog ??= this.baseLog.child({ conn: this.id }));
+  }
+
+  // ------------------------------------------------------------ replies and output
+
+  protected simple(err: number, cookie: Buffer): Buffer {
+    const b = allocReplyBuffer(NBD_SIMPLE_REPLY_SIZE);
+    writeSimpleReply(b, 0, err, cookie);
+    return b;
+  }
+
+  /** Error reply: an ERROR chunk with DONE when structured, else a simple reply. */
+  protected replyError(cookie: Buffer, type: number, err: number, msg: string): void {
+    if (this.debugOn) {
+      this.log.debug({ cmd: type < 0 ? 'invalid' : cmdName(type), err, msg }, 'request failed');
+    }
+    this.queue(this.structured ? encodeErrorChunk(NBD_REPLY_FLAG_DONE, cookie, err, msg) : this.simple(err, cookie));
+  }
+
+  protected logFailure(type: number, err: unknown): void {
+    // Log the real cause before it is narrowed to an NBD error.
+    this.log.warn({ cmd: cmdName(type), err: err instanceof Error ? err.message : String(err) }, 'NBD request failed');
+  }
+
+  protected queue(b: Buffer): void {
+    if (this.state === 'CLOSED' || this.ending) return;
+    this.out.push(b);
+    this.outBytes += b.length;
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      process.nextTick(() => this.flush());
+    }
+  }
+
+  /** Queue a whole reply buffer that may come from the large pool. */
+  protected queueRecyclable(b: Buffer): void {
+    if (this.state === 'CLOSED' || this.ending) return;
+    this.queue(b);
+    if (isRecyclable(b)) this.outRecycle.push(b);
+  }
+
+  /** Write everything queued in this event-loop turn at once. */
+  protected flush(): void {
+    this.flushScheduled = false;
+    const out = this.out;
+    if (out.length === 0) return;
+    const bytes = this.outBytes;
+    let recycle = this.outRecycle;
+    this.out = [];
+    this.outBytes = 0;
+    if (recycle.length > 0) this.outRecycle = [];
+    if (this.state === 'CLOSED' || this.ending || this.socket.destroyed) return;
+    let merged: Buffer | undefined;
+    if (out.length > 1 && bytes <= 256 * 1024) {
+      // One write for the whole batch, gathered into a recycled buffer; the originals are free
+      // again as soon as they are copied.
+      merged = allocReplyBuffer(bytes);
+      let pos = 0;
+      for (const b of out) pos += b.copy(merged, pos);
+      if (recycle.length > 0) for (const b of recycle) releaseReplyBuffer(b);
+      recycle = isRecyclable(merged) ? [merged] : [];
+    }
+    // Called after the last write (so every earlier one) has reached the kernel; on error the
+    // buffers are simply left to the GC.
+    const done =
+      recycle.length === 0
+        ? undefined
+        : () => {
+            for (const b of recycle) releaseReplyBuffer(b);
+          };
+    const ok = this.socket.write(merged !== undefined ? [merged] : out, done);
+    if (!ok && !this.writeBlocked) {
+      this.writeBlocked = true;
+      this.pauseReading();
+    }
+  }
+
+  protected finishRead(ctx: ReadCtx, holes: NbdZeroRanges | void): void {
+    const { cookie, offset, length, flags, buf, hdr } = ctx;
+    const data = buf.subarray(hdr);
+    const sparse = this.structured && (flags & NBD_CMD_FLAG_DF) === 0;
+    if (holes && holes.length > 0) {
+      if (!sparse) {
+        for (const h of holes) {
+          const s = Math.max(h.offset, offset) - offset;
+          const e = Math.min(h.offset + h.length, offset + length) - offset;
+          if (e > s) data.fill(0, s, e);
+        }
+      } else {
+        this.sendSparseRead(cookie, offset, data, holes);
+        // The data chunks are slices of buf, queued in this turn's batch: release it with them.
+        if (isRecyclable(buf) && this.state !== 'CLOSED' && !this.ending) this.outRecycle.push(buf);
+        return;
+      }
+    }
+    if (this.structured) writeOffsetDataHeader(buf, 0, NBD_REPLY_FLAG_DONE, cookie, offset, length);
+    else writeSimpleReply(buf, 0, 0, cookie);
+    this.queueRecyclable(buf);
+  }
+
+  /** NBD spec: Structured reply chunk types — OFFSET_DATA / OFFSET_HOLE covering the request. */
+  protected sendSparseRead(cookie: Buffer, offset: number, data: Buffer, holes: NbdZeroRanges): void {
+    const end = offset + data.length;
+    const parts: Array<{ hole: boolean; start: number; len: number }> = [];
+    let cur = offset;
+    for (const h of holes) {
+      const s = Math.max(h.offset, cur);
+      const e = Math.min(h.offset + h.length, end);
+      if (e <= s) continue;
+      if (s > cur) parts.push({ hole: false, start: cur, len: s - cur });
+      const last = parts[parts.length - 1];
+      if (last && last.hole && last.start + last.len === s) last.len += e - s;
+      else parts.push({ hole: true, start: s, len: e - s });
+      cur = e;
+    }
+    if (cur < end) parts.push({ hole: false, start: cur, len: end - cur });
+    parts.forEach((part, i) => {
+      const f = i === parts.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+      if (part.hole) {
+        this.queue(encodeOffsetHole(f, cookie, part.start, part.len));
+      } else {
+        const h = Buffer.allocUnsafe(28);
+        writeOffsetDataHeader(h, 0, f, cookie, part.start, part.len);
+        this.queue(h);
+        this.queue(data.subarray(part.start - offset, part.start - offset + part.len));
+      }
+    });
+  }
+
+}
