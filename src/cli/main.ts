@@ -199,6 +199,7 @@ export async function run(args: readonly string[], script: string = process.argv
   const services = new Services(log);
   const dispatcher = new Dispatcher(services, ALL_COMMANDS, schema);
   const monitors = new MonitorManager(services, dispatcher, log);
+  services.qomChardevs = () => monitors.qomChardevs();
   let pidfile: PidFile | undefined;
   let demo: Demo | undefined;
   // Keep the process alive like QSD's main loop, even with no listener at all.

@@ -350,6 +350,17 @@ export class Chardev {
     this.createdPath = undefined;
   }
 
+  /** The bound TCP address family (server, inet): 'IPv4' or 'IPv6'. */
+  get family(): string | undefined {
+    const a = (this.httpServer ?? this.server)?.address();
+    return typeof a === 'object' && a !== null ? a.family : undefined;
+  }
+
+  /** A client is connected (QOM's `connected`). */
+  get connected(): boolean {
+    return this.live.size > 0;
+  }
+
   get attached(): boolean {
     return this.handler !== undefined;
   }

@@ -7,6 +7,7 @@ import type { Services } from './services.js';
 import type { Dispatcher } from './dispatcher.js';
 import { Chardev, type ChardevOptions, type ChardevOpenOptions } from './chardev.js';
 import { MonitorSession, type MonitorOptions } from './monitor.js';
+import type { QomChardev } from './qom.js';
 
 export class MonitorManager {
   private readonly chardevs = new Map<string, Chardev>();
@@ -62,6 +63,22 @@ export class MonitorManager {
     for (const c of this.chardevs.values()) c.unlinkSocketFile();
   }
 
+  /** Every chardev as the QOM tree shows it (`/chardevs/ID`). */
+  qomChardevs(): QomChardev[] {
+    return [...this.chardevs.values()].map((c): QomChardev => {
+      const o = c.options;
+      if (o.backend === 'stdio') return { id: o.id, qomType: 'chardev-stdio' };
+      const a = o.addr;
+      const addr =
+        a.type === 'unix'
+          ? { path: a.path, type: 'unix' }
+          : a.type === 'inet'
+            ? inetAddr(a.host, c.port ?? a.port, c.family)
+            : { str: a.str, type: 'fd' };
+      return { id: o.id, qomType: 'chardev-socket', connected: c.connected, addr };
+    });
+  }
+
   chardev(id: string): Chardev | undefined {
     return this.chardevs.get(id);
   }
@@ -91,4 +108,12 @@ export class MonitorManager {
     this.chardevs.clear();
     await Promise.all(all.map((c) => c.close()));
   }
+}
+
+/** An inet SocketAddress as QEMU reports a listening chardev's: the bound port and family. */
+function inetAddr(host: string, port: number | string, family: string | undefined): Record<string, unknown> {
+  const out: Record<string, unknown> = { host, port: String(port), type: 'inet' };
+  if (family === 'IPv4') out.ipv4 = true;
+  if (family === 'IPv6') out.ipv6 = true;
+  return out;
 }

@@ -83,8 +83,11 @@ export interface UserObject {
 }
 
 interface Entry extends UserObject {
+  readonly props: Record<string, unknown>;
   /** secret: the decoded (and decrypted) value. */
   secret?: Buffer;
+  /** secret: the `data` text as given (what QOM's `data` property reads back, as in QSD). */
+  dataText?: string;
   /** tls-creds-*: endpoint. */
   endpoint?: TlsEndpoint;
   /** throttle-group: the checked limits. */
@@ -172,6 +175,34 @@ export class ObjectRegistry {
     return this.objects.get(id)?.throttle;
   }
 
+  /** secret `id`: its `data` text as given at creation or by qom-set (QOM reads it back). */
+  secretDataText(id: string): string | undefined {
+    return this.objects.get(id)?.dataText;
+  }
+
+  /**
+   * qom-set of a plain property (type-checked by the caller): the stored value changes, as
+   * with QEMU's setters; loaded secrets and credentials are not reloaded. `endpoint` of TLS
+   * credentials takes effect for later users (nbd-server-start).
+   */
+  setProperty(id: string, name: string, value: unknown): void {
+    const e = this.objects.get(id);
+    if (e === undefined) throw new QmpError(`object '${id}' not found`);
+    if (e.type === 'secret' && name === 'data') {
+      e.dataText = String(value);
+      return;
+    }
+    e.props[name] = value;
+    if (name === 'endpoint' && e.endpoint !== undefined) e.endpoint = value === 'server' ? 'server' : 'client';
+  }
+
+  /** qom-set `limits` of a throttle group: the given members over the current ones, checked whole. */
+  setThrottleLimits(id: string, limits: Record<string, unknown>): void {
+    const e = this.objects.get(id);
+    if (e?.throttle === undefined) throw new QmpError(`object '${id}' is not a throttle group`);
+    e.throttle = applyThrottleLimits(e.throttle, limits);
+  }
+
   /** object-add. `args` has been validated against schema/types/ObjectOptions.json. */
   async add(args: ObjectAddArgs): Promise<void> {
     const type = args['qom-type'];
@@ -189,6 +220,7 @@ export class ObjectRegistry {
     // 2. property setters
     if (props.loaded !== undefined) throw new QmpError(`Property '${t}.loaded' is not writable`);
     const entry: Entry = { id, type: t, props: redact(props) };
+    if (t === 'secret' && typeof props.data === 'string') entry.dataText = props.data;
     if (t === 'iothread' || t === 'main-loop') checkEventLoopRanges(props);
     if (t === 'throttle-group') entry.throttle = throttleFromProps(props);
 
@@ -490,18 +522,23 @@ function throttleFromProps(props: Record<string, unknown>): ThrottleConfig {
   }
   const limits = props.limits;
   if (typeof limits === 'object' && limits !== null && !Array.isArray(limits)) {
-    const next = structuredClone(cfg);
-    for (const [k, v] of Object.entries(limits as Record<string, unknown>)) {
-      if (typeof v !== 'number') continue;
-      if (k.endsWith('-max-length') && v > UINT_MAX) {
-        throw new QmpError(`${k} value must be in the range [0, ${UINT_MAX}]`);
-      }
-      setThrottleMember(next, k, k.endsWith('-max-length') && v < 0 ? UINT_MAX : asUnsigned(v));
-    }
-    checkThrottle(next);
-    return next;
+    return applyThrottleLimits(cfg, limits as Record<string, unknown>);
   }
   return cfg;
+}
+
+/** QEMU's throttle_limits_to_config over `base`: the members given replace, then the whole is checked. */
+function applyThrottleLimits(base: ThrottleConfig, limits: Record<string, unknown>): ThrottleConfig {
+  const next = structuredClone(base);
+  for (const [k, v] of Object.entries(limits)) {
+    if (typeof v !== 'number') continue;
+    if (k.endsWith('-max-length') && v > UINT_MAX) {
+      throw new QmpError(`${k} value must be in the range [0, ${UINT_MAX}]`);
+    }
+    setThrottleMember(next, k, k.endsWith('-max-length') && v < 0 ? UINT_MAX : asUnsigned(v));
+  }
+  checkThrottle(next);
+  return next;
 }
 
 function setThrottleMember(cfg: ThrottleConfig, name: string, v: number): void {

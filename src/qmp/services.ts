@@ -5,6 +5,7 @@ import { BlockGraph } from '../block/graph.js';
 import { ExportManager } from '../export/manager.js';
 import { JobManager } from '../block/jobs.js';
 import { ObjectRegistry } from './objects.js';
+import { QomTree, type QomChardev } from './qom.js';
 
 const require = createRequire(import.meta.url);
 const pkg = require('../../package.json') as { version: string };
@@ -23,6 +24,10 @@ export class Services {
   readonly exports: ExportManager;
   /** User-creatable objects (object-add, --object): secrets, iothreads, TLS credentials, ... */
   readonly objects: ObjectRegistry;
+  /** The QOM view (qom-* commands) over the objects and chardevs. */
+  readonly qom: QomTree;
+  /** Set by the composition root: the chardevs as QOM sees them (`/chardevs`). */
+  qomChardevs: () => readonly QomChardev[] = () => [];
   /** Jobs (blockdev-create, ...): JOB_STATUS_CHANGE events go to the bus. */
   readonly jobs = new JobManager((event, data) => this.events.emit(event, data));
   private shuttingDown: Promise<void> | undefined;
@@ -37,6 +42,7 @@ export class Services {
     this.graph.eventSink = (event, data) => this.events.emit(event, data);
     this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
     this.objects = new ObjectRegistry(log);
+    this.qom = new QomTree({ objects: this.objects, chardevs: () => this.qomChardevs() });
     this.exports.tlsCredsLookup = (id) => this.objects.tlsCreds(id);
   }
 

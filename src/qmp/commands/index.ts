@@ -7,6 +7,7 @@ import { transactionCommands } from './transaction.js';
 import { imageCommands } from './image.js';
 import { jobCommands } from './job.js';
 import { objectCommands } from './object.js';
+import { qomCommands } from './qom.js';
 import { statsCommands } from './stats.js';
 import { graphCommands } from './graph.js';
 
@@ -20,6 +21,7 @@ export const ALL_COMMANDS: readonly CommandDef[] = [
   ...imageCommands,
   ...jobCommands,
   ...objectCommands,
+  ...qomCommands,
   ...statsCommands,
   ...graphCommands,
 ];
