@@ -20,7 +20,7 @@ import {
   type NamedBitmap,
 } from '../../block/dirty-bitmap-set.js';
 import { defineCommand, type CommandContext, type CommandDef } from '../types.js';
-import type { PreparedAction, TransactionActionDef } from './transaction.js';
+import { registerTransactionAction, type PreparedAction, type TransactionActionDef } from './transaction.js';
 
 export interface BitmapAddArgs {
   node: string;
@@ -169,6 +169,9 @@ export const bitmapTransactionActions: readonly TransactionActionDef[] = [
   },
   { type: 'block-dirty-bitmap-merge', prepare: (d, ctx) => prepareMerge(d as unknown as BitmapMergeArgs, ctx) },
 ];
+
+// Registered from this side only: transaction.ts knows no action module (no import cycle).
+for (const a of bitmapTransactionActions) registerTransactionAction(a);
 
 export const bitmapCommands: readonly CommandDef[] = [
   defineCommand<BitmapAddArgs>('block-dirty-bitmap-add', (a, ctx) => now(prepareAdd(a, ctx))),

@@ -4,12 +4,12 @@
  * Every action is prepared in order; a prepared action has already taken effect (so later
  * actions see it) and says how to commit or undo itself. The first failure undoes every
  * prepared action in reverse order and becomes the command's error; otherwise all are
- * committed in order, then cleaned up. Other modules add actions (blockdev-backup,
- * blockdev-snapshot, ...) with {@link registerTransactionAction}.
+ * committed in order, then cleaned up. Other modules add their actions (bitmap.ts: the
+ * block-dirty-bitmap-* ones; blockdev-backup, blockdev-snapshot, ...) with
+ * {@link registerTransactionAction} when they load; this module imports none of them.
  */
 import { QmpError } from '../../util/errors.js';
 import { defineCommand, type CommandContext, type CommandDef } from '../types.js';
-import { bitmapTransactionActions } from './bitmap.js';
 
 /** What a prepared action leaves behind. Every member is optional. */
 export interface PreparedAction {
@@ -51,7 +51,7 @@ const abortAction: TransactionActionDef = {
 };
 
 const registry = new Map<string, TransactionActionDef>();
-for (const a of [abortAction, ...bitmapTransactionActions]) registry.set(a.type, a);
+registry.set(abortAction.type, abortAction);
 
 /** Add (or replace) a transaction action. */
 export function registerTransactionAction(def: TransactionActionDef): void {
