@@ -21,55 +21,12 @@
 #include <unistd.h>
 #include <dlfcn.h>
 #include <linux/falloc.h>
+#include "errno_error.h"
+#include "netio.h"
 
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
 #endif
-
-static const char *errno_name(int e) {
-  switch (e) {
-    case EPERM: return "EPERM";
-    case ENOENT: return "ENOENT";
-    case EIO: return "EIO";
-    case EBADF: return "EBADF";
-    case EAGAIN: return "EAGAIN";
-    case ENOMEM: return "ENOMEM";
-    case EACCES: return "EACCES";
-    case EBUSY: return "EBUSY";
-    case EINVAL: return "EINVAL";
-    case EFBIG: return "EFBIG";
-    case ENOSPC: return "ENOSPC";
-    case ESPIPE: return "ESPIPE";
-    case EROFS: return "EROFS";
-    case ENXIO: return "ENXIO";
-    case ENOSYS: return "ENOSYS";
-    case EOPNOTSUPP: return "EOPNOTSUPP";
-    case EOVERFLOW: return "EOVERFLOW";
-    case EINTR: return "EINTR";
-    case EADDRINUSE: return "EADDRINUSE";
-    case ENAMETOOLONG: return "ENAMETOOLONG";
-    case ENOTDIR: return "ENOTDIR";
-    case ENOTSOCK: return "ENOTSOCK";
-    case EMFILE: return "EMFILE";
-    default: return "EIO";
-  }
-}
-
-/* Throw an Error "what: strerror" with `code` (errno name) and `errno`; also used by netio.c. */
-napi_value blockd_throw_errno(napi_env env, int e, const char *what) {
-  char msg[160];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
-  napi_value m, code, err;
-  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-  napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &code);
-  napi_create_error(env, code, m, &err);
-  napi_set_named_property(env, err, "code", code);
-  napi_value no;
-  napi_create_int32(env, e, &no);
-  napi_set_named_property(env, err, "errno", no);
-  napi_throw(env, err);
-  return NULL;
-}
 
 static int get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
   size_t argc = want;
@@ -1055,8 +1012,6 @@ static napi_value zstd_compress(napi_env env, napi_callback_info info) {
   }
   return num(env, (double)r);
 }
-
-void netio_register(napi_env env, napi_value exports); /* netio.c */
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {

@@ -45,6 +45,8 @@
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
+#include "errno_error.h"
+#include "netio.h"
 
 #define EV_ACCEPT 1
 #define EV_READ 2
@@ -114,9 +116,6 @@ static uv_timer_t g_linger_timer;
 static listener *g_listeners[64];
 
 /* ---- small helpers ---------------------------------------------------------------------- */
-
-/* blockd_native.c: an Error with `code` and `errno`. */
-napi_value blockd_throw_errno(napi_env env, int e, const char *what);
 
 static napi_value nv_throw(napi_env env, const char *msg) {
   napi_throw_error(env, NULL, msg);
