@@ -67,6 +67,7 @@ export interface ExportInfo {
     'flush-requested': number;
     'flush-performed': number;
     'connections-total': number;
+    'failed-operations': number;
   };
 }
 
@@ -370,6 +371,7 @@ export class ExportManager implements NbdBackend {
         'flush-requested': e.counters.flushesRequested,
         'flush-performed': e.counters.flushesPerformed,
         'connections-total': e.counters.connectionsTotal,
+        'failed-operations': e.counters.failedOps,
       },
     }));
   }

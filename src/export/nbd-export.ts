@@ -49,6 +49,8 @@ export interface ExportCounters {
   flushesRequested: number;
   flushesPerformed: number;
   connectionsTotal: number;
+  /** Requests answered with an error (the client saw an NBD error reply). */
+  failedOps: number;
 }
 
 /** Reads at least this long ask block status first, so holes go out as OFFSET_HOLE chunks. */
@@ -133,6 +135,7 @@ export class NbdExport implements NbdExportHandle {
     flushesRequested: 0,
     flushesPerformed: 0,
     connectionsTotal: 0,
+    failedOps: 0,
   };
   /** Set while block-export-del (hard) or shutdown is tearing the export down. */
   shuttingDown = false;
@@ -252,72 +255,98 @@ export class NbdExport implements NbdExportHandle {
   }
 
   async read(buf: Buffer, offset: number): Promise<NbdZeroRanges | void> {
-    const io = this.user.io;
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
-    // Block status only where holes are possible (it costs two lseeks and a promise per read).
-    if (buf.length < SPARSE_READ_MIN || io.isDataSync?.(offset, buf.length)) {
-      await io.read(buf, offset);
-      return;
-    }
-    const extents = await io.blockStatus(offset, buf.length);
-    const zeros: Array<{ offset: number; length: number }> = [];
-    let pos = offset;
-    const end = offset + buf.length;
-    for (const e of extents) {
-      const s = Math.max(e.offset, pos);
-      const t = Math.min(e.offset + e.length, end);
-      if (t <= s) continue;
-      if (e.flags & EXTENT_ZERO) {
-        const last = zeros[zeros.length - 1];
-        if (last && last.offset + last.length === s) last.length += t - s;
-        else zeros.push({ offset: s, length: t - s });
+    // One async frame per read (the fast path): the failure count wraps the body in place.
+    try {
+      const io = this.user.io;
+      // Block status only where holes are possible (it costs two lseeks and a promise per read).
+      if (buf.length < SPARSE_READ_MIN || io.isDataSync?.(offset, buf.length)) {
+        await io.read(buf, offset);
+        return;
       }
-      pos = t;
+      const extents = await io.blockStatus(offset, buf.length);
+      const zeros: Array<{ offset: number; length: number }> = [];
+      let pos = offset;
+      const end = offset + buf.length;
+      for (const e of extents) {
+        const s = Math.max(e.offset, pos);
+        const t = Math.min(e.offset + e.length, end);
+        if (t <= s) continue;
+        if (e.flags & EXTENT_ZERO) {
+          const last = zeros[zeros.length - 1];
+          if (last && last.offset + last.length === s) last.length += t - s;
+          else zeros.push({ offset: s, length: t - s });
+        }
+        pos = t;
+      }
+      if (zeros.length === 0) {
+        await io.read(buf, offset);
+        return;
+      }
+      // Read only the data parts; the engine sends the zero parts as holes.
+      let cur = offset;
+      for (const z of [...zeros, { offset: end, length: 0 }]) {
+        if (z.offset > cur) await io.read(buf.subarray(cur - offset, z.offset - offset), cur);
+        cur = z.offset + z.length;
+      }
+      return zeros;
+    } catch (err) {
+      this.counters.failedOps++;
+      throw err;
     }
-    if (zeros.length === 0) {
-      await io.read(buf, offset);
-      return;
-    }
-    // Read only the data parts; the engine sends the zero parts as holes.
-    let cur = offset;
-    for (const z of [...zeros, { offset: end, length: 0 }]) {
-      if (z.offset > cur) await io.read(buf.subarray(cur - offset, z.offset - offset), cur);
-      cur = z.offset + z.length;
-    }
-    return zeros;
   }
 
   async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
     this.counters.writeOps++;
     this.counters.writeBytes += buf.length;
     const fuaHere = fua && !this.opts.writethrough;
-    await this.user.io.write(buf, offset, { fua: fuaHere });
-    if (!fuaHere) this.dirty = true;
-    if (this.opts.writethrough) await this.flushNode();
+    try {
+      await this.user.io.write(buf, offset, { fua: fuaHere });
+      if (!fuaHere) this.dirty = true;
+      if (this.opts.writethrough) await this.flushNode();
+    } catch (err) {
+      this.counters.failedOps++;
+      throw err;
+    }
   }
 
   async writeZeroes(offset: number, length: number, o: NbdWriteZeroesOptions): Promise<void> {
     this.counters.zeroOps++;
-    await this.user.io.writeZeroes(offset, length, {
-      mayUnmap: o.mayUnmap,
-      noFallback: o.fastZero,
-      fua: o.fua && !this.opts.writethrough,
-    });
-    if (!o.fua || this.opts.writethrough) this.dirty = true;
-    if (this.opts.writethrough) await this.flushNode();
+    try {
+      await this.user.io.writeZeroes(offset, length, {
+        mayUnmap: o.mayUnmap,
+        noFallback: o.fastZero,
+        fua: o.fua && !this.opts.writethrough,
+      });
+      if (!o.fua || this.opts.writethrough) this.dirty = true;
+      if (this.opts.writethrough) await this.flushNode();
+    } catch (err) {
+      this.counters.failedOps++;
+      throw err;
+    }
   }
 
   async trim(offset: number, length: number, fua: boolean): Promise<void> {
     this.counters.trimOps++;
-    await this.user.io.discard(offset, length);
-    this.dirty = true;
-    if (fua || this.opts.writethrough) await this.flushNode();
+    try {
+      await this.user.io.discard(offset, length);
+      this.dirty = true;
+      if (fua || this.opts.writethrough) await this.flushNode();
+    } catch (err) {
+      this.counters.failedOps++;
+      throw err;
+    }
   }
 
-  flush(): Promise<void> {
+  async flush(): Promise<void> {
     this.counters.flushesRequested++;
-    return this.flushNode();
+    try {
+      await this.flushNode();
+    } catch (err) {
+      this.counters.failedOps++;
+      throw err;
+    }
   }
 
   /**
