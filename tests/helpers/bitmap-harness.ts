@@ -58,12 +58,14 @@ export class RefQsd {
   }
 
   static async start(qmpPath: string, args: string[] = []): Promise<RefQsd> {
+    const pidfile = `${qmpPath}.pid`;
     const proc = spawn(
       'qemu-storage-daemon',
-      ['--chardev', `socket,id=m,path=${qmpPath},server=on,wait=off`, '--monitor', 'm', ...args],
+      ['--chardev', `socket,id=m,path=${qmpPath},server=on,wait=off`, '--monitor', 'm', ...args, '--pidfile', pidfile],
       { stdio: 'ignore' },
     );
-    for (let i = 0; i < 200 && !existsSync(qmpPath); i++) await new Promise((r) => setTimeout(r, 25));
+    // The pidfile, not the socket file: QSD's socket exists a moment before it listens.
+    for (let i = 0; i < 400 && !existsSync(pidfile); i++) await new Promise((r) => setTimeout(r, 25));
     const sock = createConnection(qmpPath);
     await new Promise<void>((res, rej) => {
       sock.once('connect', () => res());

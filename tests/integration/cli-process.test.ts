@@ -152,13 +152,13 @@ describe('blockd command line: help, version, errors', () => {
     );
   });
 
-  it('leaves earlier socket files behind when a later option fails (no rollback)', async () => {
+  it('removes the socket files it created when a later option fails (QSD leaves them)', async () => {
     const dir = tempDir();
     const sock = join(dir, 'm.sock');
     const r = await runToEnd(['--chardev', `socket,id=m,path=${sock},server=on,wait=off`, '--monitor', 'nope']);
     expect(r.code).toBe(1);
     expect(r.stderr).toBe('blockd: --monitor nope: chardev "nope" not found\n');
-    expect(existsSync(sock)).toBe(true);
+    expect(existsSync(sock)).toBe(false);
   });
 });
 

@@ -226,13 +226,17 @@ describe.skipIf(!nbdTools)('qemu:allocation-depth of a chain', () => {
     const addArgs = { driver: 'qcow2', 'node-name': 'top', 'read-only': true, file: { driver: 'file', filename: top } };
 
     const qsdSock = join(dir, 'qsd.sock');
+    const qsdPid = join(dir, 'qsd.pid');
     const qsd = spawn('qemu-storage-daemon', [
       '--blockdev', JSON.stringify(addArgs),
       '--nbd-server', `addr.type=unix,addr.path=${qsdSock}`,
       '--export', 'type=nbd,id=e,node-name=top,name=top,allocation-depth=on',
+      '--pidfile', qsdPid,
     ], { stdio: 'ignore' });
     try {
-      for (let i = 0; i < 400 && !existsSync(qsdSock); i++) await sleep(10);
+      // The pidfile means QSD has set up its whole command line (its socket file exists a
+      // moment before it listens, so polling for the socket could race).
+      for (let i = 0; i < 400 && !existsSync(qsdPid); i++) await sleep(10);
       const theirs = map(qsdSock);
       qsd.kill('SIGTERM');
       const ourSock = join(dir, 'ours.sock');
