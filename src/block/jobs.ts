@@ -110,6 +110,13 @@ export interface JobDriver {
 export interface JobOptions {
   autoFinalize?: boolean;
   autoDismiss?: boolean;
+  /** Initial speed limit (bytes/s); negative: the job is created, then dropped with QSD's error. */
+  speed?: number;
+  /**
+   * The job is set up inside a drained section (QEMU: block jobs that insert a filter or take
+   * over a node): `running`, `paused`, `running` before the body starts.
+   */
+  drainedStart?: boolean;
 }
 
 function errorText(err: unknown): string {
@@ -122,6 +129,8 @@ export class Job {
   totalProgress = 1;
   /** Bytes per second, 0 = unlimited (block jobs, block-job-set-speed). */
   speed = 0;
+  /** query-block-jobs `io-status`: `failed` after an error stopped the job, until resumed. */
+  ioStatus: 'ok' | 'failed' | 'nospace' = 'ok';
   error: string | undefined;
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
@@ -139,6 +148,7 @@ export class Job {
   bodyDone = false;
   private readonly abortController = new AbortController();
   private kick: (() => void) | undefined;
+  private yieldWaiters: (() => void)[] = [];
   private readonly settled: Promise<void>;
   private resolveSettled!: () => void;
 
@@ -184,6 +194,40 @@ export class Job {
     this.status = s;
     if (s !== from) this.manager.emit('JOB_STATUS_CHANGE', { id: this.id, status: s });
     if (COMPLETED.includes(s)) this.resolveSettled();
+    if (s === 'paused' || s === 'standby' || s === 'concluded' || s === 'null') this.notifyYield();
+  }
+
+  /** Parked at a pause point or sleeping: a verb that wakes the job runs it to its next yield. */
+  get idle(): boolean {
+    return this.kick !== undefined;
+  }
+
+  /**
+   * Resolves at the body's next yield: it parks (pause, sleep), starts waiting for I/O
+   * (`yieldNow`), or the job concludes or waits for job-finalize. A command that wakes an idle
+   * job awaits this before replying, so that what the job does before its next yield (QEMU runs
+   * a woken coroutine at once) is seen before the reply, as in QSD.
+   */
+  nextYield(): Promise<void> {
+    if (this.status === 'null') return Promise.resolve();
+    return new Promise((r) => this.yieldWaiters.push(r));
+  }
+
+  /** Tell commands waiting in `nextYield` that the body yields now. */
+  notifyYield(): void {
+    const w = this.yieldWaiters;
+    if (w.length === 0) return;
+    this.yieldWaiters = [];
+    for (const r of w) r();
+  }
+
+  /**
+   * A yield point before real I/O: waiters of `nextYield` continue (their reply goes out) before
+   * the body does anything else, even when the I/O would complete without blocking.
+   */
+  async yieldNow(): Promise<void> {
+    this.notifyYield();
+    await new Promise<void>((r) => setImmediate(r));
   }
 
   /** Refuse a verb the current state does not accept (QEMU's wording). */
@@ -214,7 +258,10 @@ export class Job {
       const back = this.status;
       this.transition(back === 'ready' ? 'standby' : 'paused');
       this.paused = true;
-      await new Promise<void>((r) => (this.kick = r));
+      await new Promise<void>((r) => {
+        this.kick = r;
+        this.notifyYield();
+      });
       this.kick = undefined;
       this.paused = false;
       this.transition(back);
@@ -237,9 +284,23 @@ export class Job {
           r();
         };
         this.kick = wake;
+        this.notifyYield();
       });
     }
     await this.pausePoint();
+  }
+
+  /** Send a QMP event (block jobs: BLOCK_JOB_ERROR). */
+  emitEvent(event: string, data: Record<string, unknown>): void {
+    this.manager.emit(event, data);
+  }
+
+  /** The error policy said `stop`: pause as a user pause would (job-resume continues). */
+  stopOnError(status: 'failed' | 'nospace'): void {
+    this.ioStatus = status;
+    if (this.userPaused) return;
+    this.userPaused = true;
+    this.pauseCount++;
   }
 
   /** Running -> ready (mirror reached sync); block jobs send BLOCK_JOB_READY. */
@@ -248,9 +309,20 @@ export class Job {
     if (this.driver.blockJob) this.manager.emit('BLOCK_JOB_READY', this.blockEventData());
   }
 
+  /**
+   * Resolves when the body first yields after start (set by JobManager.start): the starting
+   * command replies then, as QSD replies once the new job's coroutine first yields.
+   */
+  firstYield: Promise<void> = Promise.resolve();
+
+  /** How many times an idle body was woken (Manager.verb: did the verb wake it?). */
+  wakes = 0;
+
   /** Wake a body parked in `sleep` or `pausePoint`. */
   wake(): void {
-    this.kick?.();
+    if (!this.kick) return;
+    this.wakes++;
+    this.kick();
   }
 
   abortBody(): void {
@@ -279,7 +351,7 @@ export class Job {
       busy: !this.paused && !this.isCompleted && this.kick === undefined,
       paused: this.pauseCount > 0,
       speed: this.speed,
-      'io-status': 'ok',
+      'io-status': this.ioStatus,
       ready: this.isReady,
       status: this.status,
       'auto-finalize': this.autoFinalize,
@@ -358,7 +430,19 @@ export class JobManager {
     const job = new Job(id, driver, this, opts);
     this.jobs.set(id, job);
     job.transition('created');
+    if (opts.speed !== undefined) {
+      if (opts.speed < 0) {
+        this.remove(job);
+        throw new BlockError('BAD_OPTION', 'EINVAL', "Parameter 'speed' expects a non-negative value");
+      }
+      job.speed = opts.speed;
+    }
     job.transition('running');
+    if (opts.drainedStart) {
+      job.transition('paused');
+      job.transition('running');
+    }
+    job.firstYield = job.nextYield();
     let body: Promise<void>;
     try {
       body = driver.run(job, job.signal);
@@ -381,6 +465,17 @@ export class JobManager {
   }
 
   // ---- user verbs -------------------------------------------------------------------------
+
+  /**
+   * Run a user verb on `job`; when the job was idle (sleeping or paused) and the verb woke it,
+   * resolve only once it yields again (see Job.nextYield), as QSD answers after the woken job ran.
+   */
+  async verb(job: Job, fn: () => void): Promise<void> {
+    const waiter = job.idle ? job.nextYield() : undefined;
+    const wakes = job.wakes;
+    fn();
+    if (waiter && job.wakes !== wakes) await waiter;
+  }
 
   /** job-cancel (force) / block-job-cancel. */
   cancel(id: string, force = true): void {
@@ -415,6 +510,7 @@ export class JobManager {
     }
     job.checkVerb('resume');
     job.userPaused = false;
+    job.ioStatus = 'ok';
     this.release(job);
   }
 
@@ -519,6 +615,7 @@ export class JobManager {
     job.transition('pending');
     if (!job.autoFinalize) {
       if (job.driver.blockJob) this.emit('BLOCK_JOB_PENDING', { type: job.type, id: job.id });
+      job.notifyYield();
       return;
     }
     void this.doFinalize(job);

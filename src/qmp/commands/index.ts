@@ -6,6 +6,7 @@ import { bitmapCommands } from './bitmap.js';
 import { transactionCommands } from './transaction.js';
 import { imageCommands } from './image.js';
 import { jobCommands } from './job.js';
+import { blockJobCommands } from './block-jobs.js';
 import { objectCommands } from './object.js';
 import { qomCommands } from './qom.js';
 import { statsCommands } from './stats.js';
@@ -20,6 +21,7 @@ export const ALL_COMMANDS: readonly CommandDef[] = [
   ...transactionCommands,
   ...imageCommands,
   ...jobCommands,
+  ...blockJobCommands,
   ...objectCommands,
   ...qomCommands,
   ...statsCommands,

@@ -26,20 +26,28 @@ interface SetSpeedArgs {
 
 export const jobCommands: readonly CommandDef[] = [
   defineCommand('query-jobs', (_args, ctx) => ctx.services.jobs.list().map((j) => j.info())),
-  defineCommand<IdArgs>('job-cancel', (args, ctx) => {
-    ctx.services.jobs.cancel(args.id, true);
+  defineCommand<IdArgs>('job-cancel', async (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.get(args.id);
+    await jobs.verb(job, () => jobs.userCancel(job, true));
     return {};
   }),
-  defineCommand<IdArgs>('job-pause', (args, ctx) => {
-    ctx.services.jobs.pause(args.id);
+  defineCommand<IdArgs>('job-pause', async (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.get(args.id);
+    await jobs.verb(job, () => jobs.userPause(job));
     return {};
   }),
-  defineCommand<IdArgs>('job-resume', (args, ctx) => {
-    ctx.services.jobs.resume(args.id);
+  defineCommand<IdArgs>('job-resume', async (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.get(args.id);
+    await jobs.verb(job, () => jobs.userResume(job));
     return {};
   }),
-  defineCommand<IdArgs>('job-complete', (args, ctx) => {
-    ctx.services.jobs.complete(args.id);
+  defineCommand<IdArgs>('job-complete', async (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.get(args.id);
+    await jobs.verb(job, () => jobs.userComplete(job));
     return {};
   }),
   defineCommand<IdArgs>('job-finalize', async (args, ctx) => {
@@ -52,26 +60,32 @@ export const jobCommands: readonly CommandDef[] = [
   }),
 
   defineCommand('query-block-jobs', (_args, ctx) => ctx.services.jobs.listBlockJobs().map((j) => j.blockInfo())),
-  defineCommand<BlockJobCancelArgs>('block-job-cancel', (args, ctx) => {
+  defineCommand<BlockJobCancelArgs>('block-job-cancel', async (args, ctx) => {
     const jobs = ctx.services.jobs;
     const job = jobs.getBlockJob(args.device);
     const force = args.force ?? false;
     if (job.userPaused && !force) {
       throw new QmpError(`The block job for device '${args.device}' is currently paused`);
     }
-    jobs.userCancel(job, force);
+    await jobs.verb(job, () => jobs.userCancel(job, force));
     return {};
   }),
-  defineCommand<DeviceArgs>('block-job-pause', (args, ctx) => {
-    ctx.services.jobs.userPause(ctx.services.jobs.getBlockJob(args.device));
+  defineCommand<DeviceArgs>('block-job-pause', async (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.getBlockJob(args.device);
+    await jobs.verb(job, () => jobs.userPause(job));
     return {};
   }),
-  defineCommand<DeviceArgs>('block-job-resume', (args, ctx) => {
-    ctx.services.jobs.userResume(ctx.services.jobs.getBlockJob(args.device));
+  defineCommand<DeviceArgs>('block-job-resume', async (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.getBlockJob(args.device);
+    await jobs.verb(job, () => jobs.userResume(job));
     return {};
   }),
-  defineCommand<DeviceArgs>('block-job-complete', (args, ctx) => {
-    ctx.services.jobs.userComplete(ctx.services.jobs.getBlockJob(args.device));
+  defineCommand<DeviceArgs>('block-job-complete', async (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.getBlockJob(args.device);
+    await jobs.verb(job, () => jobs.userComplete(job));
     return {};
   }),
   defineCommand<IdArgs>('block-job-finalize', async (args, ctx) => {
@@ -84,8 +98,10 @@ export const jobCommands: readonly CommandDef[] = [
     ctx.services.jobs.dismiss(args.id);
     return {};
   }),
-  defineCommand<SetSpeedArgs>('block-job-set-speed', (args, ctx) => {
-    ctx.services.jobs.setSpeed(ctx.services.jobs.getBlockJob(args.device), args.speed);
+  defineCommand<SetSpeedArgs>('block-job-set-speed', async (args, ctx) => {
+    const jobs = ctx.services.jobs;
+    const job = jobs.getBlockJob(args.device);
+    await jobs.verb(job, () => jobs.setSpeed(job, args.speed));
     return {};
   }),
 ];
