@@ -22,10 +22,16 @@ import {
 } from './drivers/qcow2/backing.js';
 import { optError, type DriverOpenContext, type Options } from './drivers/common.js';
 import { nativeLoadError } from './native.js';
-import { describeBitmaps, loadPersistentBitmaps, storePersistentBitmaps } from './dirty-bitmap-set.js';
+import {
+  describeBitmaps,
+  existingBitmapsOf,
+  loadPersistentBitmaps,
+  storePersistentBitmaps,
+} from './dirty-bitmap-set.js';
 import { BlockNodeImpl, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
 import { debugBlockGraph, type XDbgGraph } from './graph-debug.js';
-import type { BlockDriver, BlockNode } from './types.js';
+import { applyReadOnly, inheritingChildren, planReopen } from './reopen.js';
+import type { BlockDriver, BlockIO, BlockNode } from './types.js';
 
 /** Every value of QSD 7.2's BlockdevDriver enum, in its order. */
 export const BLOCKDEV_DRIVERS = [
@@ -241,7 +247,8 @@ export class BlockGraph {
         monitorOwned: inherited === undefined,
         options: nodeOpts,
         ...(spec.childPerms ? { childPerms: spec.childPerms } : {}),
-        ...(spec.childPermsFor ? { childPerms: spec.childPermsFor(!readOnly) } : {}),
+        ...(spec.childPermsFor ? { childPermsFor: spec.childPermsFor } : {}),
+        openOptions: opts,
       });
       nodeRef = node;
       this.register(node);
@@ -411,6 +418,88 @@ export class BlockGraph {
     const overlay = this.nodes.get(overlayName);
     if (!overlay) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${overlayName}' nor node-name='${overlayName}'`);
     snapshotGraph(node, overlay);
+  }
+
+  /** blockdev-reopen: full options per node; blockd changes `read-only` only (reopen.ts). */
+  async reopen(list: readonly Options[]): Promise<void> {
+    await applyReadOnly(planReopen(list, (name) => this.nodes.get(name)), (n, ro) => this.reopenDriver(n, ro));
+  }
+
+  /**
+   * Make a node read-only or writable with the inline children that inherit from it (QEMU's
+   * bdrv_reopen_set_read_only: the external snapshot commit); see reopen.ts.
+   */
+  async setReadOnly(node: BlockNode, readOnly: boolean): Promise<void> {
+    const n = this.impl(node);
+    const list = [n, ...inheritingChildren(n)].map((c) => ({ node: c, readOnly }));
+    await applyReadOnly(list, (x, ro) => this.reopenDriver(x, ro));
+  }
+
+  private impl(node: BlockNode): BlockNodeImpl {
+    const n = this.nodes.get(node.name);
+    if (!n || n !== node) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Failed to find node with node-name='${node.name}'`);
+    return n;
+  }
+
+  /**
+   * Close the driver of `node` and open the same driver again over the same children, read-only
+   * or not, while I/O to the node waits. `between` runs with no driver open, on the `file`
+   * child (offline edits of the image: internal snapshots, the backing file name). If the new
+   * open fails, the node is opened again as it was and the error is thrown. Refused while the
+   * node has persistent dirty bitmaps (they would have to be stored and loaded again).
+   */
+  async reopenDriver(node: BlockNode, readOnly: boolean, between?: (file: BlockIO) => Promise<void>): Promise<void> {
+    const n = this.impl(node);
+    const spec = DRIVERS[n.driverName];
+    if (!spec) throw new BlockError('NOT_SUPPORTED', 'ENOTSUP', `Block format '${n.driverName}' used by node '${n.name}' does not support reopening files`);
+    const hasStored = n.driver instanceof Qcow2Driver && n.driver.bitmapsExtension() !== undefined;
+    if ((existingBitmapsOf(n)?.persistent().length ?? 0) > 0 || hasStored) {
+      throw new BlockError('NOT_SUPPORTED', 'ENOTSUP', `blockd cannot reopen node '${n.name}' while its image has persistent dirty bitmaps`);
+    }
+    const wasReadOnly = n.readOnly;
+    const opts = n.openOptions as Options;
+    await n.io.exclusive(async () => {
+      await n.driver.flush();
+      await n.driver.close();
+      let firstErr: unknown;
+      try {
+        if (between) {
+          const file = n.childEdges.find((e) => e.name === 'file')?.user.node;
+          if (!file) throw new BlockError('NO_CHILD', 'EIO', `node '${n.name}' has no 'file' child`);
+          await between(file.io);
+        }
+        n.replaceDriver(await spec.open(this.reopenContext(n, readOnly), opts));
+        return;
+      } catch (err) {
+        firstErr = err;
+      }
+      try {
+        n.replaceDriver(await spec.open(this.reopenContext(n, wasReadOnly), opts));
+      } catch (err) {
+        // The node stays without a working driver: every request fails from now on.
+        this.log.error({ err, node: n.name }, 'could not open the node again after a failed reopen');
+      }
+      throw firstErr;
+    });
+  }
+
+  /** A driver context over the node's current children (reopen). */
+  private reopenContext(node: BlockNodeImpl, readOnly: boolean): DriverOpenContext {
+    const child = (r: string): BlockNode => {
+      const e = node.childEdges.find((x) => x.name === r);
+      if (!e) throw new BlockError('NO_CHILD', 'EIO', `node '${node.name}' has no '${r}' child`);
+      return e.user.node;
+    };
+    return {
+      nodeName: node.name,
+      readOnly,
+      options: node.options,
+      log: this.log.child({ node: node.name }),
+      childIO: (r) => child(r).io,
+      childDriver: (r) => child(r).driver,
+      hasChild: (r) => node.childEdges.some((e) => e.name === r),
+      emitEvent: (event, data) => this.eventSink?.(event, data),
+    };
   }
 
   /** x-debug-query-block-graph. */

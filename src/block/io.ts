@@ -109,7 +109,7 @@ export class NodeIO implements BlockIO {
 
   constructor(
     private readonly owner: NodeIOOwner,
-    private readonly driver: BlockDriver,
+    private driver: BlockDriver,
   ) {}
 
   size(): number {
@@ -411,6 +411,28 @@ export class NodeIO implements BlockIO {
       this.gate = undefined;
       open();
     }
+  }
+
+  /**
+   * Run `fn` with no request of this node in flight and new ones held until it ends (reopen
+   * closes the driver and opens a new one: see `replaceDriver`).
+   */
+  async exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.gate) await this.gate;
+    let open!: () => void;
+    this.gate = new Promise<void>((r) => (open = r));
+    try {
+      if (this.inflight > 0) await new Promise<void>((r) => (this.drained = r));
+      return await fn();
+    } finally {
+      this.gate = undefined;
+      open();
+    }
+  }
+
+  /** Graph-internal, inside `exclusive`: requests from now on go to `driver`. */
+  replaceDriver(driver: BlockDriver): void {
+    this.driver = driver;
   }
 }
 

@@ -57,11 +57,13 @@ export function permNames(bits: number): string {
 /** How a node passes its users' permissions on to a child (QEMU's bdrv_child_perm). */
 export type ChildPermFn = (role: string, perm: number, shared: number) => { perm: number; shared: number };
 
-/** Format drivers: pass permissions through, but never let others resize the storage under us. */
-export const formatChildPerms: ChildPermFn = (_role, perm, shared) => ({
-  perm,
-  shared: shared & ~PERM_RESIZE,
-});
+/**
+ * Format drivers whose child holds the guest data as is (raw): pass permissions through. What
+ * the users do not share (an export never shares resize) is not shared further down; with no
+ * users everything is shared (QEMU's raw_child_perm, as x-debug-query-block-graph shows it).
+ * Drivers with metadata in the child (qcow2) add their own restrictions on top.
+ */
+export const formatChildPerms: ChildPermFn = (_role, perm, shared) => ({ perm, shared });
 
 /** Filters: pass everything through unchanged. */
 export const filterChildPerms: ChildPermFn = (_role, perm, shared) => ({ perm, shared });
@@ -74,6 +76,10 @@ export interface NodeInit {
   /** The options as given (after defaults), for query output. */
   options: NodeOptionsInfo;
   childPerms?: ChildPermFn;
+  /** Child permissions that depend on whether the node is writable (re-derived on reopen). */
+  childPermsFor?: (writable: boolean) => ChildPermFn;
+  /** The blockdev options the node was opened with (blockdev-reopen compares against them). */
+  openOptions?: Readonly<Record<string, unknown>>;
 }
 
 /** Node options other layers and the query need. */
@@ -146,7 +152,7 @@ export class BlockUserImpl implements BlockUser {
 
 export class BlockNodeImpl implements BlockNode {
   readonly name: string;
-  readonly driver: BlockDriver;
+  private drv: BlockDriver;
   readonly monitorOwned: boolean;
   readonly io: NodeIO;
   readonly options: NodeOptionsInfo;
@@ -154,23 +160,41 @@ export class BlockNodeImpl implements BlockNode {
   readonly childEdges: { name: string; user: BlockUserImpl }[] = [];
   private readonly users: BlockUserImpl[] = [];
   private ro: boolean;
-  private readonly childPerms: ChildPermFn;
+  private childPerms: ChildPermFn;
+  private readonly childPermsFor: ((writable: boolean) => ChildPermFn) | undefined;
+  /** The blockdev options the node was opened with (empty when unknown). */
+  openOptions: Readonly<Record<string, unknown>>;
   /** Permissions currently applied to the driver (for rollback). */
   private appliedPerm = 0;
   private appliedShared = PERM_ALL;
 
   constructor(init: NodeInit) {
     this.name = init.name;
-    this.driver = init.driver;
+    this.drv = init.driver;
     this.ro = init.readOnly;
     this.monitorOwned = init.monitorOwned;
     this.options = init.options;
-    this.childPerms = init.childPerms ?? formatChildPerms;
+    this.childPermsFor = init.childPermsFor;
+    this.childPerms = init.childPermsFor?.(!init.readOnly) ?? init.childPerms ?? formatChildPerms;
+    this.openOptions = init.openOptions ?? {};
     this.io = new NodeIO(this, init.driver);
   }
 
+  get driver(): BlockDriver {
+    return this.drv;
+  }
+
   get driverName(): string {
-    return this.driver.name;
+    return this.drv.name;
+  }
+
+  /**
+   * Graph-internal (reopen, inside `io.exclusive`): the node's driver is now `driver`, opened
+   * over the same children; the old one has been closed.
+   */
+  replaceDriver(driver: BlockDriver): void {
+    this.drv = driver;
+    this.io.replaceDriver(driver);
   }
 
   get readOnly(): boolean {
@@ -334,8 +358,18 @@ export class BlockNodeImpl implements BlockNode {
     return { perm: this.appliedPerm, shared: this.appliedShared };
   }
 
-  /** Change read-only state (auto-read-only reopen). */
+  /**
+   * Change the read-only state (reopen). Child permissions that depend on it are derived
+   * again; the caller refreshes permissions (refreshPerms) and rolls back on failure.
+   */
   setReadOnly(ro: boolean): void {
     this.ro = ro;
+    if (this.childPermsFor) this.childPerms = this.childPermsFor(!ro);
+  }
+
+  /** The permissions this node currently asks of the child edge `role` (reopen pre-checks). */
+  wantedChildPerms(role: string): { perm: number; shared: number } {
+    const { perm, shared } = this.cumulative();
+    return this.childPerms(role, perm, shared);
   }
 }

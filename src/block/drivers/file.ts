@@ -238,14 +238,19 @@ export class FileDriver implements BlockDriver {
   private heldPerm = 0;
   private heldUnshared = 0;
   /** Batched thread-pool I/O (addon present, page-cache I/O); undefined = one fs call per request. */
-  private readonly batcher: NativeBatcher | undefined;
+  private batcher: NativeBatcher | undefined;
+  /**
+   * Descriptors replaced by a reopen, kept open (without locks) until close(): requests issued
+   * before the reopen may still be running on them.
+   */
+  private readonly retired: { fd: number; batcher: NativeBatcher | undefined; writable: boolean }[] = [];
   /** Serialises read-modify-write cycles of unaligned O_DIRECT writes. */
   private rmwTail: Promise<void> = Promise.resolve();
 
   private constructor(
     private readonly ctx: DriverOpenContext,
     readonly filename: string,
-    private readonly fd: number,
+    private fd: number,
     private readonly inode: string,
     size: number,
     private readonly direct: boolean,
@@ -542,6 +547,63 @@ export class FileDriver implements BlockDriver {
     }
     if (!this.readOnlyOpen && !this.noFlush) await pFsync(this.fd).catch(() => undefined);
     await pClose(this.fd);
+    for (const r of this.retired.splice(0)) {
+      if (r.batcher) {
+        await r.batcher.drain();
+        r.batcher.close();
+      }
+      if (r.writable && !this.noFlush) await pFsync(r.fd).catch(() => undefined);
+      await pClose(r.fd).catch(() => undefined);
+    }
+  }
+
+  /**
+   * Reopen read-only or read-write (blockdev-reopen, snapshot commit): a new descriptor with the
+   * new access mode takes the lock bytes this driver holds, then replaces the old one, whose
+   * locks are dropped (OFD locks belong to the descriptor). The old descriptor stays open until
+   * close() for requests already running on it. Throws QEMU's open error and changes nothing
+   * when the file cannot be opened that way (EACCES, EROFS) or is no longer the same file.
+   */
+  async reopen(readOnly: boolean): Promise<void> {
+    if (this.closed) throw closedError();
+    if (readOnly === this.readOnlyOpen) return;
+    let flags = readOnly ? fsc.O_RDONLY : fsc.O_RDWR;
+    if (this.direct) flags |= this.native.O_DIRECT;
+    let fd: number;
+    try {
+      fd = await pOpen(this.filename, flags);
+    } catch (err) {
+      throw openError(this.filename, err);
+    }
+    try {
+      const st = await pFstat(fd);
+      if (`${st.dev}:${st.ino}` !== this.inode) {
+        throw new BlockError('OPEN_FAILED', 'EIO', `Could not reopen '${this.filename}': the file was replaced`);
+      }
+      if (this.locking === 'ofd') {
+        for (const [bit] of PERM_NAMES) {
+          const idx = Math.log2(bit);
+          if (this.heldPerm & bit) this.native.ofdLock(fd, LOCK_BASE_PERM + idx, 1, 1);
+          if (this.heldUnshared & bit) this.native.ofdLock(fd, LOCK_BASE_SHARED + idx, 1, 1);
+        }
+      }
+    } catch (err) {
+      await pClose(fd).catch(() => undefined);
+      throw err instanceof BlockError ? err : openError(this.filename, err);
+    }
+    const old = { fd: this.fd, batcher: this.batcher, writable: !this.readOnlyOpen };
+    if (this.locking === 'ofd') {
+      for (const [bit] of PERM_NAMES) {
+        const idx = Math.log2(bit);
+        this.applyLockOn(old.fd, LOCK_BASE_PERM + idx, false, (this.heldPerm & bit) !== 0);
+        this.applyLockOn(old.fd, LOCK_BASE_SHARED + idx, false, (this.heldUnshared & bit) !== 0);
+      }
+    }
+    this.fd = fd;
+    this.batcher =
+      !this.direct && this.native.ioBatch ? new NativeBatcher(fd, this.native.ioBatch, this.native.writeLane) : undefined;
+    this.readOnlyOpen = readOnly;
+    this.retired.push(old);
   }
 
   describeFilename(): string {
@@ -602,9 +664,13 @@ export class FileDriver implements BlockDriver {
   }
 
   private applyLock(byte: number, want: boolean, have: boolean): void {
+    this.applyLockOn(this.fd, byte, want, have);
+  }
+
+  private applyLockOn(fd: number, byte: number, want: boolean, have: boolean): void {
     if (want === have) return;
     try {
-      this.native.ofdLock(this.fd, byte, 1, want ? 1 : 0);
+      this.native.ofdLock(fd, byte, 1, want ? 1 : 0);
     } catch (err) {
       this.ctx.log.warn({ err, byte }, 'image lock update failed');
     }
