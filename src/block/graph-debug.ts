@@ -3,7 +3,7 @@
  *
  * Ids are handed out on first sight while walking, in QEMU's order: block backends (exports,
  * jobs' users) in creation order with their `root` edge, then every node in creation order
- * with its child edges. QEMU prepends to both lists, so they come out newest first, and each
+ * with its child edges (newest child first). QEMU prepends to both lists, so they come out newest first, and each
  * permission list is written from the highest bit down.
  */
 import type { BlockNodeImpl, BlockUserImpl } from './node.js';
@@ -78,7 +78,8 @@ export function debugBlockGraph(nodesOldestFirst: readonly BlockNodeImpl[]): XDb
   }
   for (const n of nodesOldestFirst) {
     nodes.push({ id: idOf(n), type: 'block-driver', name: n.name });
-    for (const e of n.childEdges) edge(n, e.user, e.name);
+    // QEMU keeps a node's children newest first.
+    for (const e of [...n.childEdges].reverse()) edge(n, e.user, e.name);
   }
   return { nodes: nodes.reverse(), edges: edges.reverse() };
 }

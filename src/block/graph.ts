@@ -18,7 +18,6 @@ import {
   detachBackingBlocker,
   probeFormat,
   qcow2ChildPerms,
-  snapshotGraph,
 } from './drivers/qcow2/backing.js';
 import { optError, type DriverOpenContext, type Options } from './drivers/common.js';
 import { nativeLoadError } from './native.js';
@@ -162,6 +161,27 @@ export class BlockGraph {
       for (const n of created.reverse()) await this.destroy(n).catch(() => undefined);
       throw err;
     }
+  }
+
+  /**
+   * Open a node as QEMU's bdrv_open does for an implicitly created node (the overlay of
+   * blockdev-snapshot-sync): named, but not owned by the monitor (blockdev-del refuses it) and
+   * gone once nothing uses it (`releaseUnused`).
+   */
+  async addImplicit(opts: Options): Promise<BlockNode> {
+    const node = await this.add(opts);
+    const n = this.impl(node);
+    n.monitorOwned = false;
+    n.onUnused = () => {
+      this.releaseUnused(n).catch((err: unknown) => this.log.warn({ err, node: n.name }, 'could not close an unused node'));
+    };
+    return n;
+  }
+
+  /** Close `node` if it is not owned by the monitor and has no users left (QEMU's last unref). */
+  async releaseUnused(node: BlockNode): Promise<void> {
+    const n = this.nodes.get(node.name);
+    if (n && n === node && !n.monitorOwned && n.parents.length === 0) await this.destroy(n);
   }
 
   /** Close a node opened by `openTemporary` (and its inline children). */
@@ -406,18 +426,6 @@ export class BlockGraph {
       if (!child.monitorOwned && child.parents.length === 0) await this.destroy(child);
     }
     this.log.debug({ node: node.name }, 'block node closed');
-  }
-
-  /**
-   * blockdev-snapshot: `overlay` (a qcow2 node without backing) gets `node` as its backing and
-   * takes over every parent of `node` (exports, jobs, parent nodes).
-   */
-  snapshot(nodeName: string, overlayName: string): void {
-    const node = this.nodes.get(nodeName);
-    if (!node) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${nodeName}' nor node-name='${nodeName}'`);
-    const overlay = this.nodes.get(overlayName);
-    if (!overlay) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${overlayName}' nor node-name='${overlayName}'`);
-    snapshotGraph(node, overlay);
   }
 
   /** blockdev-reopen: full options per node; blockd changes `read-only` only (reopen.ts). */

@@ -153,7 +153,8 @@ export class BlockUserImpl implements BlockUser {
 export class BlockNodeImpl implements BlockNode {
   readonly name: string;
   private drv: BlockDriver;
-  readonly monitorOwned: boolean;
+  /** Created by a top-level blockdev-add (false for inline children and implicit overlays). */
+  monitorOwned: boolean;
   readonly io: NodeIO;
   readonly options: NodeOptionsInfo;
   readonly blockers = new Set<string>();
@@ -250,7 +251,11 @@ export class BlockNodeImpl implements BlockNode {
     this.users.splice(i, 1);
     // Dropping permissions cannot conflict.
     this.refreshPermsBestEffort();
+    if (this.users.length === 0) this.onUnused?.();
   }
+
+  /** Called when the last user goes (the graph closes implicitly created nodes then). */
+  onUnused: (() => void) | undefined;
 
   changeUser(user: BlockUserImpl, perm: number, shared: number): void {
     this.checkAgainstUsers(user, perm, shared);

@@ -1,6 +1,6 @@
 /**
- * Image commands: blockdev-create (a `create` job for `file` and `qcow2`), blockdev-snapshot,
- * block_resize. The generic job commands are in job.ts.
+ * Image commands: blockdev-create (a `create` job for `file` and `qcow2`), block_resize
+ * (blockdev-snapshot is in snapshot.ts). The generic job commands are in job.ts.
  */
 import { BlockError, QmpError } from '../../util/errors.js';
 import { checkQcow2Create, createQcow2, type Qcow2CreateOptions } from '../../block/drivers/qcow2/create.js';
@@ -13,11 +13,6 @@ import { defineCommand, type CommandContext, type CommandDef } from '../types.js
 interface CreateArgs {
   'job-id': string;
   options: Record<string, unknown> & { driver: string };
-}
-
-interface SnapshotArgs {
-  node: string;
-  overlay: string;
 }
 
 interface ResizeArgs {
@@ -135,10 +130,6 @@ export const imageCommands: readonly CommandDef[] = [
       },
     };
     ctx.services.jobs.start(args['job-id'], driver, { autoFinalize: true, autoDismiss: false });
-    return {};
-  }),
-  defineCommand<SnapshotArgs>('blockdev-snapshot', (args, ctx) => {
-    ctx.services.graph.snapshot(args.node, args.overlay);
     return {};
   }),
   defineCommand<ResizeArgs>('block_resize', async (args, ctx) => {

@@ -11,6 +11,7 @@ import { objectCommands } from './object.js';
 import { qomCommands } from './qom.js';
 import { statsCommands } from './stats.js';
 import { graphCommands } from './graph.js';
+import { snapshotCommands } from './snapshot.js';
 
 /** Every command handler; each must have a schema in schema/commands/<name>.json. */
 export const ALL_COMMANDS: readonly CommandDef[] = [
@@ -26,4 +27,5 @@ export const ALL_COMMANDS: readonly CommandDef[] = [
   ...qomCommands,
   ...statsCommands,
   ...graphCommands,
+  ...snapshotCommands,
 ];

@@ -1,6 +1,7 @@
 /**
  * Backing chains in the graph: the `backing` child edge (permissions, op blocker), chain walking,
- * format probing of an auto-opened backing file, and `blockdev-snapshot`'s graph change.
+ * format probing of an auto-opened backing file (blockdev-snapshot's graph change is in
+ * ../../snapshot-external.ts).
  */
 import { open } from 'node:fs/promises';
 import { BlockError } from '../../../util/errors.js';
@@ -110,51 +111,5 @@ export async function probeFormat(filename: string): Promise<string> {
     return bytesRead === 4 && b.readUInt32BE(0) === QCOW_MAGIC ? 'qcow2' : 'raw';
   } finally {
     await fh.close();
-  }
-}
-
-/**
- * blockdev-snapshot: `overlay` (no backing yet) gets `node` as backing and takes over every
- * parent of `node` (exports, jobs, parent nodes). Permissions are checked by the moves; on a
- * conflict everything is moved back.
- */
-export function snapshotGraph(node: BlockNodeImpl, overlay: BlockNodeImpl): void {
-  if (node === overlay || reaches(node, overlay)) {
-    throw new BlockError('BAD_OPTION', 'EINVAL', `Making '${node.name}' a backing child of '${overlay.name}' would create a cycle`);
-  }
-  const blocker = [...node.blockers].find((b) => b.startsWith('node is used as backing hd of'));
-  if (blocker) throw new BlockError('BUSY', 'EBUSY', `Node '${node.name}' is busy: ${blocker}`);
-  if (overlay.hasBackendUsers()) {
-    throw new BlockError('BAD_OPTION', 'EINVAL', 'The overlay is already in use');
-  }
-  if (backingOf(overlay)) {
-    throw new BlockError('BAD_OPTION', 'EINVAL', `The overlay already has a backing image`);
-  }
-  if (overlay.driverName !== 'qcow2') {
-    throw new BlockError('BAD_OPTION', 'EINVAL', `The overlay does not support backing images`);
-  }
-  const movers = [...node.parents];
-  attachBacking(overlay, node);
-  const moved: BlockUserImpl[] = [];
-  try {
-    for (const u of movers) {
-      u.moveTo(overlay);
-      moved.push(u);
-    }
-  } catch (err) {
-    for (const u of moved.reverse()) {
-      try {
-        u.moveTo(node);
-      } catch {
-        // Moving back restores a state that was valid before.
-      }
-    }
-    const edge = overlay.childEdges.findIndex((e) => e.name === BACKING_ROLE);
-    if (edge >= 0) {
-      const [e] = overlay.childEdges.splice(edge, 1);
-      e?.user.detach();
-    }
-    detachBackingBlocker(overlay, node);
-    throw err;
   }
 }
