@@ -90,6 +90,12 @@ const DRIVERS: Partial<Record<string, DriverSpec>> = {
   'null-aio': { children: [], open: async (_ctx, o) => new NullDriver('null-aio', o) },
 };
 
+/**
+ * A driver supplied from outside the block layer (the composition root registers them, e.g. the
+ * `nbd` protocol driver, whose client lives in nbd/ which block/ may not import). No children.
+ */
+export type ExternalDriverOpen = (ctx: DriverOpenContext, opts: Options) => Promise<BlockDriver>;
+
 /** Validate a user-supplied node name (QSD's texts). */
 export function checkNodeName(name: string): void {
   if (!NODE_NAME_RE.test(name)) throw optError(`Invalid node-name: '${name}'`);
@@ -102,12 +108,19 @@ export class BlockGraph {
   private order: BlockNodeImpl[] = [];
   private autoCounter = 0;
 
+  private readonly external = new Map<string, DriverSpec>();
+
   /** Where drivers' QMP events go (set by the composition root; none = dropped). */
   eventSink: ((event: string, data: Record<string, unknown>) => void) | undefined;
 
   constructor(readonly log: Logger) {
     const why = nativeLoadError();
     if (why) log.debug({ reason: why }, 'native block addon not in use, using the JS fallback');
+  }
+
+  /** Make `driver` (a BlockdevDriver name) openable by `open` (see {@link ExternalDriverOpen}). */
+  registerDriver(driver: (typeof BLOCKDEV_DRIVERS)[number], open: ExternalDriverOpen): void {
+    this.external.set(driver, { children: [], open });
   }
 
   /** Look a node up by name. */
@@ -202,7 +215,7 @@ export class BlockGraph {
     if (!(BLOCKDEV_DRIVERS as readonly string[]).includes(driverName)) {
       throw optError(`Parameter 'driver' does not accept value '${driverName}'`);
     }
-    const spec = DRIVERS[driverName];
+    const spec = DRIVERS[driverName] ?? this.external.get(driverName);
     if (!spec) throw optError(`Driver '${driverName}' is not supported by blockd`);
 
     // Name first (QEMU assigns it before the driver opens its children).

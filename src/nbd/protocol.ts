@@ -75,6 +75,11 @@ export const NBD_OPT_STRUCTURED_REPLY = 8;
 export const NBD_OPT_LIST_META_CONTEXT = 9;
 export const NBD_OPT_SET_META_CONTEXT = 10;
 export const NBD_OPT_EXTENDED_HEADERS = 11;
+/**
+ * Experimental, blockd only (docs/nbd.md): the client declares it will not write. The number
+ * is outside the range the NBD spec allocates from, so it cannot clash with a future option.
+ */
+export const NBD_OPT_READ_ONLY = 0x42440001;
 
 // ---------------------------------------------------------------- option replies
 
@@ -170,6 +175,7 @@ export const optName = lookup({
   [NBD_OPT_LIST_META_CONTEXT]: 'NBD_OPT_LIST_META_CONTEXT',
   [NBD_OPT_SET_META_CONTEXT]: 'NBD_OPT_SET_META_CONTEXT',
   [NBD_OPT_EXTENDED_HEADERS]: 'NBD_OPT_EXTENDED_HEADERS',
+  [NBD_OPT_READ_ONLY]: 'NBD_OPT_READ_ONLY',
 });
 
 export const repName = lookup({

@@ -3,6 +3,7 @@ import type { Logger } from '../util/logger.js';
 import { EventBus } from '../util/events.js';
 import { BlockGraph } from '../block/graph.js';
 import { ExportManager } from '../export/manager.js';
+import { NbdBlockDriver } from '../export/nbd-driver.js';
 import { JobManager } from '../block/jobs.js';
 import { ObjectRegistry } from './objects.js';
 import { QomTree, type QomChardev } from './qom.js';
@@ -40,6 +41,7 @@ export class Services {
   constructor(readonly log: Logger) {
     this.graph = new BlockGraph(log.child({ component: 'block' }));
     this.graph.eventSink = (event, data) => this.events.emit(event, data);
+    this.graph.registerDriver('nbd', (ctx, o) => NbdBlockDriver.open(ctx, o));
     this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
     this.objects = new ObjectRegistry(log);
     this.qom = new QomTree({ objects: this.objects, chardevs: () => this.qomChardevs() });
