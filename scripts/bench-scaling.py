@@ -549,6 +549,12 @@ def main():
     with open(out, "w") as f:
         json.dump(doc, f, indent=2)
     print("JSON written to %s" % out)
+    # bar chart of the ratios next to the JSON (scripts/bench-plot.py)
+    if len(servers) == 2:
+        subprocess.run(["/usr/bin/python3",
+                        os.path.join(ROOT, "scripts", "bench-plot.py"), out,
+                        "--quiet", "--svg", os.path.splitext(out)[0]
+                        + ".svg"])
     return 1 if errors else 0
 
 
