@@ -528,6 +528,27 @@ export class BlockGraph {
     return debugBlockGraph(this.order);
   }
 
+  /**
+   * Register a node a job built (QEMU's implicit filter nodes, e.g. mirror_top) under `name` or an
+   * automatic one, so that queries list it. `make` gets the name. Take it out with `forgetImplicit`.
+   */
+  adoptImplicit(make: (name: string) => BlockNodeImpl, name?: string): BlockNodeImpl {
+    if (name !== undefined) {
+      checkNodeName(name);
+      if (this.nodes.has(name)) throw optError(`Duplicate nodes with node-name='${name}'`);
+    }
+    const node = make(name ?? this.autoName());
+    this.register(node);
+    return node;
+  }
+
+  /** Take a node registered by `adoptImplicit` out of the registry (its edges are the caller's). */
+  forgetImplicit(node: BlockNode): void {
+    if (this.nodes.get(node.name) !== node) return;
+    this.nodes.delete(node.name);
+    this.order = this.order.filter((n) => n !== node);
+  }
+
   /** Close every node, parents before children, flushing data. */
   async closeAll(): Promise<void> {
     for (const n of this.list()) {

@@ -17,6 +17,9 @@ import { jobCancelledError, type Job } from './jobs.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { EXTENT_ZERO, type BlockIO } from './types.js';
 
+/** Longest single timer (setTimeout's limit). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /** Length of one rate-limit time slice (ms): the burst a job may copy at once. */
 export const RATE_SLICE_MS = 100;
 
@@ -159,7 +162,7 @@ export class CopyLoop {
       await job.pausePoint();
       if (job.forceCancelled) continue;
       if (await this.rateLimitSleep()) yielded = false;
-      if (job.forceCancelled || this.failed) continue;
+      if (job.forceCancelled || this.failed || job.pauseCount > 0) continue;
       const area = this.inflight.size < this.workers ? this.nextArea() : undefined;
       if (!area) {
         if (this.inflight.size === 0) {
@@ -197,9 +200,10 @@ export class CopyLoop {
     let slept = false;
     for (;;) {
       const ms = this.limit.waitMs(this.job.speed, this.now());
-      if (ms <= 0 || this.job.forceCancelled) return slept;
+      if (ms <= 0 || this.job.forceCancelled || this.job.pauseCount > 0) return slept;
       slept = true;
-      await this.job.sleep(Math.ceil(ms));
+      // setTimeout's limit is 2^31-1 ms; a longer wait just sleeps again.
+      await this.job.sleep(Math.min(Math.ceil(ms), MAX_TIMER_MS), false);
     }
   }
 

@@ -158,6 +158,8 @@ export class Job {
     private readonly manager: JobManager,
     opts: JobOptions,
   ) {
+    // Block jobs start with no work known (QEMU's progress meter); create jobs count one unit.
+    if (driver.blockJob) this.totalProgress = 0;
     this.autoFinalize = opts.autoFinalize ?? true;
     this.autoDismiss = opts.autoDismiss ?? true;
     this.settled = new Promise((r) => (this.resolveSettled = r));
@@ -272,8 +274,10 @@ export class Job {
   /**
    * Wait until woken (pause, resume, cancel, complete) or `ms` elapsed, then pass a pause point.
    * For bodies that idle (a fleecing backup waits for guest writes). Returns at once if cancelled.
+   * `pausePoint: false` returns to the caller on a pause request instead of parking (a copy loop
+   * lets its chunks in flight finish before it parks).
    */
-  async sleep(ms?: number): Promise<void> {
+  async sleep(ms?: number, pausePoint = true): Promise<void> {
     if (this.forceCancelled) return;
     if (this.pauseCount <= 0) {
       await new Promise<void>((r) => {
@@ -287,7 +291,7 @@ export class Job {
         this.notifyYield();
       });
     }
-    await this.pausePoint();
+    if (pausePoint) await this.pausePoint();
   }
 
   /** Send a QMP event (block jobs: BLOCK_JOB_ERROR). */

@@ -165,7 +165,44 @@ describe('JobManager', () => {
     await job.whenCompleted();
     await tick();
     const ev = evs.find((e) => e.event === 'BLOCK_JOB_COMPLETED');
-    expect(ev?.data).toEqual({ type: 'backup', device: 'b', len: 1, offset: 0, speed: 0 });
+    expect(ev?.data).toEqual({ type: 'backup', device: 'b', len: 0, offset: 0, speed: 0 });
+  });
+
+  it('creates and drops a job started with a negative speed, with QSD\'s error', () => {
+    const { m, statuses } = manager();
+    expect(() => m.start('b', loopingBlockJob().driver, { speed: -1 })).toThrow(
+      "Parameter 'speed' expects a non-negative value",
+    );
+    expect(statuses('b')).toEqual(['created', 'null']);
+    expect(m.list()).toEqual([]);
+  });
+
+  it('goes running, paused, running at a drained start', () => {
+    const { m, statuses } = manager();
+    m.start('b', loopingBlockJob().driver, { drainedStart: true });
+    expect(statuses('b')).toEqual(['created', 'running', 'paused', 'running']);
+  });
+
+  it('resolves firstYield once the body parks, and a verb that woke an idle job after its next yield', async () => {
+    const { m, statuses } = manager();
+    const b = loopingBlockJob();
+    const job = m.start('b', b.driver, { autoDismiss: false });
+    await job.firstYield;
+    expect(job.idle).toBe(true);
+    await m.verb(job, () => m.userCancel(job, true));
+    // The woken body ended and the job concluded before the verb resolved.
+    expect(statuses('b').slice(-2)).toEqual(['aborting', 'concluded']);
+  });
+
+  it('does not wait in a verb that did not wake the job', async () => {
+    const { m } = manager();
+    const c = controllable('backup', { blockJob: true });
+    const job = m.start('b', c.driver, { autoDismiss: false });
+    // Busy (not idle): set-speed returns at once.
+    await m.verb(job, () => m.setSpeed(job, 5));
+    expect(job.speed).toBe(5);
+    c.finish();
+    await job.whenCompleted();
   });
 
   it('waits in pending with BLOCK_JOB_PENDING when auto-finalize is off, until finalize', async () => {
