@@ -141,6 +141,11 @@ export class NbdExport implements NbdExportHandle {
   shuttingDown = false;
 
   private readonly connections = new Map<number, NbdConnectionInfo>();
+  /**
+   * Clients that declared read-only intent (NBD_OPT_READ_ONLY) on a writable export: they do
+   * not count against `max-connections`, so a reader cannot lock the writer out.
+   */
+  private readers = 0;
   /** Something was written (and replied) since the start of the last flush. */
   private dirty = false;
   private flushInFlight: Promise<void> | undefined;
@@ -210,7 +215,8 @@ export class NbdExport implements NbdExportHandle {
         errno: 'ESHUTDOWN',
       });
     }
-    if (this.opts.maxConnections > 0 && this.connections.size >= this.opts.maxConnections) {
+    const reader = info.readOnly && !this.readOnly;
+    if (!reader && this.opts.maxConnections > 0 && this.connections.size - this.readers >= this.opts.maxConnections) {
       this.log.warn({ conn: info.id, client: info.clientAddress }, 'export connection limit reached');
       return new DaemonError(
         'EXPORT_BUSY',
@@ -219,6 +225,7 @@ export class NbdExport implements NbdExportHandle {
       );
     }
     this.connections.set(info.id, info);
+    if (reader) this.readers++;
     this.counters.connectionsTotal++;
     this.log.info(
       { conn: info.id, client: info.clientAddress, connections: this.connections.size },
@@ -227,6 +234,7 @@ export class NbdExport implements NbdExportHandle {
     return {
       onDisconnect: () => {
         this.connections.delete(info.id);
+        if (reader) this.readers--;
         this.log.info({ conn: info.id, client: info.clientAddress }, 'client disconnected');
         if (this.connections.size === 0) {
           const waiters = this.drainWaiters;

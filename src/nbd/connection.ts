@@ -15,7 +15,7 @@ import type { Logger } from '../util/logger.js';
 import type { NbdBackend } from './backend.js';
 import type { NbdTransport, TransportSink } from './transport.js';
 import { Handshake, type HandshakeStep } from './handshake.js';
-import { NBD_OPTS_MAGIC, NBD_REQUEST_SIZE, NBD_CMD_WRITE, optName } from './protocol.js';
+import { NBD_OPTS_MAGIC, NBD_REQUEST_SIZE, NBD_CMD_WRITE, NBD_EINVAL, NBD_EPERM, optName } from './protocol.js';
 import { EMPTY, NbdRequestParser } from './request.js';
 
 export { CMD_RULES } from './request.js';
@@ -303,7 +303,8 @@ export class NbdConnection extends NbdRequestParser implements TransportSink {
         this.session = neg.session;
         this.structured = neg.structured;
         this.contexts = neg.contexts;
-        this.readOnly = neg.exp.readOnly;
+        this.readOnly = neg.readOnly;
+        this.readOnlyError = neg.readOnlyIntent && !neg.exp.readOnly ? NBD_EPERM : NBD_EINVAL;
         this.size = neg.exp.size;
         this.hasSyncRead = typeof neg.exp.tryReadSync === 'function';
         this.state = 'REQUEST';

@@ -55,6 +55,7 @@ import {
   NBD_OPT_INFO,
   NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_READ_ONLY,
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
@@ -86,6 +87,10 @@ export interface NegotiatedExport {
   structured: boolean;
   /** Transmission flags as sent to this client. */
   flags: number;
+  /** The client sees the export read-only (the export is, or the client sent NBD_OPT_READ_ONLY). */
+  readOnly: boolean;
+  /** The client sent NBD_OPT_READ_ONLY (its writes fail with EPERM, not EINVAL). */
+  readOnlyIntent: boolean;
   /** Selected contexts, in id order (empty: BLOCK_STATUS is refused). */
   contexts: SelectedContext[];
 }
@@ -118,16 +123,20 @@ const OPT_TEXT: Record<number, string> = {
   [NBD_OPT_STARTTLS]: 'starttls',
   [NBD_OPT_STRUCTURED_REPLY]: 'structured reply',
   [NBD_OPT_ABORT]: 'abort',
+  [NBD_OPT_READ_ONLY]: 'read only',
 };
 
-/** Transmission flags for `exp`, per connection (DF only with structured replies). */
-export function transmissionFlags(exp: NbdExportHandle, structured: boolean): number {
+/**
+ * Transmission flags for `exp`, per connection (DF only with structured replies). `readOnly`:
+ * what this client sees (the export's mode, or read-only after NBD_OPT_READ_ONLY).
+ */
+export function transmissionFlags(exp: NbdExportHandle, structured: boolean, readOnly = exp.readOnly): number {
   let f = NBD_FLAG_HAS_FLAGS;
-  if (exp.readOnly) f |= NBD_FLAG_READ_ONLY;
+  if (readOnly) f |= NBD_FLAG_READ_ONLY;
   if (exp.canFlush) f |= NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
   if (exp.rotational) f |= NBD_FLAG_ROTATIONAL;
-  if (!exp.readOnly && exp.canTrim) f |= NBD_FLAG_SEND_TRIM;
-  if (!exp.readOnly && exp.canWriteZeroes) {
+  if (!readOnly && exp.canTrim) f |= NBD_FLAG_SEND_TRIM;
+  if (!readOnly && exp.canWriteZeroes) {
     f |= NBD_FLAG_SEND_WRITE_ZEROES;
     if (exp.canFastZero) f |= NBD_FLAG_SEND_FAST_ZERO;
   }
@@ -174,6 +183,8 @@ export class Handshake {
   private fixed = false;
   private noZeroes = false;
   private structured = false;
+  /** NBD_OPT_READ_ONLY was sent (blockd's experimental option, docs/nbd.md). */
+  private readOnlyIntent = false;
   /** Export named by the last SET_META_CONTEXT, and what it selected. */
   private metaExport: string | undefined;
   private metaSelected: SelectedContext[] = [];
@@ -251,6 +262,11 @@ export class Handshake {
       case NBD_OPT_STARTTLS:
         if (length !== 0) return this.unexpectedLength(option);
         return this.reply(repErr(option, NBD_REP_ERR_POLICY, 'TLS not configured'));
+      case NBD_OPT_READ_ONLY:
+        // Experimental (docs/nbd.md): every export is read-only to this client from now on.
+        if (length !== 0) return this.unexpectedLength(option);
+        this.readOnlyIntent = true;
+        return this.reply(rep(option, NBD_REP_ACK));
       case NBD_OPT_STRUCTURED_REPLY:
         if (length !== 0) return this.unexpectedLength(option);
         if (this.structured) {
@@ -307,19 +323,22 @@ export class Handshake {
   private connect(exp: NbdExportHandle): NegotiatedExport | DaemonError {
     const contexts = this.metaExport === exp.name ? this.metaSelected : [];
     const c = this.conn;
+    const readOnly = exp.readOnly || this.readOnlyIntent;
     const res = exp.onConnect({
       id: c.id,
       clientAddress: c.clientAddress,
       disconnect: c.disconnect,
       exportName: exp.name,
-      readOnly: exp.readOnly,
+      readOnly,
     });
     if (res instanceof DaemonError) return res;
     return {
       exp,
       session: res,
       structured: this.structured,
-      flags: transmissionFlags(exp, this.structured),
+      flags: transmissionFlags(exp, this.structured, readOnly),
+      readOnly,
+      readOnlyIntent: this.readOnlyIntent,
       contexts,
     };
   }
@@ -367,7 +386,7 @@ export class Handshake {
     const pref = Math.max(bs.preferred, min);
     const max = Math.min(bs.maximum, NBD_MAX_BUFFER_SIZE);
     out.push(rep(option, NBD_REP_INFO, encodeInfoBlockSize(min, pref, max)));
-    const flags = neg ? neg.flags : transmissionFlags(exp, this.structured);
+    const flags = neg ? neg.flags : transmissionFlags(exp, this.structured, exp.readOnly || this.readOnlyIntent);
     out.push(rep(option, NBD_REP_INFO, encodeInfoExport(exp.size, flags)));
 
     if (option === NBD_OPT_INFO && !askedBlockSize && bs.minimum > 1) {

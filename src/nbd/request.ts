@@ -74,11 +74,15 @@ export const CMD_RULES: Readonly<Record<number, CmdRule>> = {
 
 export const EMPTY = Buffer.alloc(0);
 export const ZERO_COOKIE = Buffer.alloc(8);
+/** QSD's text for a write-type request on a read-only export. */
+const READ_ONLY_TEXT = 'Export is read-only';
 
 export abstract class NbdRequestParser extends NbdDispatcher {
   protected readonly reader = new FrameReader();
   // export properties used by validation (set when the handshake reaches transmission)
   protected readOnly = true;
+  /** NBD error for a write-type request while read-only: EINVAL (QSD), EPERM after NBD_OPT_READ_ONLY. */
+  protected readOnlyError = NBD_EINVAL;
   protected size = 0;
   protected hasSyncRead = false;
 
@@ -167,8 +171,9 @@ export abstract class NbdRequestParser extends NbdDispatcher {
     const rule = CMD_RULES[type] ?? UNKNOWN_RULE;
     const err = this.validate(type, rule, flags, offset, offsetText, length);
     if (err !== undefined) {
-      if (type === NBD_CMD_WRITE) this.refuseWrite(cookieCopy, length, err);
-      else this.replyError(cookieCopy, type, NBD_EINVAL, err);
+      const code = err === READ_ONLY_TEXT ? this.readOnlyError : NBD_EINVAL;
+      if (type === NBD_CMD_WRITE) this.refuseWrite(cookieCopy, length, err, code);
+      else this.replyError(cookieCopy, type, code, err);
       return;
     }
     switch (type) {
@@ -195,7 +200,7 @@ export abstract class NbdRequestParser extends NbdDispatcher {
     if (rule.bounded && length > NBD_MAX_BUFFER_SIZE) {
       return `len (${length} ) is larger than max len (${NBD_MAX_BUFFER_SIZE})`;
     }
-    if (rule.mutates && this.readOnly) return 'Export is read-only';
+    if (rule.mutates && this.readOnly) return READ_ONLY_TEXT;
     if (rule.ranged && (offset < 0 || offset + length > this.size)) {
       return `operation past EOF; From: ${offsetText()}, Len: ${length}, Size: ${this.size}`;
     }
@@ -243,10 +248,10 @@ export abstract class NbdRequestParser extends NbdDispatcher {
   }
 
   /** NBD spec: always consume a refused WRITE's payload, then reply. */
-  protected refuseWrite(cookie: Buffer, length: number, msg: string): void {
+  protected refuseWrite(cookie: Buffer, length: number, msg: string, err = NBD_EINVAL): void {
     this.wCookie = cookie;
     this.wRemaining = length;
-    this.wError = { err: NBD_EINVAL, msg };
+    this.wError = { err, msg };
     this.state = 'WRITE_DRAIN';
   }
 
