@@ -1,8 +1,9 @@
 /**
  * Snapshot commands: blockdev-snapshot and blockdev-snapshot-sync (external: an overlay on top
- * of a node), and their `transaction` actions. Each command is its action's prepare followed by
- * its commit, as in QEMU (blockdev.c external_snapshot_*): prepare makes the graph change,
- * abort undoes it, commit reopens the old node read-only.
+ * of a node), blockdev-snapshot-internal-sync and blockdev-snapshot-delete-internal-sync
+ * (internal: qcow2 snapshot table), and the `transaction` actions. Each command is its action's
+ * prepare followed by its commit, as in QEMU (blockdev.c external_snapshot_*,
+ * internal_snapshot_*): prepare makes the change, abort undoes it, commit finishes it.
  */
 import { BlockError, QmpError } from '../../util/errors.js';
 import { createQcow2, checkQcow2Create } from '../../block/drivers/qcow2/create.js';
@@ -12,6 +13,13 @@ import type { BlockGraph } from '../../block/graph.js';
 import { permsOf } from '../../block/node.js';
 import { PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, type BlockNode } from '../../block/types.js';
 import { closeSync } from 'node:fs';
+import {
+  createInternalSnapshot,
+  deleteInternalSnapshot,
+  findSnapshot,
+  listInternalSnapshots,
+  type SnapshotEntry,
+} from '../../block/drivers/qcow2/snapshot-write.js';
 import { defineCommand, type CommandContext, type CommandDef } from '../types.js';
 import { registerTransactionAction, type PreparedAction, type TransactionActionDef } from './transaction.js';
 
@@ -147,6 +155,112 @@ async function prepareSnapshotSync(a: SnapshotSyncArgs, ctx: CommandContext): Pr
   }
 }
 
+interface InternalArgs {
+  device: string;
+  name: string;
+}
+
+interface InternalDeleteArgs {
+  device: string;
+  id?: string;
+  name?: string;
+}
+
+/** QEMU's qmp_get_root_bs: a node that no other node uses (exports and jobs may). */
+function rootNode(graph: BlockGraph, device: string): BlockNode {
+  const n = lookup(graph, device, device);
+  if (n.parents.some((u) => u.spec.kind === 'node')) throw new QmpError('Need a root block node');
+  return n;
+}
+
+function fileOf(node: BlockNode): BlockNode {
+  const f = node.children.find((c) => c.name === 'file')?.user.node;
+  if (!f) throw new BlockError('NO_CHILD', 'EIO', `node '${node.name}' has no 'file' child`);
+  return f;
+}
+
+/** QEMU's SnapshotInfo of a table entry, QAPI member order. */
+function snapshotInfo(e: SnapshotEntry): Record<string, unknown> {
+  return {
+    id: e.id,
+    name: e.name,
+    'vm-state-size': e.vmStateSize,
+    'date-sec': e.dateSec,
+    'date-nsec': e.dateNsec,
+    'vm-clock-sec': Number(e.vmClockNsec / 1_000_000_000n),
+    'vm-clock-nsec': Number(e.vmClockNsec % 1_000_000_000n),
+    ...(e.icount !== undefined ? { icount: e.icount } : {}),
+  };
+}
+
+function errText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** Delete `sn` from the image of `node` (closed and opened again around the table edit). */
+async function deleteOnNode(graph: BlockGraph, node: BlockNode, sn: SnapshotEntry): Promise<void> {
+  await graph.reopenDriver(node, node.readOnly, (file) => deleteInternalSnapshot(file, sn));
+}
+
+async function prepareInternal(a: InternalArgs, ctx: CommandContext): Promise<PreparedAction> {
+  const graph = ctx.services.graph;
+  const node = rootNode(graph, a.device);
+  checkSnapshotSource(node);
+  if (node.readOnly) throw new QmpError(`Device '${a.device}' is read only`);
+  if (node.driverName !== 'qcow2') {
+    throw new QmpError(`Block format '${node.driverName}' used by device '${a.device}' does not support internal snapshots`);
+  }
+  if (a.name === '') throw new QmpError('Name is empty');
+  if (findSnapshot(await listInternalSnapshots(fileOf(node).io), undefined, a.name)) {
+    throw new QmpError(`Snapshot with name '${a.name}' already exists on device '${a.device}'`);
+  }
+  const ms = Date.now();
+  let created: SnapshotEntry | undefined;
+  try {
+    await graph.reopenDriver(node, false, async (file) => {
+      created = await createInternalSnapshot(file, {
+        name: a.name,
+        dateSec: Math.floor(ms / 1000),
+        dateNsec: (ms % 1000) * 1e6,
+        // qemu-storage-daemon runs no guest: its virtual clock is the host clock.
+        vmClockNsec: BigInt(ms) * 1_000_000n,
+      });
+    });
+  } catch (err) {
+    throw new QmpError(`Failed to create snapshot '${a.name}' on device '${a.device}': ${errText(err)}`);
+  }
+  return {
+    abort: async () => {
+      if (!created) return;
+      try {
+        await deleteOnNode(graph, node, created);
+      } catch (err) {
+        ctx.log.error(
+          { err },
+          `Failed to delete snapshot with id '${created.id}' and name '${created.name}' on device '${a.device}' in abort`,
+        );
+      }
+    },
+  };
+}
+
+async function deleteInternal(a: InternalDeleteArgs, ctx: CommandContext): Promise<Record<string, unknown>> {
+  const graph = ctx.services.graph;
+  const node = rootNode(graph, a.device);
+  if (a.id === undefined && a.name === undefined) throw new QmpError('Name or id must be provided');
+  checkSnapshotSource(node);
+  if (node.driverName !== 'qcow2') throw new QmpError('Failed to get a snapshot list: Operation not supported');
+  const sn = findSnapshot(await listInternalSnapshots(fileOf(node).io), a.id, a.name);
+  if (!sn) {
+    throw new QmpError(
+      `Snapshot with id '${a.id ?? 'null'}' and name '${a.name ?? 'null'}' does not exist on device '${a.device}'`,
+    );
+  }
+  if (node.readOnly) throw new QmpError(`Device '${a.device}' is read only`);
+  await deleteOnNode(graph, node, sn);
+  return snapshotInfo(sn);
+}
+
 async function now(p: Promise<PreparedAction>): Promise<Record<string, never>> {
   const prepared = await p;
   await prepared.commit?.();
@@ -157,10 +271,13 @@ async function now(p: Promise<PreparedAction>): Promise<Record<string, never>> {
 export const snapshotTransactionActions: readonly TransactionActionDef[] = [
   { type: 'blockdev-snapshot', prepare: (d, ctx) => prepareSnapshot(d as unknown as SnapshotArgs, ctx) },
   { type: 'blockdev-snapshot-sync', prepare: (d, ctx) => prepareSnapshotSync(d as unknown as SnapshotSyncArgs, ctx) },
+  { type: 'blockdev-snapshot-internal-sync', prepare: (d, ctx) => prepareInternal(d as unknown as InternalArgs, ctx) },
 ];
 for (const a of snapshotTransactionActions) registerTransactionAction(a);
 
 export const snapshotCommands: readonly CommandDef[] = [
   defineCommand<SnapshotArgs>('blockdev-snapshot', (a, ctx) => now(prepareSnapshot(a, ctx))),
   defineCommand<SnapshotSyncArgs>('blockdev-snapshot-sync', (a, ctx) => now(prepareSnapshotSync(a, ctx))),
+  defineCommand<InternalArgs>('blockdev-snapshot-internal-sync', (a, ctx) => now(prepareInternal(a, ctx))),
+  defineCommand<InternalDeleteArgs>('blockdev-snapshot-delete-internal-sync', (a, ctx) => deleteInternal(a, ctx)),
 ];
