@@ -452,7 +452,10 @@ export class BlockGraph {
    */
   async setReadOnly(node: BlockNode, readOnly: boolean): Promise<void> {
     const n = this.impl(node);
-    const list = [n, ...inheritingChildren(n)].map((c) => ({ node: c, readOnly }));
+    const list = [
+      { node: n, readOnly },
+      ...inheritingChildren(n).map((c) => ({ node: c, readOnly, options: c.openOptions })),
+    ];
     await applyReadOnly(list, (x, ro) => this.reopenDriver(x, ro));
   }
 

@@ -34,10 +34,9 @@ export interface ReadOnlyChange {
   node: BlockNodeImpl;
   readOnly: boolean;
   /**
-   * The node's options once the change is done (default: the old ones with `read-only` set).
-   * A child that followed its parent records `read-only` too, so it no longer inherits (QEMU
-   * keeps it in the child's explicit options: a later read-write reopen of the parent that
-   * names the child leaves it read-only).
+   * The node's options once the change is done (default: the old ones with `read-only` set,
+   * which makes it the node's own). Children that follow their parent keep their options: they
+   * go on inheriting.
    */
   options?: Readonly<Record<string, unknown>>;
 }
@@ -202,9 +201,15 @@ export function planReopen(
     wanted.set(node, o);
   }
   const out: ReadOnlyChange[] = [...wanted].map(([node, o]) => ({ node, readOnly: o['read-only'] === true, options: o }));
+  // Children inherit only a `read-only` the parent's entry states (QEMU copies it as a default
+  // into the child's options): without it they keep their state, so making a parent writable
+  // again needs its read-only child listed too.
   for (const [node, o] of wanted) {
+    if (o['read-only'] === undefined) continue;
     for (const c of inheritingChildren(node)) {
-      if (!wanted.has(c) && !out.some((x) => x.node === c)) out.push({ node: c, readOnly: o['read-only'] === true });
+      if (!wanted.has(c) && !out.some((x) => x.node === c)) {
+        out.push({ node: c, readOnly: o['read-only'] === true, options: c.openOptions });
+      }
     }
   }
   return out;

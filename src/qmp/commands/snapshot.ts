@@ -20,6 +20,8 @@ import {
   listInternalSnapshots,
   type SnapshotEntry,
 } from '../../block/drivers/qcow2/snapshot-write.js';
+import { setBackingFile } from '../../block/drivers/qcow2/header-write.js';
+import { backingOf } from '../../block/drivers/qcow2/backing.js';
 import { defineCommand, type CommandContext, type CommandDef } from '../types.js';
 import { registerTransactionAction, type PreparedAction, type TransactionActionDef } from './transaction.js';
 
@@ -261,6 +263,46 @@ async function deleteInternal(a: InternalDeleteArgs, ctx: CommandContext): Promi
   return snapshotInfo(sn);
 }
 
+interface ChangeBackingArgs {
+  device: string;
+  'image-node-name': string;
+  'backing-file': string;
+}
+
+/**
+ * change-backing-file (QEMU's qmp_change_backing_file): rewrite the backing file name in the
+ * header of `image-node-name`, a node in the backing chain of the root node `device`; the
+ * graph is not changed. A read-only image is made writable for the edit and read-only again.
+ * As QEMU 7.2, the backing format recorded is the image's own format.
+ */
+async function changeBackingFile(a: ChangeBackingArgs, ctx: CommandContext): Promise<Record<string, never>> {
+  const graph = ctx.services.graph;
+  const root = rootNode(graph, a.device);
+  const name = a['image-node-name'];
+  const image = graph.get(name);
+  if (!image) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='' nor node-name='${name}'`);
+  if (!backingOf(image)) throw new QmpError('not allowing backing file change on an image without a backing file');
+  checkSnapshotSource(root);
+  let inChain = false;
+  const seen = new Set<BlockNode>();
+  for (let n: BlockNode | undefined = root; n && !seen.has(n); n = backingOf(n)) {
+    seen.add(n);
+    if (n === image) inChain = true;
+  }
+  if (!inChain) throw new QmpError(`'${a.device}' and image file are not in the same chain`);
+  const ro = image.readOnly;
+  if (ro) await graph.setReadOnly(image, false);
+  let failure: unknown;
+  try {
+    await graph.reopenDriver(image, false, (file) => setBackingFile(file, a['backing-file'], image.driverName));
+  } catch (err) {
+    failure = new QmpError(`Could not change backing file to '${a['backing-file']}': ${errText(err)}`);
+  }
+  if (ro) await graph.setReadOnly(image, true);
+  if (failure) throw failure;
+  return {};
+}
+
 async function now(p: Promise<PreparedAction>): Promise<Record<string, never>> {
   const prepared = await p;
   await prepared.commit?.();
@@ -280,4 +322,5 @@ export const snapshotCommands: readonly CommandDef[] = [
   defineCommand<SnapshotSyncArgs>('blockdev-snapshot-sync', (a, ctx) => now(prepareSnapshotSync(a, ctx))),
   defineCommand<InternalArgs>('blockdev-snapshot-internal-sync', (a, ctx) => now(prepareInternal(a, ctx))),
   defineCommand<InternalDeleteArgs>('blockdev-snapshot-delete-internal-sync', (a, ctx) => deleteInternal(a, ctx)),
+  defineCommand<ChangeBackingArgs>('change-backing-file', (a, ctx) => changeBackingFile(a, ctx)),
 ];
