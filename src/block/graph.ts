@@ -9,6 +9,8 @@ import { FileDriver } from './drivers/file.js';
 import { NullDriver } from './drivers/null.js';
 import { RawDriver } from './drivers/raw.js';
 import { CopyBeforeWriteDriver, cbwChildPerms } from './drivers/copy-before-write.js';
+import { ThrottleDriver } from './drivers/throttle.js';
+import { ThrottleGroups } from './throttle-group.js';
 import { Qcow2Driver } from './drivers/qcow2/qcow2.js';
 import {
   BACKING_ROLE,
@@ -27,7 +29,7 @@ import {
   loadPersistentBitmaps,
   storePersistentBitmaps,
 } from './dirty-bitmap-set.js';
-import { BlockNodeImpl, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
+import { BlockNodeImpl, filterChildPerms, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
 import { debugBlockGraph, type XDbgGraph } from './graph-debug.js';
 import { applyReadOnly, inheritingChildren, planReopen } from './reopen.js';
 import type { BlockDriver, BlockIO, BlockNode } from './types.js';
@@ -88,6 +90,11 @@ const DRIVERS: Partial<Record<string, DriverSpec>> = {
   },
   'null-co': { children: [], open: async (_ctx, o) => new NullDriver('null-co', o) },
   'null-aio': { children: [], open: async (_ctx, o) => new NullDriver('null-aio', o) },
+  throttle: {
+    children: [{ member: 'file', required: true }],
+    childPerms: filterChildPerms,
+    open: (ctx, o) => ThrottleDriver.open(ctx, o),
+  },
 };
 
 /**
@@ -112,6 +119,8 @@ export class BlockGraph {
 
   /** Where drivers' QMP events go (set by the composition root; none = dropped). */
   eventSink: ((event: string, data: Record<string, unknown>) => void) | undefined;
+  /** Throttle groups of the `throttle` nodes (limits from the throttle-group objects). */
+  readonly throttleGroups = new ThrottleGroups();
 
   constructor(readonly log: Logger) {
     const why = nativeLoadError();
@@ -270,6 +279,7 @@ export class BlockGraph {
         hasChild: (r) =>
           (nodeRef?.childEdges.some((e) => e.name === r) ?? false) || children.some((c) => c.role === r),
         emitEvent: (event, data) => this.eventSink?.(event, data),
+        throttleGroups: this.throttleGroups,
       };
       const driver = await spec.open(ctx, opts);
       const readOnly = driver instanceof FileDriver ? driver.readOnlyOpen : nodeOpts.readOnly;

@@ -44,6 +44,8 @@ export class Services {
     this.graph.registerDriver('nbd', (ctx, o) => NbdBlockDriver.open(ctx, o));
     this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
     this.objects = new ObjectRegistry(log);
+    this.graph.throttleGroups.limitsOf = (id) => this.objects.throttleLimits(id);
+    this.objects.throttleGroups = this.graph.throttleGroups;
     this.qom = new QomTree({ objects: this.objects, chardevs: () => this.qomChardevs() });
     this.exports.tlsCredsLookup = (id) => this.objects.tlsCreds(id);
   }
