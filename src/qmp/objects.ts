@@ -12,7 +12,7 @@
  * - `secret`: loaded and decrypted (AES-256-CBC with `keyid`/`iv`); read with `secretValue()`.
  * - `iothread`, `main-loop`: properties checked and stored. blockd runs everything in one
  *   Node.js event loop, so an iothread only gives exports a name to refer to.
- * - `throttle-group`: limits checked and stored, NOT enforced (a warning is logged).
+ * - `throttle-group`: limits checked and stored; `throttle` nodes enforce them (block/throttle-group.ts).
  * - `tls-creds-*`: credential files checked as QSD does; the NBD server has no TLS yet.
  * - `authz-simple`, `authz-list`: stored (nothing consults them without TLS).
  */
@@ -170,7 +170,13 @@ export class ObjectRegistry {
     return { kind: 'tls-creds', type: e.type, endpoint: e.endpoint };
   }
 
-  /** The stored limits of a throttle group (not enforced by blockd yet). */
+  /**
+   * The block layer's throttle groups, set by the composition root: object-del asks whether a
+   * group is in use, qom-set of `limits` hands the new limits on.
+   */
+  throttleGroups: { inUse(id: string): boolean; update(id: string, cfg: ThrottleConfig): void } | undefined;
+
+  /** The stored limits of a throttle group (what `throttle` nodes enforce). */
   throttleLimits(id: string): ThrottleConfig | undefined {
     return this.objects.get(id)?.throttle;
   }
@@ -201,6 +207,7 @@ export class ObjectRegistry {
     const e = this.objects.get(id);
     if (e?.throttle === undefined) throw new QmpError(`object '${id}' is not a throttle group`);
     e.throttle = applyThrottleLimits(e.throttle, limits);
+    this.throttleGroups?.update(id, e.throttle);
   }
 
   /** object-add. `args` has been validated against schema/types/ObjectOptions.json. */
@@ -269,20 +276,20 @@ export class ObjectRegistry {
       throw new QmpError(`attempt to add duplicate property '${id}' to object (type 'container')`);
     }
     this.objects.set(id, entry);
-    if (t === 'throttle-group') {
-      this.log.warn({ id }, 'throttle-group limits are stored but not enforced by blockd yet');
-    } else if (t === 'tls-creds-x509' || t === 'tls-creds-psk' || t === 'tls-creds-anon') {
+    if (t === 'tls-creds-x509' || t === 'tls-creds-psk' || t === 'tls-creds-anon') {
       this.log.info({ id, type: t }, 'TLS credentials created (the NBD server does not speak TLS yet)');
     } else {
       this.log.info({ id, type: t }, 'object created');
     }
   }
 
-  /** object-del: users are not checked (QSD 7.2 lets tls-creds and iothreads in use go). */
+  /** object-del: QSD 7.2 lets tls-creds and iothreads in use go, not throttle groups. */
   delete(id: string): void {
     const e = this.objects.get(id);
     if (e === undefined) throw new QmpError(`object '${id}' not found`);
-    if (e.type === 'main-loop') throw new QmpError(`object '${id}' is in use, can not be deleted`);
+    if (e.type === 'main-loop' || (e.type === 'throttle-group' && this.throttleGroups?.inUse(id))) {
+      throw new QmpError(`object '${id}' is in use, can not be deleted`);
+    }
     if (e.secret !== undefined) e.secret.fill(0);
     this.objects.delete(id);
     this.log.info({ id, type: e.type }, 'object deleted');

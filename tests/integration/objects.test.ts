@@ -289,12 +289,27 @@ describe('object-add and object-del', () => {
   });
 
   describe('throttle-group', () => {
-    it('stores the limits and warns that they are not enforced', async () => {
+    it('stores the limits', async () => {
       await add({ 'qom-type': 'throttle-group', id: 'tg', limits: { 'iops-total': 100, 'bps-read': 5 } });
       const cfg = svc.objects.throttleLimits('tg');
       expect(cfg?.buckets['iops-total'].avg).toBe(100);
       expect(cfg?.buckets['bps-read'].avg).toBe(5);
-      expect(logLines.some((l) => l.includes('"level":40') && l.includes('not enforced'))).toBe(true);
+    });
+
+    it('cannot be deleted while a throttle node uses it, and can afterwards', async () => {
+      await add({ 'qom-type': 'throttle-group', id: 'tg', limits: { 'iops-total': 100 } });
+      await svc.graph.add({ driver: 'throttle', 'node-name': 't0', 'throttle-group': 'tg', file: { driver: 'null-co' } });
+      await expect(del('tg')).rejects.toMatchObject({ message: "object 'tg' is in use, can not be deleted" });
+      await svc.graph.del('t0');
+      await del('tg');
+      expect(svc.objects.throttleLimits('tg')).toBeUndefined();
+    });
+
+    it('refuses a throttle node naming a group that does not exist', async () => {
+      await expect(
+        svc.graph.add({ driver: 'throttle', 'node-name': 't0', 'throttle-group': 'nope', file: { driver: 'null-co' } }),
+      ).rejects.toMatchObject({ message: "Throttle group 'nope' does not exist" });
+      expect(svc.graph.get('t0')).toBeUndefined();
     });
 
     it('takes the unstable x- aliases', async () => {

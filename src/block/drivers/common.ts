@@ -3,6 +3,7 @@ import { BlockError } from '../../util/errors.js';
 import type { Logger } from '../../util/logger.js';
 import type { NodeOptionsInfo } from '../node.js';
 import type { BlockDriver, BlockIO } from '../types.js';
+import type { ThrottleGroups } from '../throttle-group.js';
 
 export type Options = Record<string, unknown>;
 
@@ -23,6 +24,8 @@ export interface DriverOpenContext {
    * event sink (tests, tools).
    */
   emitEvent?(event: string, data: Record<string, unknown>): void;
+  /** The graph's throttle groups (the `throttle` driver joins one). */
+  throttleGroups?: ThrottleGroups;
 }
 
 export function optError(message: string): BlockError {
