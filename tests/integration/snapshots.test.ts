@@ -109,6 +109,30 @@ describe.skipIf(!tools)('internal snapshots and reopen', () => {
     expect(contentOf(img, dir).subarray(3 * MiB, 3 * MiB + 4 * KiB).equals(Buffer.alloc(4 * KiB, 8))).toBe(true);
   });
 
+  it('takes a snapshot of an image with lazy refcounts whose dirty bit is set while open', async () => {
+    const img = join(dir, 'lazy.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', img, '4M');
+    await d.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', filename: img } });
+    const user = writer(d.svc.graph.find('q'));
+    await user.io.write(Buffer.alloc(64 * KiB, 1), 0);
+    await d.ok('blockdev-snapshot-internal-sync', { device: 'q', name: 'l1' });
+    await user.io.write(Buffer.alloc(64 * KiB, 2), 0);
+    await d.ok('blockdev-snapshot-internal-sync', { device: 'q', name: 'l2' });
+    await user.io.write(Buffer.alloc(64 * KiB, 3), 64 * KiB);
+    user.detach();
+    await d.ok('blockdev-del', { 'node-name': 'q' });
+    const c = check(img);
+    expect(c.code).toBe(0);
+    expect(c.out).not.toMatch(/leaked|ERROR/);
+    expect(qemuImg('snapshot', '-l', img)).toMatch(/^1\s+l1\s[\s\S]*^2\s+l2\s/m);
+    const copy = join(dir, 'copy.qcow2');
+    copyFileSync(img, copy);
+    qemuImg('snapshot', '-a', 'l1', copy);
+    expect(contentOf(copy, dir).subarray(0, 128 * KiB).equals(
+      Buffer.concat([Buffer.alloc(64 * KiB, 1), Buffer.alloc(64 * KiB)]),
+    )).toBe(true);
+  });
+
   it('changes nothing when a reopen read-write fails on an image lock', async () => {
     const img = join(dir, 'locked.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', img, '1M');

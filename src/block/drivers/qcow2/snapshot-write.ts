@@ -30,9 +30,9 @@ import {
   MAX_L1_SIZE,
   MAX_SNAPSHOTS,
   MAX_SNAPSHOT_EXTRA,
-  MAX_SNAPSHOT_TABLE,
   corrupt,
   parseHeader,
+  readSnapshotTable,
   u64,
   writeU64,
   type Qcow2Header,
@@ -148,7 +148,8 @@ class OfflineImage {
     this.extL2 = (h.incompatible & INCOMPAT_EXTL2) !== 0n;
   }
 
-  static async open(io: BlockIO): Promise<OfflineImage> {
+  /** `forEdit`: the image must be clean (its driver closed it); listing works on an open image. */
+  static async open(io: BlockIO, forEdit = true): Promise<OfflineImage> {
     const fileSize = io.size();
     const storage = new Storage(() => io, 512);
     const probe = Buffer.alloc(Math.min(HEADER_PROBE, fileSize));
@@ -158,7 +159,7 @@ class OfflineImage {
     const c0 = Buffer.alloc(Math.min(2 ** Math.min(Math.max(bits, 9), 21), fileSize));
     await storage.read(c0, 0);
     const h = parseHeader(c0, fileSize);
-    if ((h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)) !== 0n) {
+    if (forEdit && (h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)) !== 0n) {
       throw err('The image is dirty or corrupt: internal snapshots need a clean image');
     }
     const cs = 2 ** h.clusterBits;
@@ -187,9 +188,10 @@ class OfflineImage {
     let snapshots: SnapshotEntry[] = [];
     if (h.nbSnapshots > 0) {
       if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt('Too many snapshots');
-      // The table's length is only known while parsing: read what the file holds, bounded.
-      const n = Math.min(MAX_SNAPSHOT_TABLE, Math.max(0, fileSize - h.snapshotsOffset));
-      const buf = Buffer.alloc(n);
+      // The checked reader finds the table's length (reading as far as it needs, bounded).
+      const { bytes } = await readSnapshotTable((b, o) => st.read(b, o), h.snapshotsOffset, h.nbSnapshots, cs);
+      if (h.snapshotsOffset + bytes > fileSize) throw corrupt('Snapshot table beyond the end of the image');
+      const buf = Buffer.alloc(bytes);
       await st.read(buf, h.snapshotsOffset);
       snapshots = parseEntries(buf, h.nbSnapshots, cs);
     }
@@ -308,7 +310,7 @@ class OfflineImage {
 
 /** The internal snapshots of an image (read through its `file` child). */
 export async function listInternalSnapshots(file: BlockIO): Promise<SnapshotEntry[]> {
-  return (await OfflineImage.open(file)).snapshots;
+  return (await OfflineImage.open(file, false)).snapshots;
 }
 
 /** QEMU's snapshot lookup: by id and/or name (both must match when both are given). */
