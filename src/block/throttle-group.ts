@@ -45,6 +45,8 @@ export class ThrottleGroup {
   private readonly timers: [unknown, unknown] = [undefined, undefined];
   /** Member nodes. */
   users = 0;
+  /** While > 0 the limits are off (QEMU: io_limits_disabled while a member is drained). */
+  private drains = 0;
 
   constructor(
     readonly name: string,
@@ -65,7 +67,7 @@ export class ThrottleGroup {
    */
   intercept(write: boolean, bytes: number): Promise<void> | undefined {
     const dir = write ? 1 : 0;
-    if (this.queues[dir].length === 0 && this.state.waitTime(write) === 0) {
+    if (this.drains > 0 || (this.queues[dir].length === 0 && this.state.waitTime(write) === 0)) {
       this.state.account(write, bytes);
       return undefined;
     }
@@ -73,6 +75,30 @@ export class ThrottleGroup {
       this.queues[dir].push({ bytes, resolve });
       this.release(dir);
     });
+  }
+
+  /**
+   * Drain (QEMU's throttle_co_drain_begin): every waiting request goes now and new ones pass
+   * unthrottled (still accounted) until the matching `endDrain`. Used while an export's clients
+   * are cut off, so that removing an export or shutting down does not wait for the limits.
+   */
+  beginDrain(): void {
+    if (this.drains++ > 0) return;
+    for (const dir of [0, 1] as const) {
+      if (this.timers[dir] !== undefined) {
+        this.clock.clearTimer(this.timers[dir]);
+        this.timers[dir] = undefined;
+      }
+      const q = this.queues[dir];
+      for (const w of q.splice(0)) {
+        this.state.account(dir === 1, w.bytes);
+        w.resolve();
+      }
+    }
+  }
+
+  endDrain(): void {
+    if (this.drains > 0) this.drains--;
   }
 
   /** New limits: levels start over, waiting requests are re-examined. */

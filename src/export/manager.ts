@@ -17,6 +17,7 @@ import { dirname } from 'node:path';
 import { NbdExport, type MultiConnMode } from './nbd-export.js';
 import { nativeAddon, nativeOps } from '../block/native.js';
 import { netIoBindingFrom } from '../nbd/native-transport.js';
+import { drainThrottleNodes } from '../block/drivers/throttle.js';
 
 /** QSD 7.2.22 (Debian) and upstream >= 9.1 default. */
 export const DEFAULT_MAX_CONNECTIONS = 100;
@@ -303,7 +304,14 @@ export class ExportManager implements NbdBackend {
 
   private async removeNow(exp: NbdExport, reason: string): Promise<void> {
     exp.shuttingDown = true;
-    await exp.disconnectAll(reason);
+    // QEMU drains the export's node: requests waiting in a throttle filter below go now, so that
+    // the clients' connections can close without waiting for the limits.
+    const undrain = drainThrottleNodes(exp.user.node);
+    try {
+      await exp.disconnectAll(reason);
+    } finally {
+      undrain();
+    }
     if (this.exports.get(exp.id) !== exp) return;
     exp.user.detach();
     for (const b of exp.opts.bitmaps ?? []) b.setBusy(false);

@@ -4,7 +4,7 @@
  * before passing them to its `file` child. Flushes and block status pass freely. There is no
  * synchronous read path: every read is accounted.
  */
-import type { BlockDriver, BlockExtent, DriverCaps, WriteFlags, ZeroFlags } from '../types.js';
+import type { BlockDriver, BlockExtent, BlockNode, DriverCaps, WriteFlags, ZeroFlags } from '../types.js';
 import type { ThrottleGroup, ThrottleGroups } from '../throttle-group.js';
 import { BlockError } from '../../util/errors.js';
 import {
@@ -121,4 +121,24 @@ export class ThrottleDriver implements BlockDriver {
     const sub = (await this.ctx.childDriver('file').queryImage?.()) ?? {};
     return { 'actual-size': sub['actual-size'], 'dirty-flag': sub['dirty-flag'] };
   }
+}
+
+/**
+ * Drain every throttle node in the subtree of `node` (QEMU drains a node's children with it):
+ * their groups let waiting requests go and stop throttling until the returned function is called.
+ */
+export function drainThrottleNodes(node: BlockNode): () => void {
+  const groups: ThrottleGroup[] = [];
+  const seen = new Set<BlockNode>();
+  const walk = (n: BlockNode): void => {
+    if (seen.has(n)) return;
+    seen.add(n);
+    if (n.driver instanceof ThrottleDriver) groups.push(n.driver.group);
+    for (const c of n.children) walk(c.user.node);
+  };
+  walk(node);
+  for (const g of groups) g.beginDrain();
+  return () => {
+    for (const g of groups) g.endDrain();
+  };
 }

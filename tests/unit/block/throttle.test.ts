@@ -208,6 +208,20 @@ describe('throttle group', () => {
     expect(clock.t).toBe(0);
   });
 
+  it('lets every waiting request go on drain and throttles nothing until the drain ends', async () => {
+    const { clock, group } = groupWith({ 'iops-total': { avg: 1 } });
+    group.intercept(false, 1);
+    let released = 0;
+    for (let i = 0; i < 3; i++) void group.intercept(i % 2 === 0, 1)?.then(() => released++);
+    group.beginDrain();
+    await settle();
+    expect(released).toBe(3);
+    expect(group.intercept(false, 1)).toBeUndefined();
+    group.endDrain();
+    expect(group.intercept(false, 1)).toBeInstanceOf(Promise);
+    expect(clock.t).toBe(0);
+  });
+
   it('forgets a group when its last node leaves and refuses unknown ones', () => {
     const { groups, group } = groupWith({ 'iops-total': { avg: 1 } });
     expect(groups.inUse('g')).toBe(true);
