@@ -26,6 +26,7 @@ import { nativeLoadError } from './native.js';
 import {
   describeBitmaps,
   existingBitmapsOf,
+  isPersistentBitmapDriver,
   loadPersistentBitmaps,
   storePersistentBitmaps,
 } from './dirty-bitmap-set.js';
@@ -479,21 +480,20 @@ export class BlockGraph {
    * Close the driver of `node` and open the same driver again over the same children, read-only
    * or not, while I/O to the node waits. `between` runs with no driver open, on the `file`
    * child (offline edits of the image: internal snapshots, the backing file name). If the new
-   * open fails, the node is opened again as it was and the error is thrown. Refused while the
-   * node has persistent dirty bitmaps (they would have to be stored and loaded again).
+   * open fails, the node is opened again as it was and the error is thrown. Persistent dirty
+   * bitmaps stay in memory: a writable driver stores them before closing and the new one
+   * takes them up again (marks them in use when writable; they are read-only when it is not).
    */
   async reopenDriver(node: BlockNode, readOnly: boolean, between?: (file: BlockIO) => Promise<void>): Promise<void> {
     const n = this.impl(node);
     const spec = DRIVERS[n.driverName];
     if (!spec) throw new BlockError('NOT_SUPPORTED', 'ENOTSUP', `Block format '${n.driverName}' used by node '${n.name}' does not support reopening files`);
-    const hasStored = n.driver instanceof Qcow2Driver && n.driver.bitmapsExtension() !== undefined;
-    if ((existingBitmapsOf(n)?.persistent().length ?? 0) > 0 || hasStored) {
-      throw new BlockError('NOT_SUPPORTED', 'ENOTSUP', `blockd cannot reopen node '${n.name}' while its image has persistent dirty bitmaps`);
-    }
-    const wasReadOnly = n.readOnly;
+    // The driver's own mode (the node's flag may already have changed: reopen.ts).
+    const wasReadOnly = n.driver instanceof Qcow2Driver ? !n.driver.writable : n.readOnly;
     const opts = n.openOptions as Options;
     await n.io.exclusive(async () => {
       await n.driver.flush();
+      if (!wasReadOnly) await storePersistentBitmaps(n);
       await n.driver.close();
       let firstErr: unknown;
       try {
@@ -503,18 +503,32 @@ export class BlockGraph {
           await between(file.io);
         }
         n.replaceDriver(await spec.open(this.reopenContext(n, readOnly), opts));
+        await this.retakeBitmaps(n);
         return;
       } catch (err) {
         firstErr = err;
       }
       try {
         n.replaceDriver(await spec.open(this.reopenContext(n, wasReadOnly), opts));
+        await this.retakeBitmaps(n);
       } catch (err) {
         // The node stays without a working driver: every request fails from now on.
         this.log.error({ err, node: n.name }, 'could not open the node again after a failed reopen');
       }
       throw firstErr;
     });
+  }
+
+  /** After a reopen: the new driver loads the bitmap directory; the bitmaps in memory stay. */
+  private async retakeBitmaps(n: BlockNodeImpl): Promise<void> {
+    const d = n.driver;
+    if (!isPersistentBitmapDriver(d)) return;
+    const loaded = await d.loadBitmaps();
+    const set = existingBitmapsOf(n);
+    for (const l of loaded) {
+      const b = set?.persistent().find((x) => x.name === l.name);
+      if (b) b.readonly = l.readonly;
+    }
   }
 
   /** A driver context over the node's current children (reopen). */

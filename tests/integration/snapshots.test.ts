@@ -133,6 +133,43 @@ describe.skipIf(!tools)('internal snapshots and reopen', () => {
     )).toBe(true);
   });
 
+  it('keeps persistent dirty bitmaps recording across snapshots and reopens', async () => {
+    const img = join(dir, 'bm.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', img, '4M');
+    await d.ok('blockdev-add', {
+      driver: 'qcow2',
+      'node-name': 'q',
+      file: { driver: 'file', filename: img, 'node-name': 'f' },
+    });
+    await d.ok('block-dirty-bitmap-add', { node: 'q', name: 'bm', persistent: true });
+    const user = writer(d.svc.graph.find('q'));
+    await user.io.write(Buffer.alloc(64 * KiB, 1), 0);
+    await d.ok('blockdev-snapshot-internal-sync', { device: 'q', name: 's' });
+    await user.io.write(Buffer.alloc(64 * KiB, 2), MiB);
+    user.detach();
+    await d.ok('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'q', file: 'f', 'read-only': true }] });
+    const ro = (await d.bitmaps('q')) ?? [];
+    expect(ro.map((b) => [b['name'], b['count']])).toEqual([['bm', 128 * KiB]]);
+    expect(await d.err('block-dirty-bitmap-clear', { node: 'q', name: 'bm' })).toMatch(/readonly|read-only/);
+    await d.ok('blockdev-reopen', {
+      options: [
+        { driver: 'qcow2', 'node-name': 'q', file: 'f' },
+        { driver: 'file', 'node-name': 'f', filename: img },
+      ],
+    });
+    const again = writer(d.svc.graph.find('q'));
+    await again.io.write(Buffer.alloc(64 * KiB, 3), 2 * MiB);
+    again.detach();
+    await d.ok('blockdev-del', { 'node-name': 'q' });
+    expect(check(img).code).toBe(0);
+    const info = JSON.parse(qemuImg('info', '--output=json', img)) as Record<string, unknown>;
+    const bitmaps = (info['format-specific'] as { data: { bitmaps: { name: string; flags: string[] }[] } }).data.bitmaps;
+    expect(bitmaps.map((b) => [b.name, b.flags])).toEqual([['bm', ['auto']]]);
+    // The stored bits: open again and count.
+    await d.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', filename: img } });
+    expect(((await d.bitmaps('q')) ?? []).map((b) => b['count'])).toEqual([192 * KiB]);
+  });
+
   it('changes nothing when a reopen read-write fails on an image lock', async () => {
     const img = join(dir, 'locked.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', img, '1M');
