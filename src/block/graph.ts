@@ -201,11 +201,22 @@ export class BlockGraph {
     return n;
   }
 
-  /** Close `node` if it is not owned by the monitor and has no users left (QEMU's last unref). */
+  /**
+   * Close `node` if it is not owned by the monitor and has no users left (QEMU's last unref).
+   * Resolves once it and the inline children only it used are closed, also when another call
+   * started closing it (the unused hook and a transaction's clean step can both get here).
+   */
   async releaseUnused(node: BlockNode): Promise<void> {
+    const pending = this.releasing.get(node);
+    if (pending) return pending;
     const n = this.nodes.get(node.name);
-    if (n && n === node && !n.monitorOwned && n.parents.length === 0) await this.destroy(n);
+    if (!n || n !== node || n.monitorOwned || n.parents.length > 0) return;
+    const p = this.destroy(n).finally(() => this.releasing.delete(node));
+    this.releasing.set(node, p);
+    return p;
   }
+
+  private readonly releasing = new Map<BlockNode, Promise<void>>();
 
   /** Close a node opened by `openTemporary` (and its inline children). */
   async closeTemporary(node: BlockNode): Promise<void> {

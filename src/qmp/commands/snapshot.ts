@@ -47,6 +47,10 @@ const QEMU_FORMATS = [
   'throttle', 'vdi', 'vhdx', 'vmdk', 'vpc', 'vvfat',
 ];
 
+/** Formats QEMU 7.2 can create (bdrv_img_create needs create options), and those with a backing file. */
+const CREATABLE = ['file', 'luks', 'nbd', 'parallels', 'qcow', 'qcow2', 'qed', 'raw', 'vdi', 'vhdx', 'vmdk', 'vpc'];
+const WITH_BACKING = ['qcow', 'qcow2', 'qed', 'vmdk'];
+
 /** QEMU's bdrv_lookup_bs(device, node-name): qemu-storage-daemon has no named backends. */
 function lookup(graph: BlockGraph, device: string | undefined, nodeName: string | undefined): BlockNode {
   const n = nodeName !== undefined ? graph.get(nodeName) : undefined;
@@ -103,6 +107,9 @@ async function prepareSnapshot(a: SnapshotArgs, ctx: CommandContext): Promise<Pr
  */
 async function createOverlay(graph: BlockGraph, filename: string, format: string, old: BlockNode): Promise<void> {
   if (!QEMU_FORMATS.includes(format)) throw new QmpError(`Unknown file format '${format}'`);
+  if (!CREATABLE.includes(format)) throw new QmpError(`Format driver '${format}' does not support image creation`);
+  if (!WITH_BACKING.includes(format)) throw new QmpError(`Backing file not supported for file format '${format}'`);
+  if (format === 'vmdk' && old.driverName !== 'vmdk') throw new QmpError('backing_file must be a vmdk image');
   if (format !== 'qcow2') throw new QmpError(`blockd creates overlays in the qcow2 format only, not '${format}'`);
   const opts = {
     size: Math.ceil(old.size() / 512) * 512,
@@ -146,7 +153,8 @@ async function prepareSnapshotSync(a: SnapshotSyncArgs, ctx: CommandContext): Pr
     driver: format,
     'node-name': newName,
     file: { driver: 'file', filename: a['snapshot-file'] },
-    backing: null,
+    // QEMU opens it with BDRV_O_NO_BACKING; only drivers with a backing member take the option.
+    ...(format === 'qcow2' ? { backing: null } : {}),
     ...(node.readOnly ? { 'read-only': true } : {}),
   });
   try {
