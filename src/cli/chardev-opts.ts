@@ -5,26 +5,17 @@
  * `wait=off`), every chardev key of every backend is accepted by the parser (only
  * unknown ones are `Invalid parameter 'X'`), and `id` must be an identifier.
  *
- * Only the `socket` backend is implemented; the other QSD backends are refused clearly.
+ * blockd opens `socket`, `stdio`, `ringbuf`/`memory`, `null`, `file` and `pipe`; a backend
+ * it does not have (`pty`, `udp`, `serial`, `parallel`, `mux`, ...) is refused with QSD's
+ * text for a backend that is not built in (docs/chardev.md).
  */
 import { CliError } from '../util/errors.js';
+import type { ChardevOptions, ChardevSocketAddress, ChardevSocketOptions } from '../qmp/chardev.js';
+import { RINGBUF_DEFAULT_SIZE, ringbufSizeValid } from '../qmp/ringbuf.js';
 import { parseBool } from './keyval-types.js';
 
-/** Backends QSD 7.2 knows (`--chardev help` order). */
-export const CHARDEV_BACKENDS = [
-  'pty',
-  'udp',
-  'memory',
-  'file',
-  'socket',
-  'stdio',
-  'ringbuf',
-  'null',
-  'parallel',
-  'pipe',
-  'mux',
-  'serial',
-] as const;
+/** The backends blockd opens, in QSD 7.2's `--chardev help` order. */
+export const CHARDEV_BACKENDS = ['memory', 'file', 'socket', 'stdio', 'ringbuf', 'null', 'pipe'] as const;
 
 type KeyType = 'bool' | 'str' | 'num' | 'size';
 
@@ -71,33 +62,12 @@ const CHARDEV_KEYS: Record<string, KeyType> = {
   width: 'num',
 };
 
-/** Where a socket chardev listens or connects. */
-export type ChardevSocketAddress =
-  | { type: 'unix'; path: string; abstract?: boolean; tight?: boolean }
-  | { type: 'inet'; host: string; port: string; ipv4?: boolean; ipv6?: boolean; to?: number }
-  | { type: 'fd'; str: string };
+export type { ChardevSocketAddress };
 
 /** A parsed `--chardev socket,...`. */
-export interface ChardevSocketSpec {
-  id: string;
-  backend: 'socket';
-  addr: ChardevSocketAddress;
-  /** Listen (true) or connect as a client (false, QEMU's default). */
-  server: boolean;
-  /** Server only: block startup until the first client connects (QEMU default true). */
-  wait: boolean;
-  /** Speak WebSocket (server only). */
-  websocket: boolean;
-  /** blockd extension: accept several clients at once, each its own monitor session. */
-  multiClient: boolean;
-  nodelay: boolean;
-  /** Client only: seconds between reconnection attempts. */
-  reconnect?: number;
-}
+export type ChardevSocketSpec = ChardevSocketOptions & { backend: 'socket'; nodelay: boolean };
 
-export type ChardevParseResult =
-  | { kind: 'help'; backend?: string }
-  | { kind: 'socket'; spec: ChardevSocketSpec };
+export type ChardevParseResult = { kind: 'help'; backend?: string } | { kind: 'chardev'; spec: ChardevOptions };
 
 const fail = (msg: string): never => {
   throw new CliError(msg, 'CHARDEV');
@@ -171,6 +141,16 @@ function parseNum(key: string, v: string): number {
   return n;
 }
 
+/** A QemuOpts size: a number with an optional k/M/G/T/P/E suffix (1024-based) or b/B. */
+function parseSize(v: string): bigint {
+  const m = /^([0-9]+)(\.[0-9]+)?([bBkKmMgGtTpPeE]?)$/.exec(v);
+  if (m === null) return 0n;
+  const shift = { '': 0, b: 0, k: 10, m: 20, g: 30, t: 40, p: 50, e: 60 }[(m[3] ?? '').toLowerCase()] ?? 0;
+  const whole = BigInt(m[1] as string) << BigInt(shift);
+  const frac = m[2] === undefined ? 0n : BigInt(Math.floor(Number(`0${m[2]}`) * 2 ** shift));
+  return whole + frac;
+}
+
 function parseBoolOpt(key: string, v: string): boolean {
   return parseBool(v) ?? fail(`Parameter '${key}' expects 'on' or 'off'`);
 }
@@ -234,14 +214,43 @@ export function parseChardev(text: string, warn: (msg: string) => void): Chardev
     fail(`'${backend}' is not a valid char driver name`);
   }
   if (id === undefined) fail('chardev: no id specified');
-  if (backend !== 'socket') {
-    fail(`chardev backend '${backend}' is not supported by blockd yet (use 'socket')`);
-  }
+  const cid = id as string;
 
   const bool = (k: string, dflt: boolean): boolean => {
     const v = opts.get(k);
     return v === undefined ? dflt : parseBoolOpt(k, v);
   };
+  if (opts.has('logfile')) fail("chardev option 'logfile' is not supported by blockd yet");
+  if (bool('mux', false)) fail("chardev option 'mux' is not supported by blockd");
+  switch (backend) {
+    case 'null':
+      return { kind: 'chardev', spec: { id: cid, backend: 'null' } };
+    case 'stdio':
+      // `signal` is accepted; blockd leaves terminal settings alone either way.
+      return { kind: 'chardev', spec: { id: cid, backend: 'stdio' } };
+    case 'ringbuf':
+    case 'memory': {
+      // QEMU reads the size into an int: it wraps at 2^32, and 0 means the default.
+      const text = opts.get('size');
+      const val = text === undefined ? 0 : Number(BigInt.asIntN(32, parseSize(text)));
+      const size = val === 0 ? RINGBUF_DEFAULT_SIZE : val;
+      if (!ringbufSizeValid(size)) fail('size of ringbuf chardev must be power of two');
+      return { kind: 'chardev', spec: { id: cid, backend, size } };
+    }
+    case 'file': {
+      const path = opts.get('path');
+      if (path === undefined) fail('chardev: file: no filename given');
+      return { kind: 'chardev', spec: { id: cid, backend: 'file', out: path as string, append: bool('append', false) } };
+    }
+    case 'pipe': {
+      const path = opts.get('path');
+      if (path === undefined) fail('chardev: pipe: no device path given');
+      return { kind: 'chardev', spec: { id: cid, backend: 'pipe', device: path as string } };
+    }
+    default:
+      break;
+  }
+
   const path = opts.get('path');
   const host = opts.get('host');
   const fd = opts.get('fd');
@@ -277,10 +286,9 @@ export function parseChardev(text: string, warn: (msg: string) => void): Chardev
   if (bool('telnet', false) || bool('tn3270', false)) fail('telnet is not supported by blockd');
   const creds = opts.get('tls-creds');
   if (creds !== undefined) fail(`No TLS credentials with id '${creds}'`);
-  if (opts.has('logfile')) fail("chardev option 'logfile' is not supported by blockd yet");
 
   const spec: ChardevSocketSpec = {
-    id: id as string,
+    id: cid,
     backend: 'socket',
     addr,
     server,
@@ -291,7 +299,7 @@ export function parseChardev(text: string, warn: (msg: string) => void): Chardev
   };
   const reconnect = opts.get('reconnect');
   if (reconnect !== undefined) spec.reconnect = parseNum('reconnect', reconnect);
-  return { kind: 'socket', spec };
+  return { kind: 'chardev', spec };
 }
 
 /** Text for `--chardev help` (stdout, exit 0). */

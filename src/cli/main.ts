@@ -42,7 +42,9 @@ A storage daemon compatible with qemu-storage-daemon 7.2: QMP monitor, block nod
             [,server=on|off][,wait=on|off][,websocket=on|off]
             [,multi-client=on|off]
                          add a socket character device for a monitor
-                         ('--chardev help' lists the backend names)
+  --chardev stdio|null,id=<id>  --chardev ringbuf|memory,id=<id>[,size=<n>]
+  --chardev file,id=<id>,path=<path>[,append=on|off]  --chardev pipe,id=<id>,path=<path>
+                         the other backends ('--chardev help' lists them)
 
   --daemonize            run in the background; the parent exits once
                          startup has finished (0) or failed (1)
@@ -199,6 +201,7 @@ export async function run(args: readonly string[], script: string = process.argv
   const services = new Services(log);
   const dispatcher = new Dispatcher(services, ALL_COMMANDS, schema);
   const monitors = new MonitorManager(services, dispatcher, log);
+  monitors.daemonized = channel !== undefined;
   services.qomChardevs = () => monitors.qomChardevs();
   let pidfile: PidFile | undefined;
   let demo: Demo | undefined;

@@ -191,9 +191,14 @@ async function chardev(ctx: Pass2Context, item: ArgvOption): Promise<OptionOutco
     // QSD 7.2 exits 1 after listing a backend's keys.
     return { exit: 1 };
   }
-  if (ctx.monitors.chardev(r.spec.id) !== undefined) {
-    // QSD 7.2's wording for a second socket chardev with the same id.
-    throw new CliError('duplicate yank instance', 'CHARDEV');
+  const taken = ctx.monitors.chardev(r.spec.id);
+  if (taken !== undefined) {
+    // QSD 7.2: two sockets collide in the yank registry first, anything else in /chardevs.
+    const sockets = taken.backend === 'socket' && (r.spec.backend ?? 'socket') === 'socket';
+    throw new CliError(
+      sockets ? 'duplicate yank instance' : `attempt to add duplicate property '${r.spec.id}' to object (type 'container')`,
+      'CHARDEV',
+    );
   }
   await ctx.monitors.addChardev(r.spec, {
     onWaiting: (addr) => ctx.info(item.display, `QEMU waiting for connection on: ${addr}`),

@@ -1,8 +1,10 @@
 /**
- * Chardevs and the monitors attached to them (`--chardev` + `--monitor`).
+ * Chardevs and the monitors attached to them (`--chardev` + `--monitor`), and the chardev
+ * registry the `chardev-*`, `query-chardev*` and `ringbuf-*` commands work on (the
+ * manager registers itself as `services.chardevs` when it is built).
  */
 import type { Logger } from '../util/logger.js';
-import { DaemonError } from '../util/errors.js';
+import { CliError, DaemonError } from '../util/errors.js';
 import type { Services } from './services.js';
 import type { Dispatcher } from './dispatcher.js';
 import { Chardev, type ChardevOptions, type ChardevOpenOptions } from './chardev.js';
@@ -22,12 +24,22 @@ export class MonitorManager {
     log: Logger,
   ) {
     this.log = log.child({ component: 'monitors' });
+    services.chardevs = this;
   }
 
-  /** Create and open a chardev. Errors are CliErrors worded like QSD. */
+  /** Refuse `stdio` chardevs (set under --daemonize, as QSD: no stdio left to use). */
+  daemonized = false;
+
+  /**
+   * Create and open a chardev. A taken id is chardev-add's error; the others are CliErrors
+   * worded like QSD (chardev-add prefixes them with `Failed to add chardev 'ID': `).
+   */
   async addChardev(options: ChardevOptions, open: ChardevOpenOptions = {}): Promise<Chardev> {
     if (this.chardevs.has(options.id)) {
-      throw new DaemonError('CHARDEV_EXISTS', `attempt to add duplicate chardev '${options.id}'`);
+      throw new DaemonError('CHARDEV_EXISTS', `Chardev with id '${options.id}' already exists`);
+    }
+    if (options.backend === 'stdio' && this.daemonized) {
+      throw new CliError('cannot use stdio with -daemonize', 'CHARDEV');
     }
     const c = new Chardev(options, this.log);
     if (this.holding) c.hold();
@@ -67,7 +79,7 @@ export class MonitorManager {
   qomChardevs(): QomChardev[] {
     return [...this.chardevs.values()].map((c): QomChardev => {
       const o = c.options;
-      if (o.backend === 'stdio') return { id: o.id, qomType: 'chardev-stdio' };
+      if (o.backend !== undefined && o.backend !== 'socket') return { id: o.id, qomType: `chardev-${o.backend}` };
       const a = o.addr;
       const addr =
         a.type === 'unix'
@@ -81,6 +93,35 @@ export class MonitorManager {
 
   chardev(id: string): Chardev | undefined {
     return this.chardevs.get(id);
+  }
+
+  /** Every chardev, oldest first (QSD lists them in its hash table's order). */
+  list(): Chardev[] {
+    return [...this.chardevs.values()];
+  }
+
+  /** chardev-remove: close a chardev no monitor uses. */
+  async removeChardev(id: string): Promise<void> {
+    const c = this.chardevs.get(id);
+    if (c === undefined) throw new DaemonError('CHARDEV_NOT_FOUND', `Chardev '${id}' not found`);
+    if (c.attached) throw new DaemonError('CHARDEV_IN_USE', `Chardev '${id}' is busy`);
+    this.chardevs.delete(id);
+    await c.close();
+  }
+
+  /**
+   * chardev-change. QSD's only chardev users are monitors, which cannot switch backends, so
+   * a chardev with a monitor is refused; any other one is closed and re-created from the new
+   * backend, exactly like QEMU's "easy case": when the new backend fails to open the old
+   * chardev is gone too.
+   */
+  async changeChardev(id: string, create: () => Promise<Chardev>): Promise<Chardev> {
+    const c = this.chardevs.get(id);
+    if (c === undefined) throw new DaemonError('CHARDEV_NOT_FOUND', `Chardev '${id}' does not exist`);
+    if (c.attached) throw new DaemonError('CHARDEV_IN_USE', 'Chardev user does not support chardev hotswap');
+    this.chardevs.delete(id);
+    await c.close();
+    return create();
   }
 
   /** Attach a QMP monitor to a chardev (`--monitor chardev=ID,pretty=...`). */

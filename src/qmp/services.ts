@@ -7,6 +7,7 @@ import { NbdBlockDriver } from '../export/nbd-driver.js';
 import { JobManager } from '../block/jobs.js';
 import { ObjectRegistry } from './objects.js';
 import { QomTree, type QomChardev } from './qom.js';
+import type { MonitorManager } from './monitor-manager.js';
 
 const require = createRequire(import.meta.url);
 const pkg = require('../../package.json') as { version: string };
@@ -27,6 +28,11 @@ export class Services {
   readonly objects: ObjectRegistry;
   /** The QOM view (qom-* commands) over the objects and chardevs. */
   readonly qom: QomTree;
+  /**
+   * The chardev registry (chardev-add, query-chardev, ringbuf-*): the MonitorManager sets
+   * itself here when it is built; without one (in-process tests) there are no chardevs.
+   */
+  chardevs: MonitorManager | undefined;
   /** Set by the composition root: the chardevs as QOM sees them (`/chardevs`). */
   qomChardevs: () => readonly QomChardev[] = () => [];
   /** Jobs (blockdev-create, ...): JOB_STATUS_CHANGE events go to the bus. */

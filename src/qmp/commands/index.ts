@@ -12,6 +12,7 @@ import { qomCommands } from './qom.js';
 import { statsCommands } from './stats.js';
 import { graphCommands } from './graph.js';
 import { snapshotCommands } from './snapshot.js';
+import { charCommands } from './char.js';
 
 /** Every command handler; each must have a schema in schema/commands/<name>.json. */
 export const ALL_COMMANDS: readonly CommandDef[] = [
@@ -28,4 +29,5 @@ export const ALL_COMMANDS: readonly CommandDef[] = [
   ...statsCommands,
   ...graphCommands,
   ...snapshotCommands,
+  ...charCommands,
 ];

@@ -17,14 +17,14 @@ const err = (s: string): string => {
 describe('--chardev QemuOpts', () => {
   it('parses the usual unix server form', () =>
     expect(parse('socket,id=m,path=/tmp/q.sock,server=on,wait=off').result).toEqual({
-      kind: 'socket',
+      kind: 'chardev',
       spec: {
         id: 'm', backend: 'socket', addr: { type: 'unix', path: '/tmp/q.sock' },
         server: true, wait: false, websocket: false, multiClient: false, nodelay: false,
       },
     }));
   it('accepts backend= explicitly', () =>
-    expect(parse('backend=socket,id=m,path=/p,server=on,wait=off').result).toMatchObject({ kind: 'socket' }));
+    expect(parse('backend=socket,id=m,path=/p,server=on,wait=off').result).toMatchObject({ kind: 'chardev', spec: { backend: 'socket' } }));
   it('defaults to a client without wait', () =>
     expect(parse('socket,id=m,path=/p').result).toMatchObject({ spec: { server: false, wait: false } }));
   it('defaults wait to on for a server', () =>
@@ -56,8 +56,32 @@ describe('--chardev QemuOpts', () => {
   it('refuses an unknown backend', () => expect(err('bogus,id=m')).toBe("'bogus' is not a valid char driver name"));
   it('refuses an escaped comma in the backend', () =>
     expect(err('socket,,id=m,path=/p')).toBe("'socket,id=m' is not a valid char driver name"));
-  it('refuses other QSD backends clearly', () =>
-    expect(err('stdio,id=m')).toBe("chardev backend 'stdio' is not supported by blockd yet (use 'socket')"));
+  it('refuses a QSD backend blockd does not have as QSD refuses one not built in', () =>
+    expect(err('pty,id=m')).toBe("'pty' is not a valid char driver name"));
+  it('parses stdio and null', () => {
+    expect(parse('stdio,id=s,signal=off').result).toEqual({ kind: 'chardev', spec: { id: 's', backend: 'stdio' } });
+    expect(parse('null,id=n').result).toEqual({ kind: 'chardev', spec: { id: 'n', backend: 'null' } });
+  });
+  it('gives a ringbuf the default size of 64 KiB', () =>
+    expect(parse('ringbuf,id=r').result).toEqual({ kind: 'chardev', spec: { id: 'r', backend: 'ringbuf', size: 65536 } }));
+  it('reads a ringbuf size with a suffix', () =>
+    expect(parse('memory,id=r,size=1M').result).toMatchObject({ spec: { backend: 'memory', size: 1048576 } }));
+  it('refuses a ringbuf size that is not a power of two', () =>
+    expect(err('ringbuf,id=r,size=1000')).toBe('size of ringbuf chardev must be power of two'));
+  it('wraps a ringbuf size at 2^32 like QEMU (4G is the default, 2G is negative)', () => {
+    expect(parse('ringbuf,id=r,size=4G').result).toMatchObject({ spec: { size: 65536 } });
+    expect(err('ringbuf,id=r,size=2G')).toBe('size of ringbuf chardev must be power of two');
+  });
+  it('parses a file chardev', () =>
+    expect(parse('file,id=f,path=/tmp/x,append=on').result).toEqual({
+      kind: 'chardev',
+      spec: { id: 'f', backend: 'file', out: '/tmp/x', append: true },
+    }));
+  it('requires a file path', () => expect(err('file,id=f')).toBe('chardev: file: no filename given'));
+  it('parses a pipe chardev', () =>
+    expect(parse('pipe,id=p,path=/tmp/p').result).toEqual({ kind: 'chardev', spec: { id: 'p', backend: 'pipe', device: '/tmp/p' } }));
+  it('requires a pipe path', () => expect(err('pipe,id=p')).toBe('chardev: pipe: no device path given'));
+  it('refuses mux=on', () => expect(err('null,id=n,mux=on')).toBe("chardev option 'mux' is not supported by blockd"));
   it('refuses an unknown key', () => expect(err('socket,id=m,path=/p,bogus=1')).toBe("Invalid parameter 'bogus'"));
   it('refuses an empty key', () => expect(err('socket,id=m,path=/p,=x')).toBe("Invalid parameter ''"));
   it('refuses a bad boolean', () =>
