@@ -9,7 +9,7 @@
  * the steps already done, in reverse.
  */
 import { BlockError } from '../util/errors.js';
-import type { BlockNodeImpl } from './node.js';
+import type { BlockNodeImpl, NodeOptionsInfo } from './node.js';
 import { PERM_RESIZE, PERM_WRITE, type BlockDriver } from './types.js';
 
 /** A driver that can change its access mode while open (file: a new descriptor). */
@@ -39,6 +39,8 @@ export interface ReadOnlyChange {
    * go on inheriting.
    */
   options?: Readonly<Record<string, unknown>>;
+  /** Node-level options that change with it (blockdev-reopen: detect-zeroes, discard, auto-read-only). */
+  nodeOptions?: Partial<NodeOptionsInfo>;
 }
 
 /** Whether `anc` is `node` or above it (a parent, grand-parent, ... through any role). */
@@ -140,7 +142,10 @@ export async function applyReadOnly(changes: readonly ReadOnlyChange[], swap: Dr
       await reopenDriver(n, false, swap);
       undo.push(() => reopenDriver(n, true, swap));
     }
-    for (const c of changes) c.node.openOptions = c.options ?? { ...c.node.openOptions, 'read-only': c.readOnly };
+    for (const c of changes) {
+      c.node.openOptions = c.options ?? { ...c.node.openOptions, 'read-only': c.readOnly };
+      if (c.nodeOptions) Object.assign(c.node.options, c.nodeOptions);
+    }
   } catch (err) {
     for (const u of undo.reverse()) {
       try {
@@ -153,8 +158,30 @@ export async function applyReadOnly(changes: readonly ReadOnlyChange[], swap: Dr
   }
 }
 
-/** Options every driver takes; `read-only` is the one blockd can change. */
+/** Options every driver takes that identify the node. */
 const FIXED_KEYS = ['driver', 'node-name'];
+/** Node-level options blockd changes besides `read-only` (handled by nodeOptionsOf). */
+const NODE_KEYS = ['detect-zeroes', 'discard', 'auto-read-only'];
+
+/**
+ * The node-level options of a reopen entry: as QEMU, an absent `detect-zeroes` is `off` and an
+ * absent `auto-read-only` false; an absent `discard` keeps the current policy (inline children
+ * get theirs from the parent at open). A `file` node keeps its discard policy (its descriptor
+ * decides at open whether it punches holes).
+ */
+function nodeOptionsOf(node: BlockNodeImpl, o: Record<string, unknown>): Partial<NodeOptionsInfo> {
+  const dz = (o['detect-zeroes'] ?? 'off') as NodeOptionsInfo['detectZeroes'];
+  const discard = (o['discard'] ?? node.options.discard) as NodeOptionsInfo['discard'];
+  if (discard !== node.options.discard && node.driverName === 'file') throw cannotChange('discard');
+  if (dz === 'unmap' && discard !== 'unmap') {
+    throw new BlockError(
+      'BAD_OPTION',
+      'EINVAL',
+      'setting detect-zeroes to unmap is not allowed without setting discard operation to unmap',
+    );
+  }
+  return { detectZeroes: dz, discard, autoReadOnly: o['auto-read-only'] === true };
+}
 
 function sameValue(a: unknown, b: unknown): boolean {
   return JSON.stringify(a) === JSON.stringify(b);
@@ -186,7 +213,7 @@ export function planReopen(
     const old = node.openOptions;
     const keys = new Set([...Object.keys(o), ...Object.keys(old)]);
     for (const k of keys) {
-      if (FIXED_KEYS.includes(k) || k === 'read-only') continue;
+      if (FIXED_KEYS.includes(k) || NODE_KEYS.includes(k) || k === 'read-only') continue;
       if (roles.has(k) || k === 'backing') {
         const child = node.childEdges.find((e) => e.name === k)?.user.node;
         const v = o[k];
@@ -200,7 +227,12 @@ export function planReopen(
     }
     wanted.set(node, o);
   }
-  const out: ReadOnlyChange[] = [...wanted].map(([node, o]) => ({ node, readOnly: o['read-only'] === true, options: o }));
+  const out: ReadOnlyChange[] = [...wanted].map(([node, o]) => ({
+    node,
+    readOnly: o['read-only'] === true,
+    options: o,
+    nodeOptions: nodeOptionsOf(node, o),
+  }));
   // Children inherit only a `read-only` the parent's entry states (QEMU copies it as a default
   // into the child's options): without it they keep their state, so making a parent writable
   // again needs its read-only child listed too.
