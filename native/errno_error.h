@@ -25,6 +25,9 @@ static inline const char *errno_name(int e) {
     case EINVAL: return "EINVAL";
     case EFBIG: return "EFBIG";
     case ENOSPC: return "ENOSPC";
+#ifdef EDQUOT
+    case EDQUOT: return "EDQUOT";
+#endif
     case ESPIPE: return "ESPIPE";
     case EROFS: return "EROFS";
     case ENXIO: return "ENXIO";

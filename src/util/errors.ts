@@ -110,6 +110,9 @@ export function errnoOf(err: unknown): Errno {
     case 'ENOTSUP':
     case 'EOPNOTSUPP':
       return 'ENOTSUP';
+    case 'EDQUOT':
+      // Out of quota is out of space for a client (QEMU's NBD errno mapping does the same).
+      return 'ENOSPC';
     default:
       return 'EIO';
   }

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { nbdErrnoFor, nbdErrorOf } from '../../../src/nbd/errors.js';
-import { DaemonError } from '../../../src/util/errors.js';
+import { DaemonError, errnoOf } from '../../../src/util/errors.js';
 import {
   NBD_CMD_FLAG_DF,
   NBD_CMD_FLAG_FAST_ZERO,
@@ -46,5 +46,10 @@ describe('errno to NBD error mapping', () => {
   it('treats a non-DaemonError failure as EIO', () => {
     expect(nbdErrorOf(new Error('boom'), NBD_CMD_READ, 0)).toBe(NBD_EIO);
     expect(nbdErrorOf(new DaemonError('X', 'x', { errno: 'ENOSPC' }), NBD_CMD_WRITE, 0)).toBe(NBD_ENOSPC);
+  });
+
+  it('answers ENOSPC when the file system reports EDQUOT (out of quota), as QEMU does', () => {
+    expect(errnoOf(Object.assign(new Error('quota'), { code: 'EDQUOT' }))).toBe('ENOSPC');
+    expect(nbdErrnoFor(errnoOf({ code: 'EDQUOT' }), NBD_CMD_WRITE, 0)).toBe(NBD_ENOSPC);
   });
 });
