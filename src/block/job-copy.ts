@@ -332,8 +332,13 @@ async function side<T>(operation: 'read' | 'write', p: Promise<T>): Promise<T> {
 
 /** How `copyExtents` treats parts of the source. */
 export interface CopyExtentsOptions {
-  /** Skip ranges not allocated in the source's top layer (sync=top, stream/commit bases). */
+  /** Skip ranges not allocated in the source's top layer (sync=top). */
   topOnly?: boolean;
+  /**
+   * Copy only ranges allocated above the layer at this depth (1 = the source itself): commit and
+   * stream copy what lies above their base (`depthBelow` = the base's depth).
+   */
+  depthBelow?: number;
   /** Leave zero ranges alone instead of writing zeroes to the target (target known to read zero). */
   skipZeroes?: boolean;
   signal?: AbortSignal;
@@ -360,8 +365,8 @@ export async function copyExtents(
     for (const e of extents) {
       const n = Math.min(e.length, end - e.offset);
       if (n <= 0) continue;
-      if (opts.topOnly && e.depth !== 1) {
-        // Not in the top layer: left to the backing chain.
+      if ((opts.topOnly && e.depth !== 1) || (opts.depthBelow !== undefined && !(e.depth >= 1 && e.depth < opts.depthBelow))) {
+        // Not in the layers to copy: left to the backing chain.
       } else if (e.flags & EXTENT_ZERO) {
         if (!opts.skipZeroes) await side('write', dst.writeZeroes(e.offset, n, { mayUnmap: true }));
       } else {

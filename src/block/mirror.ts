@@ -63,6 +63,11 @@ export interface MirrorOptions {
   graph: ImplicitNodes;
   /** Job type for events (mirror; active commit reuses the job as `commit`). */
   type?: 'mirror' | 'commit';
+  /**
+   * Active commit: the target is the source's backing node at this depth (source = 1); only
+   * what lies above it is copied, and the target may have parents (the chain above it).
+   */
+  commitBaseDepth?: number;
 }
 
 /** The `mirror_top` filter: forwards to the source and reports completed writes. */
@@ -192,7 +197,8 @@ export class MirrorJob implements JobDriver {
         name: `node 'mirror'`,
         role: 'target',
         kind: 'node',
-        perm: permsOf(PERM_WRITE),
+        // Commit writes into the base what the layers above it already show: unchanged for them.
+        perm: permsOf(this.o.commitBaseDepth !== undefined ? PERM_WRITE_UNCHANGED : PERM_WRITE),
         shared: permsOf(PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED),
       });
       const srcUser = this.srcUser;
@@ -237,7 +243,10 @@ export class MirrorJob implements JobDriver {
       chunk,
       workers: Math.max(1, Math.floor(this.o.bufSize / chunk)),
       copy: (offset, length) =>
-        copyExtents(this.srcIO(), this.dstIO(), offset, length, { topOnly: this.o.sync === 'top' }),
+        copyExtents(this.srcIO(), this.dstIO(), offset, length, {
+          topOnly: this.o.sync === 'top',
+          ...(this.o.commitBaseDepth !== undefined ? { depthBelow: this.o.commitBaseDepth } : {}),
+        }),
       onError: (err) => errorAction(job, this.o, err),
     });
     const f = this.filterDriver;
@@ -249,7 +258,7 @@ export class MirrorJob implements JobDriver {
       };
     }
     if (this.o.source.size() === this.o.target.size()) {
-      if (this.o.sync === 'full') this.work.fill();
+      if (this.o.sync === 'full' && this.o.commitBaseDepth === undefined) this.work.fill();
       job.progress(0, Math.min(this.work.dirtyBytes, this.o.source.size()));
     }
     return this.body(job);
@@ -271,9 +280,9 @@ export class MirrorJob implements JobDriver {
       await job.yieldNow();
       throw new BlockError('BAD_OPTION', 'EINVAL', 'Source and target image have different sizes');
     }
-    if (this.o.sync === 'top') {
+    if (this.o.sync === 'top' || this.o.commitBaseDepth !== undefined) {
       await job.yieldNow();
-      await this.markTopAllocated(job);
+      await this.markAllocated(job, this.o.commitBaseDepth ?? 2);
     }
     if ((await this.loop.pass()) === 'cancelled') return;
     job.transitionToReady();
@@ -302,15 +311,18 @@ export class MirrorJob implements JobDriver {
     await this.dstIO().flush();
   }
 
-  /** sync=top: what the source's own layer holds is dirty at the start. */
-  private async markTopAllocated(job: Job): Promise<void> {
+  /**
+   * sync=top (`below` 2): what the source's own layer holds is dirty at the start; active commit:
+   * what the layers above the base (at depth `below`) hold.
+   */
+  private async markAllocated(job: Job, below: number): Promise<void> {
     const io = this.srcIO();
     const size = io.size();
     for (let pos = 0; pos < size && !job.forceCancelled; ) {
       const ext = await io.blockStatus(pos, Math.min(size - pos, 1 << 30));
       if (ext.length === 0) break;
       for (const e of ext) {
-        if (e.depth === 1) this.work.mark(e.offset, e.length);
+        if (e.depth >= 1 && e.depth < below) this.work.mark(e.offset, e.length);
         pos = e.offset + e.length;
       }
     }

@@ -1,5 +1,5 @@
 /**
- * The data-moving block jobs: blockdev-backup, blockdev-mirror (later commit, stream). Handlers check the
+ * The data-moving block jobs: blockdev-backup, blockdev-mirror, block-commit (active layer). Handlers check the
  * arguments in QSD's order, set the job up, start it and reply once the job first yields (so a
  * job with nothing to do has ended before the reply, as in QSD).
  */
@@ -8,6 +8,7 @@ import { BackupJob, type BackupSync, type BitmapMode } from '../../block/backup.
 import { jobClusterSize, type OnError } from '../../block/block-job.js';
 import { bitmapsOf, CHECK_ALLOW_RO, defaultGranularity, type NamedBitmap } from '../../block/dirty-bitmap-set.js';
 import { MIRROR_DEFAULT_BUF, MirrorJob, type MirrorSync } from '../../block/mirror.js';
+import { backingOf } from '../../block/drivers/qcow2/backing.js';
 import type { BlockNode } from '../../block/types.js';
 import { defineCommand, type CommandContext, type CommandDef } from '../types.js';
 
@@ -182,7 +183,107 @@ async function blockdevMirror(a: MirrorArgs, ctx: CommandContext): Promise<void>
   await job.firstYield;
 }
 
+interface CommitArgs {
+  'job-id'?: string;
+  device: string;
+  'base-node'?: string;
+  base?: string;
+  'top-node'?: string;
+  top?: string;
+  'backing-file'?: string;
+  speed?: number;
+  'on-error'?: OnError;
+  'filter-node-name'?: string;
+  'auto-finalize'?: boolean;
+  'auto-dismiss'?: boolean;
+}
+
+/** The backing chain below `top` (top first). */
+function chainOf(top: BlockNode): BlockNode[] {
+  const out: BlockNode[] = [];
+  for (let n: BlockNode | undefined = top; n && !out.includes(n); n = backingOf(n)) out.push(n);
+  return out;
+}
+
+/** A layer of `chain` named by its image file name (QEMU's bdrv_find_backing_image). */
+function byFilename(chain: BlockNode[], name: string): BlockNode | undefined {
+  return chain.find((n) => n.driver.describeFilename() === name);
+}
+
+async function blockCommit(a: CommitArgs, ctx: CommandContext): Promise<void> {
+  const { graph, jobs } = ctx.services;
+  const device = graph.get(a.device);
+  if (!device) throw new QmpError(`Device '${a.device}' not found`, 'DeviceNotFound');
+  const lookup = (name: string): BlockNode => {
+    const n = graph.get(name);
+    if (!n) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='' nor node-name='${name}'`);
+    return n;
+  };
+  const chain = chainOf(device);
+  let top = device;
+  if (a['top-node'] !== undefined) top = lookup(a['top-node']);
+  else if (a.top !== undefined) {
+    const t = byFilename(chain, a.top);
+    if (!t) throw new QmpError(`Top image file ${a.top} not found`);
+    top = t;
+  }
+  let base: BlockNode | undefined;
+  if (a['base-node'] !== undefined) base = lookup(a['base-node']);
+  else if (a.base !== undefined) {
+    base = byFilename(chain, a.base);
+    if (!base) throw new QmpError(`Can't find '${a.base}' in the backing chain`);
+  } else {
+    base = chain[chain.length - 1];
+  }
+  if (!base || base === top) throw new QmpError('cannot commit an image into itself');
+  const topChain = chainOf(top);
+  const baseDepth = topChain.indexOf(base) + 1;
+  if (baseDepth <= 0) throw new QmpError(`'${base.name}' is not in this backing file chain`);
+  if (device.parents.some((u) => u.spec.kind === 'node')) throw new QmpError('Need a root block node');
+  if (top !== device) {
+    throw new QmpError('Committing an intermediate layer (top below the active layer) is not supported by blockd');
+  }
+  if (a['backing-file'] !== undefined) {
+    throw new QmpError("'backing-file' specified, but 'top' is the active layer");
+  }
+  const id = a['job-id'] ?? '';
+  jobs.checkId(id);
+  // QEMU reopens a read-only base read-write for the job; blockd cannot (yet): refuse up front.
+  if (base.readOnly) throw new BlockError('READ_ONLY', 'EPERM', 'Block node is read-only');
+  const onError = a['on-error'] ?? 'report';
+  const driver = new MirrorJob({
+    source: top,
+    target: base,
+    sync: 'full',
+    granularity: await defaultGranularity(base),
+    bufSize: MIRROR_DEFAULT_BUF,
+    onSourceError: onError,
+    onTargetError: onError,
+    ...(a['filter-node-name'] !== undefined ? { filterNodeName: a['filter-node-name'] } : {}),
+    graph,
+    type: 'commit',
+    commitBaseDepth: baseDepth,
+  });
+  driver.attach();
+  let job;
+  try {
+    job = jobs.start(id, driver, {
+      autoFinalize: a['auto-finalize'] ?? true,
+      autoDismiss: a['auto-dismiss'] ?? true,
+      speed: a.speed ?? 0,
+    });
+  } catch (err) {
+    driver.clean();
+    throw err;
+  }
+  await job.firstYield;
+}
+
 export const blockJobCommands: readonly CommandDef[] = [
+  defineCommand<CommitArgs>('block-commit', async (a, ctx) => {
+    await blockCommit(a, ctx);
+    return {};
+  }),
   defineCommand<MirrorArgs>('blockdev-mirror', async (a, ctx) => {
     await blockdevMirror(a, ctx);
     return {};
