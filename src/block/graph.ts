@@ -558,6 +558,7 @@ export class BlockGraph {
       childDriver: (r) => child(r).driver,
       hasChild: (r) => node.childEdges.some((e) => e.name === r),
       emitEvent: (event, data) => this.eventSink?.(event, data),
+      throttleGroups: this.throttleGroups,
     };
   }
 

@@ -28,7 +28,7 @@ function reopenable(d: BlockDriver): d is BlockDriver & ReopenableDriver {
 export type DriverSwap = (node: BlockNodeImpl, readOnly: boolean) => Promise<void>;
 
 /** Drivers with no state that depends on being writable: the node's flag is all there is. */
-const NO_REOPEN_STATE: ReadonlySet<string> = new Set(['raw', 'null-co', 'null-aio', 'copy-before-write']);
+const NO_REOPEN_STATE: ReadonlySet<string> = new Set(['raw', 'null-co', 'null-aio', 'copy-before-write', 'throttle']);
 
 export interface ReadOnlyChange {
   node: BlockNodeImpl;

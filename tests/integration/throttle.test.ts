@@ -7,6 +7,8 @@ import { promisify } from 'node:util';
 import { Services } from '../../src/qmp/services.js';
 import { ThrottleDriver } from '../../src/block/drivers/throttle.js';
 import { silentLogger } from '../../src/util/logger.js';
+import { graphCommands } from '../../src/qmp/commands/graph.js';
+import type { CommandContext } from '../../src/qmp/types.js';
 
 const run = promisify(execFile);
 const CI = process.env.CI === 'true';
@@ -84,5 +86,22 @@ describe('throttle nodes over NBD', () => {
     svc.objects.setThrottleLimits('tg', { 'iops-total': 100000 });
     expect(group.queued.reads).toBe(0);
     await Promise.all(reads);
+  });
+
+  it('is reopened read-only and read-write again (blockdev-reopen), refusing writes in between', async () => {
+    await svc.objects.add({ 'qom-type': 'throttle-group', id: 'tg', limits: { 'iops-total': 1000 } });
+    const img = join(dir, 'disk.raw');
+    await run('truncate', ['-s', '1M', img]);
+    await svc.graph.add({ driver: 'file', 'node-name': 'n0', filename: img });
+    await svc.graph.add({ driver: 'throttle', 'node-name': 't0', 'throttle-group': 'tg', file: 'n0' });
+    const reopen = graphCommands.find((c) => c.name === 'blockdev-reopen');
+    const ctx = { services: svc, log: silentLogger(), origin: 'qmp', afterReply: () => undefined } as CommandContext;
+    const opts = (ro: boolean) => ({ options: [{ driver: 'throttle', 'node-name': 't0', 'throttle-group': 'tg', file: 'n0', 'read-only': ro }] });
+    await reopen?.run(opts(true), ctx);
+    expect(svc.graph.get('t0')?.readOnly).toBe(true);
+    await expect(svc.graph.get('t0')?.io.write(Buffer.alloc(512), 0)).rejects.toThrow();
+    await reopen?.run(opts(false), ctx);
+    expect(svc.graph.get('t0')?.readOnly).toBe(false);
+    await svc.graph.get('t0')?.io.write(Buffer.alloc(512, 7), 0);
   });
 });
