@@ -81,10 +81,11 @@ class Transcript:
         self.cmd('query-block-jobs')
 
     def bitmaps(self, node):
-        """The bitmaps of `node` as one line: name, count, busy, recording."""
+        """The named bitmaps of `node` as one line: name, count, busy, recording (QSD also lists
+        unnamed internal ones, e.g. copy-before-write's)."""
         r = self.cmd('query-named-block-nodes', quiet=True)['return']
         n = [x for x in r if x['node-name'] == node][0]
-        bm = [(b['name'], b['count'], b['busy'], b['recording']) for b in n.get('dirty-bitmaps', [])]
+        bm = [(b['name'], b['count'], b['busy'], b['recording']) for b in n.get('dirty-bitmaps', []) if 'name' in b]
         self.lines.append('bitmaps of %s: %s' % (node, json.dumps(bm)))
 
     def nodes(self):

@@ -9,6 +9,7 @@ import { FileDriver } from './drivers/file.js';
 import { NullDriver } from './drivers/null.js';
 import { RawDriver } from './drivers/raw.js';
 import { CopyBeforeWriteDriver, cbwChildPerms } from './drivers/copy-before-write.js';
+import { SnapshotAccessDriver, snapshotAccessChildPerms } from './drivers/snapshot-access.js';
 import { ThrottleDriver } from './drivers/throttle.js';
 import { ThrottleGroups } from './throttle-group.js';
 import { Qcow2Driver } from './drivers/qcow2/qcow2.js';
@@ -88,6 +89,11 @@ const DRIVERS: Partial<Record<string, DriverSpec>> = {
     ],
     childPerms: cbwChildPerms,
     open: (ctx, o) => CopyBeforeWriteDriver.open(ctx, o),
+  },
+  'snapshot-access': {
+    children: [{ member: 'file', required: true }],
+    childPerms: snapshotAccessChildPerms,
+    open: (ctx, o) => SnapshotAccessDriver.open(ctx, o),
   },
   'null-co': { children: [], open: async (_ctx, o) => new NullDriver('null-co', o) },
   'null-aio': { children: [], open: async (_ctx, o) => new NullDriver('null-aio', o) },

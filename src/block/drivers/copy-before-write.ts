@@ -9,12 +9,18 @@
  * overlay whose backing is the `file` node, reading the target then shows the node as it was
  * when the filter was added. Reads and writes through the filter itself go to `file`.
  *
+ * The point-in-time view can also be read through a `snapshot-access` node on top of the filter
+ * (QEMU 7.2's fleecing): `snapshotRead` takes copied clusters from the target and the others from
+ * `file`, holding back a guest write to a cluster whose old data is being read.
+ *
  * Limits: no `bitmap` (copy only a bitmap's dirty areas), `on-cbw-error` or `cbw-timeout`; a
  * copy failure fails the guest write (QEMU's default `break-guest-write`).
  */
 import { BlockError } from '../../util/errors.js';
 import { DirtyBitmap } from '../dirty-bitmap.js';
 import {
+  EXTENT_ALLOCATED,
+  EXTENT_DATA,
   PERM_ALL,
   PERM_CONSISTENT_READ,
   PERM_WRITE,
@@ -44,6 +50,8 @@ export class CopyBeforeWriteDriver implements BlockDriver {
   /** Clusters already copied to the target (or never needing it). */
   private readonly done: DirtyBitmap;
   private readonly inflight = new Map<number, Promise<void>>();
+  /** Snapshot reads (snapshot-access) of the source in flight: guest writes wait for them. */
+  private readonly snapReads = new Set<{ first: number; last: number; done: Promise<void> }>();
   private readonly unhook: () => void;
   private readonly cluster: number;
 
@@ -125,6 +133,76 @@ export class CopyBeforeWriteDriver implements BlockDriver {
     }
     flush(last + 1);
     await Promise.all(waits);
+    // A snapshot read of the old data still in flight must finish before the write lands.
+    const reads = [...this.snapReads].filter((r) => r.first <= last && r.last >= first).map((r) => r.done);
+    if (reads.length) await Promise.allSettled(reads);
+  }
+
+  // ---- the point-in-time view (snapshot-access) ----------------------------------------------
+
+  /**
+   * Read the node as it was when the filter was added: clusters already copied come from the
+   * target, the others from `file` (unchanged so far; a guest write waits for this read).
+   */
+  async snapshotRead(buf: Buffer, offset: number): Promise<void> {
+    const cs = this.cluster;
+    const end = offset + buf.length;
+    let pos = offset;
+    while (pos < end) {
+      const c = Math.floor(pos / cs);
+      const copied = this.done.getBit(c) && !this.inflight.has(c);
+      // Extend the run over clusters in the same state.
+      let next = (c + 1) * cs;
+      while (next < end) {
+        const n = Math.floor(next / cs);
+        if ((this.done.getBit(n) && !this.inflight.has(n)) !== copied) break;
+        next += cs;
+      }
+      const runEnd = Math.min(next, end);
+      const part = buf.subarray(pos - offset, runEnd - offset);
+      if (copied) {
+        await this.targetIO.read(part, pos);
+      } else {
+        let finish!: () => void;
+        const rec = { first: c, last: Math.floor((runEnd - 1) / cs), done: new Promise<void>((r) => (finish = r)) };
+        this.snapReads.add(rec);
+        try {
+          await this.fileIO.read(part, pos);
+        } finally {
+          this.snapReads.delete(rec);
+          finish();
+        }
+      }
+      pos = runEnd;
+    }
+  }
+
+  /** Block status of the point-in-time view: copied clusters are data, the rest is `file`'s. */
+  async snapshotBlockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    const cs = this.cluster;
+    const c = Math.floor(offset / cs);
+    if (this.done.getBit(c)) {
+      let end = this.done.nextCleanBit(c);
+      const endByte = end < 0 ? offset + length : Math.min(offset + length, end * cs);
+      return [{ offset, length: endByte - offset, flags: EXTENT_DATA | EXTENT_ALLOCATED, depth: 1 }];
+    }
+    const nextDone = this.done.nextDirtyBit(c);
+    const limit = nextDone < 0 ? offset + length : Math.min(offset + length, nextDone * cs);
+    return this.fileIO.blockStatus(offset, limit - offset);
+  }
+
+  /**
+   * The reader no longer needs [offset, offset+length) of the view (snapshot-access discard):
+   * whole clusters in it are not copied any more, and their copies in the target are discarded.
+   */
+  async snapshotDiscard(offset: number, length: number): Promise<void> {
+    const cs = this.cluster;
+    const first = Math.ceil(offset / cs);
+    const last = Math.floor((offset + length) / cs);
+    if (last <= first) return;
+    this.done.setBits(first, last);
+    const end = Math.min(last * cs, this.targetIO.size());
+    if (end > first * cs) await this.targetIO.discard(first * cs, end - first * cs);
   }
 
   /** Copy clusters [from, to) from file to target, then mark them done. */
