@@ -430,6 +430,15 @@ export class JobManager {
    * and `driver.run` is called at once (see JobDriver.run for synchronous failures).
    */
   start(id: string, driver: JobDriver, opts: JobOptions = {}): Job {
+    return this.launch(this.create(id, driver, opts), opts);
+  }
+
+  /**
+   * The first half of `start`: the job exists in `created` (a transaction action prepares it so);
+   * `launch` runs it, `dropCreated` takes it away again (`aborting`, `concluded`, `null`, as QSD
+   * when a later action of the transaction fails).
+   */
+  create(id: string, driver: JobDriver, opts: JobOptions = {}): Job {
     this.checkId(id);
     const job = new Job(id, driver, this, opts);
     this.jobs.set(id, job);
@@ -441,6 +450,20 @@ export class JobManager {
       }
       job.speed = opts.speed;
     }
+    return job;
+  }
+
+  /** Take a job made by `create` away without running it (its driver's `clean` is not called). */
+  dropCreated(job: Job): void {
+    if (job.status !== 'created') return;
+    job.transition('aborting');
+    job.transition('concluded');
+    this.remove(job);
+  }
+
+  /** The second half of `start`: run a job made by `create`. */
+  launch(job: Job, opts: JobOptions = {}): Job {
+    const driver = job.driver;
     job.transition('running');
     if (opts.drainedStart) {
       job.transition('paused');

@@ -10,7 +10,9 @@ import { bitmapsOf, CHECK_ALLOW_RO, defaultGranularity, type NamedBitmap } from 
 import { MIRROR_DEFAULT_BUF, MirrorJob, type MirrorSync } from '../../block/mirror.js';
 import { backingOf } from '../../block/drivers/qcow2/backing.js';
 import type { BlockNode } from '../../block/types.js';
+import type { Job } from '../../block/jobs.js';
 import { defineCommand, type CommandContext, type CommandDef } from '../types.js';
+import { registerTransactionAction, type PreparedAction, type TransactionActionDef } from './transaction.js';
 
 interface BackupArgs {
   'job-id'?: string;
@@ -35,7 +37,18 @@ function targetBlocker(node: BlockNode): string | undefined {
   return undefined;
 }
 
+/** A backup set up (checks passed, permissions taken, job `created`): `start` or `drop` it. */
+interface PreparedBackup {
+  start(): Job;
+  drop(): void;
+}
+
 async function blockdevBackup(a: BackupArgs, ctx: CommandContext): Promise<void> {
+  const job = (await prepareBackup(a, ctx)).start();
+  await job.firstYield;
+}
+
+async function prepareBackup(a: BackupArgs, ctx: CommandContext): Promise<PreparedBackup> {
   const { graph, jobs } = ctx.services;
   const source = graph.find(a.device);
   const target = graph.find(a.target);
@@ -96,20 +109,50 @@ async function blockdevBackup(a: BackupArgs, ctx: CommandContext): Promise<void>
     cluster,
   );
   driver.attach();
-  let job;
+  const opts = {
+    autoFinalize: a['auto-finalize'] ?? true,
+    autoDismiss: a['auto-dismiss'] ?? true,
+    speed: a.speed ?? 0,
+    drainedStart: true,
+  };
+  let job: Job;
   try {
-    job = jobs.start(id, driver, {
-      autoFinalize: a['auto-finalize'] ?? true,
-      autoDismiss: a['auto-dismiss'] ?? true,
-      speed: a.speed ?? 0,
-      drainedStart: true,
-    });
+    job = jobs.create(id, driver, opts);
   } catch (err) {
     driver.clean();
     throw err;
   }
-  await job.firstYield;
+  return {
+    start: () => jobs.launch(job, opts),
+    drop: () => {
+      jobs.dropCreated(job);
+      driver.clean();
+    },
+  };
 }
+
+/**
+ * `blockdev-backup` in a transaction: prepared (checked, permissions taken, bitmap frozen) with
+ * the other actions, started when all of them succeeded, dropped when one failed. The action's
+ * data is checked against the BlockdevBackup schema by the transaction command's validation.
+ */
+const backupAction: TransactionActionDef = {
+  type: 'blockdev-backup',
+  prepare: async (data, ctx): Promise<PreparedAction> => {
+    const prepared = await prepareBackup(data as unknown as BackupArgs, ctx);
+    let started = false;
+    return {
+      commit: () => {
+        started = true;
+        prepared.start();
+      },
+      abort: () => {
+        if (!started) prepared.drop();
+      },
+    };
+  },
+};
+registerTransactionAction(backupAction);
 
 interface MirrorArgs {
   'job-id'?: string;
