@@ -48,6 +48,8 @@ export interface BackupOptions {
   maxWorkers?: number;
   /** x-perf max-chunk in bytes (0/absent: 1 MiB). */
   maxChunk?: number;
+  /** Called at the end of `clean` (drive-backup closes the target it opened). */
+  onClean?: () => void;
 }
 
 /** Default copy request size and parallelism of the background copy. */
@@ -243,5 +245,8 @@ export class BackupJob implements JobDriver {
     this.dstUser?.detach();
     this.srcUser = undefined;
     this.dstUser = undefined;
+    const done = this.o.onClean;
+    this.o.onClean = undefined;
+    done?.();
   }
 }

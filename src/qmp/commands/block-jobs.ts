@@ -1,8 +1,10 @@
 /**
- * The data-moving block jobs: blockdev-backup, blockdev-mirror, block-commit (active layer). Handlers check the
+ * The data-moving block jobs: blockdev-backup (also in transactions), drive-backup,
+ * blockdev-mirror, block-commit (active layer). Handlers check the
  * arguments in QSD's order, set the job up, start it and reply once the job first yields (so a
  * job with nothing to do has ended before the reply, as in QSD).
  */
+import { existsSync } from 'node:fs';
 import { BlockError, QmpError } from '../../util/errors.js';
 import { BackupJob, type BackupSync, type BitmapMode } from '../../block/backup.js';
 import { jobClusterSize, type OnError } from '../../block/block-job.js';
@@ -11,6 +13,11 @@ import { MIRROR_DEFAULT_BUF, MirrorJob, type MirrorSync } from '../../block/mirr
 import { backingOf } from '../../block/drivers/qcow2/backing.js';
 import type { BlockNode } from '../../block/types.js';
 import type { Job } from '../../block/jobs.js';
+import { fillCreatedFile, openCreateFile } from '../../block/drivers/file-create.js';
+import { createQcow2 } from '../../block/drivers/qcow2/create.js';
+import { BLOCKDEV_DRIVERS } from '../../block/graph.js';
+import { permsOf } from '../../block/node.js';
+import { PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE } from '../../block/types.js';
 import { defineCommand, type CommandContext, type CommandDef } from '../types.js';
 import { registerTransactionAction, type PreparedAction, type TransactionActionDef } from './transaction.js';
 
@@ -48,7 +55,7 @@ async function blockdevBackup(a: BackupArgs, ctx: CommandContext): Promise<void>
   await job.firstYield;
 }
 
-async function prepareBackup(a: BackupArgs, ctx: CommandContext): Promise<PreparedBackup> {
+async function prepareBackup(a: BackupArgs, ctx: CommandContext, onClean?: () => void): Promise<PreparedBackup> {
   const { graph, jobs } = ctx.services;
   const source = graph.find(a.device);
   const target = graph.find(a.target);
@@ -105,6 +112,7 @@ async function prepareBackup(a: BackupArgs, ctx: CommandContext): Promise<Prepar
       onTargetError: a['on-target-error'] ?? 'report',
       ...(workers !== undefined ? { maxWorkers: workers } : {}),
       ...(maxChunk !== undefined ? { maxChunk } : {}),
+      ...(onClean ? { onClean } : {}),
     },
     cluster,
   );
@@ -129,6 +137,69 @@ async function prepareBackup(a: BackupArgs, ctx: CommandContext): Promise<Prepar
       driver.clean();
     },
   };
+}
+
+interface DriveBackupArgs extends Omit<BackupArgs, 'target'> {
+  target: string;
+  format?: string;
+  mode?: 'existing' | 'absolute-paths';
+}
+
+/** Formats drive-backup can create and open. */
+const DRIVE_FORMATS: readonly string[] = ['qcow2', 'raw'];
+
+/**
+ * drive-backup: create the target image (`mode: absolute-paths`, the default; sync=top gives it
+ * the source's backing file, sync=none the source itself) or open an existing one, open it as an
+ * automatically named node for the job's length, then run blockdev-backup on it.
+ */
+async function driveBackup(a: DriveBackupArgs, ctx: CommandContext): Promise<void> {
+  const { graph } = ctx.services;
+  const source = graph.find(a.device);
+  const format = a.format ?? source.driverName;
+  if (!(BLOCKDEV_DRIVERS as readonly string[]).includes(format)) throw new QmpError(`Unknown file format '${format}'`);
+  if (!DRIVE_FORMATS.includes(format)) throw new QmpError(`Driver '${format}' is not supported by blockd`);
+  const size = source.size();
+  if ((a.mode ?? 'absolute-paths') === 'absolute-paths') {
+    const backing = a.sync === 'top' ? backingOf(source) : a.sync === 'none' ? source : undefined;
+    const fd = openCreateFile(a.target);
+    await fillCreatedFile(fd, { filename: a.target, size: format === 'raw' ? size : 0 });
+    if (format === 'qcow2') {
+      const file = await graph.openTemporary({ driver: 'file', filename: a.target });
+      try {
+        const user = file.attach({
+          name: 'an unnamed block device',
+          kind: 'backend',
+          perm: permsOf(PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE),
+          shared: permsOf(PERM_ALL),
+        });
+        try {
+          await createQcow2(user.io, {
+            size,
+            ...(backing ? { backingFile: backing.driver.describeFilename(), backingFmt: backing.driverName } : {}),
+          });
+        } finally {
+          user.detach();
+        }
+      } finally {
+        await graph.closeTemporary(file);
+      }
+    }
+  } else if (!existsSync(a.target)) {
+    throw new QmpError(`Could not open '${a.target}': No such file or directory`);
+  }
+  const target = await graph.openTemporary({ driver: format, file: { driver: 'file', filename: a.target } });
+  let prepared: PreparedBackup;
+  try {
+    prepared = await prepareBackup({ ...a, target: target.name }, ctx, () => {
+      graph.closeTemporary(target).catch((err: unknown) => ctx.log.warn({ err }, 'closing the drive-backup target failed'));
+    });
+  } catch (err) {
+    await graph.closeTemporary(target);
+    throw err;
+  }
+  const job = prepared.start();
+  await job.firstYield;
 }
 
 /**
@@ -325,6 +396,10 @@ async function blockCommit(a: CommitArgs, ctx: CommandContext): Promise<void> {
 export const blockJobCommands: readonly CommandDef[] = [
   defineCommand<CommitArgs>('block-commit', async (a, ctx) => {
     await blockCommit(a, ctx);
+    return {};
+  }),
+  defineCommand<DriveBackupArgs>('drive-backup', async (a, ctx) => {
+    await driveBackup(a, ctx);
     return {};
   }),
   defineCommand<MirrorArgs>('blockdev-mirror', async (a, ctx) => {
