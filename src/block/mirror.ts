@@ -68,6 +68,13 @@ export interface MirrorOptions {
    * what lies above it is copied, and the target may have parents (the chain above it).
    */
   commitBaseDepth?: number;
+  /**
+   * The target reads as zeroes (drive-mirror created it): sync=full copies only what is
+   * allocated somewhere in the source's chain, as QEMU does (`len` counts only that).
+   */
+  targetIsZero?: boolean;
+  /** Called at the end of `clean` with whether the users moved onto the target (drive-mirror). */
+  onClean?: (pivoted: boolean) => void;
 }
 
 /** The `mirror_top` filter: forwards to the source and reports completed writes. */
@@ -258,7 +265,7 @@ export class MirrorJob implements JobDriver {
       };
     }
     if (this.o.source.size() === this.o.target.size()) {
-      if (this.o.sync === 'full' && this.o.commitBaseDepth === undefined) this.work.fill();
+      if (this.o.sync === 'full' && this.o.commitBaseDepth === undefined && !this.o.targetIsZero) this.work.fill();
       job.progress(0, Math.min(this.work.dirtyBytes, this.o.source.size()));
     }
     return this.body(job);
@@ -280,9 +287,10 @@ export class MirrorJob implements JobDriver {
       await job.yieldNow();
       throw new BlockError('BAD_OPTION', 'EINVAL', 'Source and target image have different sizes');
     }
-    if (this.o.sync === 'top' || this.o.commitBaseDepth !== undefined) {
+    const zeroFull = this.o.sync === 'full' && this.o.targetIsZero === true;
+    if (this.o.sync === 'top' || this.o.commitBaseDepth !== undefined || zeroFull) {
       await job.yieldNow();
-      await this.markAllocated(job, this.o.commitBaseDepth ?? 2);
+      await this.markAllocated(job, this.o.commitBaseDepth ?? (zeroFull ? Number.POSITIVE_INFINITY : 2));
     }
     if ((await this.loop.pass()) === 'cancelled') return;
     job.transitionToReady();
@@ -361,7 +369,10 @@ export class MirrorJob implements JobDriver {
   }
 
   /** Move the filter's users onto the target. */
+  private pivoted = false;
+
   private pivot(): void {
+    this.pivoted = true;
     const target = this.o.target as BlockNodeImpl;
     // The job's own write permission on the target would conflict with the users moving there.
     this.dstUser?.detach();
@@ -398,5 +409,8 @@ export class MirrorJob implements JobDriver {
     }
     this.srcUser?.detach();
     this.srcUser = undefined;
+    const done = this.o.onClean;
+    this.o.onClean = undefined;
+    done?.(this.pivoted);
   }
 }

@@ -242,7 +242,100 @@ interface MirrorArgs {
   'auto-dismiss'?: boolean;
 }
 
-async function blockdevMirror(a: MirrorArgs, ctx: CommandContext): Promise<void> {
+interface DriveMirrorArgs extends MirrorArgs {
+  format?: string;
+  'node-name'?: string;
+  mode?: 'existing' | 'absolute-paths';
+  unmap?: boolean;
+}
+
+/** Create (or check) the image file of a drive-* target: `backing` recorded for qcow2. */
+async function createTargetImage(
+  ctx: CommandContext,
+  filename: string,
+  format: string,
+  size: number,
+  backing: BlockNode | undefined,
+  mode: 'existing' | 'absolute-paths' | undefined,
+): Promise<void> {
+  const { graph } = ctx.services;
+  if (!(BLOCKDEV_DRIVERS as readonly string[]).includes(format)) throw new QmpError(`Unknown file format '${format}'`);
+  if (!DRIVE_FORMATS.includes(format)) throw new QmpError(`Driver '${format}' is not supported by blockd`);
+  if ((mode ?? 'absolute-paths') !== 'absolute-paths') {
+    if (!existsSync(filename)) throw new QmpError(`Could not open '${filename}': No such file or directory`);
+    return;
+  }
+  const fd = openCreateFile(filename);
+  await fillCreatedFile(fd, { filename, size: format === 'raw' ? size : 0 });
+  if (format !== 'qcow2') return;
+  const file = await graph.openTemporary({ driver: 'file', filename });
+  try {
+    const user = file.attach({
+      name: 'an unnamed block device',
+      kind: 'backend',
+      perm: permsOf(PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE),
+      shared: permsOf(PERM_ALL),
+    });
+    try {
+      await createQcow2(user.io, {
+        size,
+        ...(backing ? { backingFile: backing.driver.describeFilename(), backingFmt: backing.driverName } : {}),
+      });
+    } finally {
+      user.detach();
+    }
+  } finally {
+    await graph.closeTemporary(file);
+  }
+}
+
+/**
+ * drive-mirror: create the target image (sync=top: with the source's backing file, none: with the
+ * source as backing) or open an existing one, open it as node `node-name` (or an automatic name),
+ * and mirror onto it. After a pivot that moved users onto it the node stays; otherwise it is
+ * closed when the job ends (QSD then no longer knows the node name either).
+ */
+async function driveMirror(a: DriveMirrorArgs, ctx: CommandContext): Promise<void> {
+  const { graph } = ctx.services;
+  const source = graph.find(a.device);
+  const format = a.format ?? source.driverName;
+  const backing = a.sync === 'top' ? backingOf(source) : a.sync === 'none' ? source : undefined;
+  if (a['node-name'] !== undefined && graph.get(a['node-name'])) {
+    throw new QmpError(`Duplicate nodes with node-name='${a['node-name']}'`);
+  }
+  await createTargetImage(ctx, a.target, format, source.size(), backing, a.mode);
+  const target = await graph.openTemporary({
+    driver: format,
+    ...(a['node-name'] !== undefined ? { 'node-name': a['node-name'] } : {}),
+    file: { driver: 'file', filename: a.target },
+  });
+  const close = (): void => {
+    graph.closeTemporary(target).catch((err: unknown) => ctx.log.warn({ err }, 'closing the drive-mirror target failed'));
+  };
+  try {
+    const { format: _f, 'node-name': _n, mode: _m, unmap: _u, ...rest } = a;
+    // Like QEMU's reference counting: the node lives on only if users moved onto it.
+    const created = (a.mode ?? 'absolute-paths') === 'absolute-paths';
+    await blockdevMirror(
+      { ...rest, target: target.name },
+      ctx,
+      (pivoted) => {
+        if (!pivoted || target.parents.length === 0) close();
+      },
+      created && a.sync === 'full',
+    );
+  } catch (err) {
+    await graph.closeTemporary(target);
+    throw err;
+  }
+}
+
+async function blockdevMirror(
+  a: MirrorArgs,
+  ctx: CommandContext,
+  onClean?: (pivoted: boolean) => void,
+  targetIsZero = false,
+): Promise<void> {
   const { graph, jobs } = ctx.services;
   const source = graph.find(a.device);
   const target = graph.find(a.target);
@@ -281,6 +374,8 @@ async function blockdevMirror(a: MirrorArgs, ctx: CommandContext): Promise<void>
     onTargetError: a['on-target-error'] ?? 'report',
     ...(a['filter-node-name'] !== undefined ? { filterNodeName: a['filter-node-name'] } : {}),
     graph,
+    ...(onClean ? { onClean } : {}),
+    ...(targetIsZero ? { targetIsZero } : {}),
   });
   driver.attach();
   let job;
@@ -400,6 +495,10 @@ export const blockJobCommands: readonly CommandDef[] = [
   }),
   defineCommand<DriveBackupArgs>('drive-backup', async (a, ctx) => {
     await driveBackup(a, ctx);
+    return {};
+  }),
+  defineCommand<DriveMirrorArgs>('drive-mirror', async (a, ctx) => {
+    await driveMirror(a, ctx);
     return {};
   }),
   defineCommand<MirrorArgs>('blockdev-mirror', async (a, ctx) => {
