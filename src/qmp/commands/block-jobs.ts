@@ -157,37 +157,8 @@ async function driveBackup(a: DriveBackupArgs, ctx: CommandContext): Promise<voi
   const { graph } = ctx.services;
   const source = graph.find(a.device);
   const format = a.format ?? source.driverName;
-  if (!(BLOCKDEV_DRIVERS as readonly string[]).includes(format)) throw new QmpError(`Unknown file format '${format}'`);
-  if (!DRIVE_FORMATS.includes(format)) throw new QmpError(`Driver '${format}' is not supported by blockd`);
-  const size = source.size();
-  if ((a.mode ?? 'absolute-paths') === 'absolute-paths') {
-    const backing = a.sync === 'top' ? backingOf(source) : a.sync === 'none' ? source : undefined;
-    const fd = openCreateFile(a.target);
-    await fillCreatedFile(fd, { filename: a.target, size: format === 'raw' ? size : 0 });
-    if (format === 'qcow2') {
-      const file = await graph.openTemporary({ driver: 'file', filename: a.target });
-      try {
-        const user = file.attach({
-          name: 'an unnamed block device',
-          kind: 'backend',
-          perm: permsOf(PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE),
-          shared: permsOf(PERM_ALL),
-        });
-        try {
-          await createQcow2(user.io, {
-            size,
-            ...(backing ? { backingFile: backing.driver.describeFilename(), backingFmt: backing.driverName } : {}),
-          });
-        } finally {
-          user.detach();
-        }
-      } finally {
-        await graph.closeTemporary(file);
-      }
-    }
-  } else if (!existsSync(a.target)) {
-    throw new QmpError(`Could not open '${a.target}': No such file or directory`);
-  }
+  const backing = a.sync === 'top' ? backingOf(source) : a.sync === 'none' ? source : undefined;
+  await createTargetImage(ctx, a.target, format, source.size(), backing, a.mode);
   const target = await graph.openTemporary({ driver: format, file: { driver: 'file', filename: a.target } });
   let prepared: PreparedBackup;
   try {
