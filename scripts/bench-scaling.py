@@ -454,6 +454,9 @@ def main():
     ap.add_argument("--servers", default=",".join(SERVERS),
                     help="subset of blockd,qsd to run (ratios need both)")
     a = ap.parse_args()
+    # SIGTERM (e.g. from timeout) unwinds like Ctrl-C: the finally blocks stop
+    # the running server (it is in its own session) and fio
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     phases = PHASES
     if a.only:
