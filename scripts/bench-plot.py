@@ -207,6 +207,7 @@ W = 900
 LABEL_W = 300
 PLOT_X0, PLOT_X1 = LABEL_W + 10, W - 70
 ROW_H, BAR_H = 26, 14
+X_CAP = 5.0
 
 
 def nice_max(v):
@@ -221,8 +222,9 @@ def svg(panels):
                     [r["target"][1]] if r["target"] else []):
                 if v is not None:
                     xmax = max(xmax, v)
-    xmax = nice_max(xmax)
-    step = 0.5 if xmax <= 5 else 1.0
+    # larger ratios are drawn to the edge and labelled "off scale"
+    xmax = min(nice_max(xmax), X_CAP)
+    step = 0.5
 
     def x(v):
         return PLOT_X0 + (PLOT_X1 - PLOT_X0) * min(v, xmax) / xmax
@@ -271,6 +273,8 @@ def svg(panels):
                 out.append('<circle cx="%.1f" cy="%.1f" r="2.5" '
                            'class="dot"/>' % (x(rv), cy))
             text = "%.2f×" % r["ratio"]
+            if r["ratio"] > xmax:
+                text += " (off scale)"
             if r["target"]:
                 op, tv = r["target"]
                 tx = x(tv)
