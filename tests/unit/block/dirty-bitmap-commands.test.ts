@@ -292,8 +292,8 @@ describe('dirty bitmap commands', () => {
     });
 
     it('names transaction actions blockd does not implement yet', async () => {
-      expect(await err('transaction', { actions: [act('blockdev-backup', { device: 'n0' })] })).toBe(
-        "Transaction action 'blockdev-backup' is not supported by blockd",
+      expect(await err('transaction', { actions: [act('drive-backup', { device: 'n0' })] })).toBe(
+        "Transaction action 'drive-backup' is not supported by blockd",
       );
     });
 
