@@ -1,5 +1,5 @@
 /**
- * Graph commands: x-debug-query-block-graph, blockdev-reopen, x-blockdev-change.
+ * Graph commands: x-debug-query-block-graph, blockdev-reopen, x-blockdev-change, x-blockdev-set-iothread.
  */
 import { BlockError, QmpError } from '../../util/errors.js';
 import { defineCommand, type CommandDef } from '../types.js';
@@ -8,6 +8,12 @@ interface ChangeArgs {
   parent: string;
   child?: string;
   node?: string;
+}
+
+interface SetIothreadArgs {
+  'node-name': string;
+  iothread: string | null;
+  force?: boolean;
 }
 
 interface ReopenArgs {
@@ -33,6 +39,21 @@ export const graphCommands: readonly CommandDef[] = [
     const node = graph.get(a.node ?? '');
     if (!node) throw new QmpError(`Node '${a.node ?? ''}' not found`);
     throw new QmpError(`The node ${a.parent} does not support adding a child`);
+  }),
+  // QEMU's qmp_x_blockdev_set_iothread. blockd runs every node on its one event loop: the checks
+  // are QSD's, the move itself changes nothing.
+  defineCommand<SetIothreadArgs>('x-blockdev-set-iothread', (a, ctx) => {
+    const node = ctx.services.graph.get(a['node-name']);
+    if (!node) throw new QmpError(`Failed to find node with node-name='${a['node-name']}'`);
+    if (a.force !== true && node.parents.some((u) => u.spec.kind !== 'node')) {
+      throw new QmpError(
+        `Node ${a['node-name']} is associated with a BlockBackend and could be in use (use force=true to override this check)`,
+      );
+    }
+    if (a.iothread !== null && !ctx.services.objects.isIothread(a.iothread)) {
+      throw new QmpError(`Cannot find iothread ${a.iothread}`);
+    }
+    return {};
   }),
   defineCommand<ReopenArgs>('blockdev-reopen', async (args, ctx) => {
     await ctx.services.graph.reopen(args.options);
