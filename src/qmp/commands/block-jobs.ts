@@ -1,6 +1,6 @@
 /**
  * The data-moving block jobs: blockdev-backup (also in transactions), drive-backup,
- * blockdev-mirror, block-commit (active layer). Handlers check the
+ * blockdev-mirror, block-commit (active layer), block-stream. Handlers check the
  * arguments in QSD's order, set the job up, start it and reply once the job first yields (so a
  * job with nothing to do has ended before the reply, as in QSD).
  */
@@ -10,6 +10,7 @@ import { BackupJob, type BackupSync, type BitmapMode } from '../../block/backup.
 import { jobClusterSize, type OnError } from '../../block/block-job.js';
 import { bitmapsOf, CHECK_ALLOW_RO, defaultGranularity, type NamedBitmap } from '../../block/dirty-bitmap-set.js';
 import { MIRROR_DEFAULT_BUF, MirrorJob, type MirrorSync } from '../../block/mirror.js';
+import { StreamJob } from '../../block/stream.js';
 import { backingOf } from '../../block/drivers/qcow2/backing.js';
 import type { BlockNode } from '../../block/types.js';
 import type { Job } from '../../block/jobs.js';
@@ -459,7 +460,94 @@ async function blockCommit(a: CommitArgs, ctx: CommandContext): Promise<void> {
   await job.firstYield;
 }
 
+interface StreamArgs {
+  'job-id'?: string;
+  device: string;
+  base?: string;
+  'base-node'?: string;
+  'backing-file'?: string;
+  bottom?: string;
+  speed?: number;
+  'on-error'?: OnError;
+  'filter-node-name'?: string;
+  'auto-finalize'?: boolean;
+  'auto-dismiss'?: boolean;
+}
+
+/**
+ * block-stream (QEMU's qmp_block_stream, checks in its order): copy what the layers between
+ * `device` and the base hold into `device`, then make the base its backing (src/block/stream.ts).
+ */
+async function blockStream(a: StreamArgs, ctx: CommandContext): Promise<void> {
+  const { graph, jobs } = ctx.services;
+  if (a.base !== undefined && a['base-node'] !== undefined) {
+    throw new QmpError("'base' and 'base-node' cannot be specified at the same time");
+  }
+  if (a.base !== undefined && a.bottom !== undefined) {
+    throw new QmpError("'base' and 'bottom' cannot be specified at the same time");
+  }
+  if (a.bottom !== undefined && a['base-node'] !== undefined) {
+    throw new QmpError("'bottom' and 'base-node' cannot be specified at the same time");
+  }
+  const top = graph.get(a.device);
+  if (!top) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='${a.device}' nor node-name='${a.device}'`);
+  const below = chainOf(top).slice(1);
+  let base: BlockNode | undefined;
+  let backingFile: string | undefined;
+  if (a.base !== undefined) {
+    base = byFilename(below, a.base);
+    if (!base) throw new QmpError(`Can't find '${a.base}' in the backing chain`);
+    backingFile = a.base;
+  } else if (a['base-node'] !== undefined) {
+    const name = a['base-node'];
+    base = graph.get(name);
+    if (!base) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='' nor node-name='${name}'`);
+    if (!below.includes(base)) throw new QmpError(`Node '${name}' is not a backing image of '${a.device}'`);
+  } else if (a.bottom !== undefined) {
+    // The lowest layer to stream (top itself included): the base is what lies below it.
+    const bottom = graph.get(a.bottom);
+    if (!bottom) throw new BlockError('NODE_NOT_FOUND', 'ENOENT', `Cannot find device='' nor node-name='${a.bottom}'`);
+    if (!chainOf(top).includes(bottom)) {
+      throw new QmpError(`Node '${a.bottom}' is not in a chain starting from '${a.device}'`);
+    }
+    base = backingOf(bottom);
+  }
+  for (const n of chainOf(top)) {
+    if (n === base) break;
+    const blocked = targetBlocker(n);
+    if (blocked) throw new BlockError('BUSY', 'EBUSY', `Node '${n.name}' is busy: ${blocked}`);
+  }
+  if (a['backing-file'] !== undefined) {
+    if (!base || a.bottom !== undefined) throw new QmpError('backing file specified, but streaming the entire chain');
+    backingFile = a['backing-file'];
+  }
+  if (a['filter-node-name'] !== undefined) {
+    throw new QmpError("Parameter 'filter-node-name' is not supported by blockd");
+  }
+  if (top.readOnly) throw new BlockError('READ_ONLY', 'EPERM', 'Block node is read-only');
+  const id = a['job-id'] ?? '';
+  jobs.checkId(id);
+  const driver = new StreamJob({ top, base, backingFile, onError: a['on-error'] ?? 'report', graph });
+  driver.attach();
+  let job;
+  try {
+    job = jobs.start(id, driver, {
+      autoFinalize: a['auto-finalize'] ?? true,
+      autoDismiss: a['auto-dismiss'] ?? true,
+      speed: a.speed ?? 0,
+    });
+  } catch (err) {
+    driver.clean();
+    throw err;
+  }
+  await job.firstYield;
+}
+
 export const blockJobCommands: readonly CommandDef[] = [
+  defineCommand<StreamArgs>('block-stream', async (a, ctx) => {
+    await blockStream(a, ctx);
+    return {};
+  }),
   defineCommand<CommitArgs>('block-commit', async (a, ctx) => {
     await blockCommit(a, ctx);
     return {};
