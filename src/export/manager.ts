@@ -216,7 +216,8 @@ export class ExportManager implements NbdBackend {
   }
 
   private async deleteAll(): Promise<void> {
-    const all = [...this.exports.values()].reverse();
+    // Oldest first, as QSD (quit, signals, nbd-server-stop: BLOCK_EXPORT_DELETED in that order).
+    const all = [...this.exports.values()];
     await Promise.all(all.map((e) => this.removeNow(e, 'server shutting down')));
   }
 
