@@ -446,6 +446,41 @@ export interface SnapshotInfo {
 export const MAX_SNAPSHOT_EXTRA = 1024;
 export const MAX_SNAPSHOT_TABLE = 1024 * MAX_SNAPSHOTS;
 
+/** The fixed part of one snapshot table entry, checked (see {@link snapshotEntryAt}). */
+export interface SnapshotEntryHead {
+  l1TableOffset: number;
+  l1Size: number;
+  idLen: number;
+  nameLen: number;
+  extra: number;
+  /** Whole entry length in bytes, padding included. */
+  len: number;
+  /** Where the id starts (the name follows it). */
+  idAt: number;
+}
+
+/**
+ * Decode the fixed part of the entry at `pos` (the caller makes sure `buf` holds its first 40
+ * bytes) and check QEMU's extra-data limit. The caller then makes sure the whole entry (`len`)
+ * is there and calls {@link checkSnapshotL1}: QEMU's order of checks.
+ */
+export function snapshotEntryHead(buf: Buffer, pos: number): SnapshotEntryHead {
+  const l1TableOffset = u64(buf, pos, 'snapshot L1 table offset');
+  const l1Size = buf.readUInt32BE(pos + 8);
+  const idLen = buf.readUInt16BE(pos + 12);
+  const nameLen = buf.readUInt16BE(pos + 14);
+  const extra = buf.readUInt32BE(pos + 36);
+  if (extra > MAX_SNAPSHOT_EXTRA) throw corrupt('Too much extra metadata in snapshot table entry');
+  const len = Math.ceil((40 + extra + idLen + nameLen) / 8) * 8;
+  return { l1TableOffset, l1Size, idLen, nameLen, extra, len, idAt: pos + 40 + extra };
+}
+
+/** A snapshot's L1 table must be cluster aligned and within QEMU's L1 size limit. */
+export function checkSnapshotL1(h: SnapshotEntryHead, cs: number): void {
+  if (h.l1TableOffset % cs !== 0) throw corrupt('Snapshot L1 table offset invalid');
+  if (h.l1Size * 8 > MAX_L1_SIZE) throw corrupt('Snapshot L1 table too large');
+}
+
 /**
  * Read and check the snapshot table (`nb` entries at `offset`); returns the entries and the
  * table's length in bytes.
@@ -475,17 +510,10 @@ export async function readSnapshotTable(
   let pos = 0;
   for (let i = 0; i < nb; i++) {
     await need(pos + 40);
-    const l1TableOffset = u64(buf, pos, 'snapshot L1 table offset');
-    const l1Size = buf.readUInt32BE(pos + 8);
-    const idLen = buf.readUInt16BE(pos + 12);
-    const nameLen = buf.readUInt16BE(pos + 14);
-    const extra = buf.readUInt32BE(pos + 36);
-    if (extra > MAX_SNAPSHOT_EXTRA) throw corrupt('Too much extra metadata in snapshot table entry');
-    const len = Math.ceil((40 + extra + idLen + nameLen) / 8) * 8;
-    await need(pos + len);
-    const idAt = pos + 40 + extra;
-    if (l1TableOffset % cs !== 0) throw corrupt('Snapshot L1 table offset invalid');
-    if (l1Size * 8 > MAX_L1_SIZE) throw corrupt('Snapshot L1 table too large');
+    const h = snapshotEntryHead(buf, pos);
+    await need(pos + h.len);
+    checkSnapshotL1(h, cs);
+    const { l1TableOffset, l1Size, idLen, nameLen, len, idAt } = h;
     snapshots.push({
       l1TableOffset,
       l1Size,

@@ -29,10 +29,11 @@ import {
   LO_OFFSET_MASK,
   MAX_L1_SIZE,
   MAX_SNAPSHOTS,
-  MAX_SNAPSHOT_EXTRA,
+  checkSnapshotL1,
   corrupt,
   parseHeader,
   readSnapshotTable,
+  snapshotEntryHead,
   u64,
   writeU64,
   type Qcow2Header,
@@ -75,17 +76,10 @@ function parseEntries(buf: Buffer, nb: number, cs: number): SnapshotEntry[] {
   let pos = 0;
   for (let i = 0; i < nb; i++) {
     if (pos + 40 > buf.length) throw corrupt('Snapshot table truncated');
-    const l1TableOffset = u64(buf, pos, 'snapshot L1 table offset');
-    const l1Size = buf.readUInt32BE(pos + 8);
-    const idLen = buf.readUInt16BE(pos + 12);
-    const nameLen = buf.readUInt16BE(pos + 14);
-    const extra = buf.readUInt32BE(pos + 36);
-    if (extra > MAX_SNAPSHOT_EXTRA) throw corrupt('Too much extra metadata in snapshot table entry');
-    const len = Math.ceil((40 + extra + idLen + nameLen) / 8) * 8;
-    if (pos + len > buf.length) throw corrupt('Snapshot table truncated');
-    if (l1TableOffset % cs !== 0) throw corrupt('Snapshot L1 table offset invalid');
-    if (l1Size * 8 > MAX_L1_SIZE) throw corrupt('Snapshot L1 table too large');
-    const idAt = pos + 40 + extra;
+    const h = snapshotEntryHead(buf, pos);
+    if (pos + h.len > buf.length) throw corrupt('Snapshot table truncated');
+    checkSnapshotL1(h, cs);
+    const { l1TableOffset, l1Size, idLen, nameLen, extra, len, idAt } = h;
     let vmStateSize = buf.readUInt32BE(pos + 32);
     if (extra >= 8) vmStateSize = u64(buf, pos + 40, 'snapshot VM state size');
     let icount: number | undefined;
