@@ -217,6 +217,10 @@ export class StreamJob implements JobDriver {
       t.childEdges.splice(i, 1);
       edge.user.detach();
     }
+    // The layers that dropped out close now (QEMU unrefs them here), top down, unless the
+    // monitor added them or something else still uses them.
+    for (const n of this.intermediates) n.blockers.delete(this.blocker);
+    for (const n of this.intermediates) await this.o.graph.releaseUnused(n);
   }
 
   clean(): void {
@@ -225,10 +229,5 @@ export class StreamJob implements JobDriver {
     for (const n of [this.o.top, ...this.intermediates]) n.blockers.delete(this.blocker);
     this.user?.detach();
     this.user = undefined;
-    // Layers that dropped out of the chain close when nothing uses them any more (top down).
-    const graph = this.o.graph;
-    void (async () => {
-      for (const n of this.intermediates) await graph.releaseUnused(n);
-    })().catch(() => undefined);
   }
 }
