@@ -1,6 +1,6 @@
 /**
  * The data-moving block jobs: blockdev-backup (also in transactions), drive-backup,
- * blockdev-mirror, block-commit (active layer), block-stream. Handlers check the
+ * blockdev-mirror, block-commit (active and intermediate), block-stream. Handlers check the
  * arguments in QSD's order, set the job up, start it and reply once the job first yields (so a
  * job with nothing to do has ended before the reply, as in QSD).
  */
@@ -11,6 +11,7 @@ import { jobClusterSize, type OnError } from '../../block/block-job.js';
 import { bitmapsOf, CHECK_ALLOW_RO, defaultGranularity, type NamedBitmap } from '../../block/dirty-bitmap-set.js';
 import { MIRROR_DEFAULT_BUF, MirrorJob, type MirrorSync } from '../../block/mirror.js';
 import { StreamJob } from '../../block/stream.js';
+import { IntermediateCommitJob } from '../../block/commit-intermediate.js';
 import { backingOf } from '../../block/drivers/qcow2/backing.js';
 import type { BlockNode } from '../../block/types.js';
 import type { Job } from '../../block/jobs.js';
@@ -391,6 +392,57 @@ function byFilename(chain: BlockNode[], name: string): BlockNode | undefined {
   return chain.find((n) => n.driver.describeFilename() === name);
 }
 
+/**
+ * block-commit of an intermediate layer (top below the active layer; src/block/commit-intermediate.ts):
+ * the overlay of top is the layer of the device's chain whose backing top is.
+ */
+async function intermediateCommit(
+  a: CommitArgs,
+  ctx: CommandContext,
+  chain: BlockNode[],
+  top: BlockNode,
+  base: BlockNode,
+): Promise<void> {
+  const { graph, jobs } = ctx.services;
+  const overlay = chain.find((n) => backingOf(n) === top);
+  if (!overlay) throw new QmpError(`Could not find overlay image for ${top.driver.describeFilename()}:`);
+  if (a['filter-node-name'] !== undefined) {
+    throw new QmpError("Parameter 'filter-node-name' is not supported by blockd for an intermediate commit");
+  }
+  const id = a['job-id'] ?? '';
+  jobs.checkId(id);
+  // As QEMU: a read-only base is reopened read-write for the job, and read-only again after it.
+  const baseWasReadOnly = base.readOnly;
+  if (baseWasReadOnly) await graph.setReadOnly(base, false);
+  const driver = new IntermediateCommitJob({
+    overlay,
+    top,
+    base,
+    backingFile: a['backing-file'],
+    onError: a['on-error'] ?? 'report',
+    graph,
+    baseWasReadOnly,
+  });
+  try {
+    driver.attach();
+  } catch (err) {
+    if (baseWasReadOnly) await graph.setReadOnly(base, true);
+    throw err;
+  }
+  let job;
+  try {
+    job = jobs.start(id, driver, {
+      autoFinalize: a['auto-finalize'] ?? true,
+      autoDismiss: a['auto-dismiss'] ?? true,
+      speed: a.speed ?? 0,
+    });
+  } catch (err) {
+    driver.clean();
+    throw err;
+  }
+  await job.firstYield;
+}
+
 async function blockCommit(a: CommitArgs, ctx: CommandContext): Promise<void> {
   const { graph, jobs } = ctx.services;
   const device = graph.get(a.device);
@@ -417,12 +469,14 @@ async function blockCommit(a: CommitArgs, ctx: CommandContext): Promise<void> {
     base = chain[chain.length - 1];
   }
   if (!base || base === top) throw new QmpError('cannot commit an image into itself');
+  if (!chain.includes(top)) throw new QmpError(`'${top.name}' is not in this backing file chain`);
   const topChain = chainOf(top);
   const baseDepth = topChain.indexOf(base) + 1;
   if (baseDepth <= 0) throw new QmpError(`'${base.name}' is not in this backing file chain`);
   if (device.parents.some((u) => u.spec.kind === 'node')) throw new QmpError('Need a root block node');
   if (top !== device) {
-    throw new QmpError('Committing an intermediate layer (top below the active layer) is not supported by blockd');
+    await intermediateCommit(a, ctx, chain, top, base);
+    return;
   }
   if (a['backing-file'] !== undefined) {
     throw new QmpError("'backing-file' specified, but 'top' is the active layer");

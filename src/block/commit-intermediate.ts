@@ -1,0 +1,223 @@
+/**
+ * The commit job of an intermediate layer (QEMU's block-commit with `top` below the active
+ * layer, block/commit.c): copy into `base` what `top` and the layers between it and `base` hold,
+ * then make `base` the backing node of top's overlay, in the graph and in the overlay's qcow2
+ * header (`backing-file`, else the base's file name; the base's format), and let go of the
+ * layers that dropped out (nodes the monitor did not add close when nothing else uses them).
+ *
+ * The walk is QEMU's commit_run: 512 KiB chunks in order, progress counts every byte (total =
+ * top's size), only ranges allocated above the base are copied (zero ranges as write-zeroes),
+ * read errors are reported as `read` and write errors as `write`. Nothing writes to top and the
+ * layers below it (they are backing nodes), so the copy needs no guard against guest writes;
+ * the base is written with the `write unchanged` permission, as the layers above it read the
+ * same data before and after. A read-only base is reopened read-write for the job (the command
+ * does it) and read-only again in `clean`, as QEMU does.
+ */
+import { BlockError } from '../util/errors.js';
+import { CopyError, RateLimit } from './job-copy.js';
+import { errorAction, type OnError } from './block-job.js';
+import { jobBlocker } from './backup.js';
+import type { Job, JobDriver } from './jobs.js';
+import { permsOf, type BlockNodeImpl } from './node.js';
+import { BACKING_ROLE, backingBlocker, backingOf, detachBackingBlocker } from './drivers/qcow2/backing.js';
+import { setBackingFile } from './drivers/qcow2/header-write.js';
+import { STREAM_CHUNK, type StreamGraph } from './stream.js';
+import {
+  EXTENT_ZERO,
+  PERM_ALL,
+  PERM_CONSISTENT_READ,
+  PERM_WRITE_UNCHANGED,
+  type BlockIO,
+  type BlockNode,
+  type BlockUser,
+} from './types.js';
+
+/** What the job needs of the graph (BlockGraph implements it). */
+export interface CommitGraph extends StreamGraph {
+  setReadOnly(node: BlockNode, readOnly: boolean): Promise<void>;
+}
+
+export interface IntermediateCommitOptions {
+  /** The node whose backing is `top` (it keeps its place; its backing becomes `base`). */
+  overlay: BlockNode;
+  top: BlockNode;
+  base: BlockNode;
+  backingFile: string | undefined;
+  onError: OnError;
+  graph: CommitGraph;
+  /** The base was reopened read-write for the job: made read-only again in `clean`. */
+  baseWasReadOnly?: boolean;
+}
+
+export class IntermediateCommitJob implements JobDriver {
+  readonly type = 'commit';
+  readonly blockJob = true;
+  private src: BlockUser | undefined;
+  private dst: BlockUser | undefined;
+  private readonly limit = new RateLimit();
+  private readonly blocker = jobBlocker('commit');
+  /** top and the layers between it and base. */
+  private readonly committed: BlockNode[] = [];
+
+  constructor(private readonly o: IntermediateCommitOptions) {
+    const seen = new Set<BlockNode>();
+    for (let n: BlockNode | undefined = o.top; n && n !== o.base && !seen.has(n); n = backingOf(n)) {
+      seen.add(n);
+      this.committed.push(n);
+    }
+  }
+
+  /** Base depth seen from top (top = 1). */
+  private get baseDepth(): number {
+    return this.committed.length + 1;
+  }
+
+  attach(): void {
+    this.src = this.o.top.attach({
+      name: `node '#commit'`,
+      role: 'file',
+      kind: 'node',
+      perm: permsOf(PERM_CONSISTENT_READ),
+      shared: permsOf(PERM_ALL),
+    });
+    try {
+      this.dst = this.o.base.attach({
+        name: `node '#commit'`,
+        role: 'target',
+        kind: 'node',
+        perm: permsOf(PERM_WRITE_UNCHANGED),
+        shared: permsOf(PERM_ALL),
+      });
+    } catch (err) {
+      this.src.detach();
+      this.src = undefined;
+      throw err;
+    }
+    for (const n of this.committed) n.blockers.add(this.blocker);
+  }
+
+  private users(): { src: BlockIO; dst: BlockIO } {
+    if (!this.src || !this.dst) throw new BlockError('DETACHED', 'EIO', 'commit nodes are detached');
+    return { src: this.src.io, dst: this.dst.io };
+  }
+
+  run(job: Job): Promise<void> {
+    const size = this.o.top.size();
+    job.progress(0, size);
+    return this.body(job, size);
+  }
+
+  private async body(job: Job, size: number): Promise<void> {
+    const { src, dst } = this.users();
+    for (let offset = 0; offset < size; ) {
+      await job.pausePoint();
+      if (job.forceCancelled) return;
+      for (;;) {
+        const ms = this.limit.waitMs(job.speed, performance.now());
+        if (ms <= 0 || job.forceCancelled) break;
+        await job.sleep(Math.ceil(ms));
+      }
+      if (job.forceCancelled) return;
+      // Each chunk starts with I/O, where QEMU's coroutine yields.
+      await job.yieldNow();
+      if (job.forceCancelled) return;
+      const len = Math.min(STREAM_CHUNK, size - offset);
+      let copied: number;
+      try {
+        copied = await this.copyChunk(src, dst, offset, len);
+      } catch (err) {
+        if (errorAction(job, { onSourceError: this.o.onError, onTargetError: this.o.onError }, err) === 'fail') {
+          throw err;
+        }
+        continue;
+      }
+      job.progress(len);
+      if (copied > 0) this.limit.account(copied, job.speed, performance.now());
+      offset += len;
+    }
+    await dst.flush();
+  }
+
+  private async copyChunk(src: BlockIO, dst: BlockIO, offset: number, length: number): Promise<number> {
+    const end = offset + length;
+    let extents;
+    try {
+      extents = await src.blockStatus(offset, length);
+    } catch (err) {
+      throw new CopyError('read', err);
+    }
+    let copied = 0;
+    for (const e of extents) {
+      const from = Math.max(e.offset, offset);
+      const to = Math.min(e.offset + e.length, end);
+      if (to <= from || !(e.depth >= 1 && e.depth < this.baseDepth)) continue;
+      if (e.flags & EXTENT_ZERO) {
+        try {
+          await dst.writeZeroes(from, to - from, { mayUnmap: false });
+        } catch (err) {
+          throw new CopyError('write', err);
+        }
+      } else {
+        const buf = Buffer.allocUnsafe(to - from);
+        try {
+          await src.read(buf, from);
+        } catch (err) {
+          throw new CopyError('read', err);
+        }
+        try {
+          await dst.write(buf, from);
+        } catch (err) {
+          throw new CopyError('write', err);
+        }
+      }
+      copied += to - from;
+    }
+    return copied;
+  }
+
+  setSpeed(): void {
+    this.limit.reset();
+  }
+
+  /**
+   * QEMU's bdrv_drop_intermediate: record the base in the overlay's header, then make it the
+   * overlay's backing node in the graph.
+   */
+  async prepare(): Promise<void> {
+    const { overlay, base, top, graph } = this.o;
+    const name = this.o.backingFile ?? base.driver.describeFilename();
+    if (overlay.driverName === 'qcow2') {
+      const ro = overlay.readOnly;
+      if (ro) await graph.setReadOnly(overlay, false);
+      try {
+        await graph.reopenDriver(overlay, false, (file) => setBackingFile(file, name, base.driverName));
+      } finally {
+        if (ro) await graph.setReadOnly(overlay, true);
+      }
+    }
+    const ov = overlay as BlockNodeImpl;
+    const edge = ov.childEdges.find((e) => e.name === BACKING_ROLE);
+    if (!edge || edge.user.node !== top) return;
+    detachBackingBlocker(overlay, top as BlockNodeImpl);
+    edge.user.moveTo(base as BlockNodeImpl);
+    base.blockers.add(backingBlocker(overlay));
+    // The committed layers close now (QEMU unrefs them here), top down, unless the monitor
+    // added them or something else still uses them.
+    for (const n of this.committed) n.blockers.delete(this.blocker);
+    this.src?.detach();
+    this.src = undefined;
+    for (const n of this.committed) await graph.releaseUnused(n);
+  }
+
+  clean(): void {
+    for (const n of this.committed) n.blockers.delete(this.blocker);
+    this.src?.detach();
+    this.dst?.detach();
+    this.src = undefined;
+    this.dst = undefined;
+    const graph = this.o.graph;
+    const base = this.o.base;
+    const restore = this.o.baseWasReadOnly === true;
+    if (restore) void graph.setReadOnly(base, true).catch(() => undefined);
+  }
+}
