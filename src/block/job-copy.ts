@@ -75,8 +75,13 @@ export interface CopyLoopOptions {
   chunk: number;
   /** Most chunks in flight at once. */
   workers: number;
-  /** Copy [offset, offset+length) (clipped to the bitmap's size). */
-  copy(offset: number, length: number): Promise<void>;
+  /**
+   * Copy [offset, offset+length) (clipped to the bitmap's size). With `rateByCopied`, resolves
+   * with the bytes really copied (a job that skips ranges, like stream, pays only for those).
+   */
+  copy(offset: number, length: number): Promise<void | number>;
+  /** Charge the speed limit with the bytes `copy` reports, after each chunk (default: claimed bytes, at dispatch). */
+  rateByCopied?: boolean;
   /**
    * A chunk failed: 'fail' ends the pass with the error (default), 'retry' leaves the clusters to
    * do and goes on (the hook may have paused the job first: on-error=stop).
@@ -188,7 +193,7 @@ export class CopyLoop {
         }
       }
       this.start(area.start, area.end);
-      this.limit.account(area.bytes, job.speed, this.now());
+      if (this.opts.rateByCopied !== true) this.limit.account(area.bytes, job.speed, this.now());
     }
   }
 
@@ -246,7 +251,10 @@ export class CopyLoop {
     const rec: InFlight = { start, end, done: Promise.resolve() };
     rec.done = (async () => {
       try {
-        await this.opts.copy(offset, length);
+        const copied = await this.opts.copy(offset, length);
+        if (this.opts.rateByCopied === true && typeof copied === 'number' && copied > 0) {
+          this.limit.account(copied, this.job.speed, this.now());
+        }
         if (this.opts.countProgress !== false) this.job.progress(length, this.remaining - length);
       } catch (err) {
         // Not copied: the clusters stay to do (a retry, or the job's end, sees them).

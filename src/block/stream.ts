@@ -5,7 +5,7 @@
  * the qcow2 header (the backing file name), and let go of the layers that dropped out (nodes the
  * monitor did not add close when nothing else uses them, as QEMU's last unref).
  *
- * The walk is QEMU's stream_run: chunks of 512 KiB in order; each chunk checks the top's
+ * The walk is QEMU's stream_run on the shared copy loop (job-copy.ts): chunks of 512 KiB in order, one at a time; each chunk checks the top's
  * allocation, then the chain's below it, and copies only what lies above the base. Progress counts
  * every byte walked (total = the image size), as QEMU's. Guest writes to the top that overlap the
  * chunk being copied wait until its copy is written, so they land after it. Not covered: a guest
@@ -13,7 +13,8 @@
  * filter serialises those; blockd has no such filter and refuses `filter-node-name`).
  */
 import { BlockError } from '../util/errors.js';
-import { CopyError, RateLimit } from './job-copy.js';
+import { CopyError, CopyLoop } from './job-copy.js';
+import { DirtyBitmap } from './dirty-bitmap.js';
 import { errorAction, type OnError } from './block-job.js';
 import { jobBlocker } from './backup.js';
 import type { Job, JobDriver } from './jobs.js';
@@ -55,7 +56,7 @@ export class StreamJob implements JobDriver {
   readonly blockJob = true;
   private user: BlockUser | undefined;
   private unhook: (() => void) | undefined;
-  private readonly limit = new RateLimit();
+  private loop: CopyLoop | undefined;
   /** The copy in flight (at most one), for guest writes that overlap it. */
   private inflight: { offset: number; end: number; done: Promise<void> } | undefined;
   private readonly blocker = jobBlocker('stream');
@@ -110,46 +111,31 @@ export class StreamJob implements JobDriver {
     return this.body(job, size);
   }
 
+  /** The shared copy loop, one chunk at a time over a work bitmap of the whole image. */
   private async body(job: Job, size: number): Promise<void> {
     const io = this.io();
-    for (let offset = 0; offset < size; ) {
-      await job.pausePoint();
-      if (job.forceCancelled) return;
-      await this.rateLimitSleep(job);
-      if (job.forceCancelled) return;
-      // Each chunk starts with I/O, where QEMU's coroutine yields: a command that started or
-      // woke the job replies first.
-      await job.yieldNow();
-      if (job.forceCancelled) return;
-      const len = Math.min(STREAM_CHUNK, size - offset);
-      let done: () => void = () => undefined;
-      const p = new Promise<void>((r) => (done = r));
-      this.inflight = { offset, end: offset + len, done: p };
-      let copied = 0;
-      try {
-        copied = await this.copyChunk(io, offset, len);
-      } catch (err) {
-        if (errorAction(job, { onSourceError: this.o.onError, onTargetError: this.o.onError }, err) === 'fail') {
-          throw err;
+    const work = new DirtyBitmap(size, STREAM_CHUNK);
+    work.fill();
+    this.loop = new CopyLoop({
+      job,
+      work,
+      chunk: STREAM_CHUNK,
+      workers: 1,
+      rateByCopied: true,
+      copy: async (offset, len) => {
+        let done: () => void = () => undefined;
+        this.inflight = { offset, end: offset + len, done: new Promise<void>((r) => (done = r)) };
+        try {
+          return await this.copyChunk(io, offset, len);
+        } finally {
+          this.inflight = undefined;
+          done();
         }
-        continue; // ignore / stop: the chunk is tried again (after the pause for stop)
-      } finally {
-        this.inflight = undefined;
-        done();
-      }
-      job.progress(len);
-      if (copied > 0) this.limit.account(copied, job.speed, performance.now());
-      offset += len;
-    }
+      },
+      onError: (err) => errorAction(job, { onSourceError: this.o.onError, onTargetError: this.o.onError }, err),
+    });
+    if ((await this.loop.pass()) === 'cancelled') return;
     await io.flush();
-  }
-
-  private async rateLimitSleep(job: Job): Promise<void> {
-    for (;;) {
-      const ms = this.limit.waitMs(job.speed, performance.now());
-      if (ms <= 0 || job.forceCancelled) return;
-      await job.sleep(Math.ceil(ms));
-    }
   }
 
   /**
@@ -190,7 +176,7 @@ export class StreamJob implements JobDriver {
   }
 
   setSpeed(): void {
-    this.limit.reset();
+    this.loop?.speedChanged();
   }
 
   /**
