@@ -5,7 +5,7 @@
  * header (`backing-file`, else the base's file name; the base's format), and let go of the
  * layers that dropped out (nodes the monitor did not add close when nothing else uses them).
  *
- * The walk is QEMU's commit_run: 512 KiB chunks in order, progress counts every byte (total =
+ * The walk is QEMU's commit_run on the shared copy loop (job-copy.ts): 512 KiB chunks in order, progress counts every byte (total =
  * top's size), only ranges allocated above the base are copied (zero ranges as write-zeroes),
  * read errors are reported as `read` and write errors as `write`. Nothing writes to top and the
  * layers below it (they are backing nodes), so the copy needs no guard against guest writes;
@@ -14,7 +14,8 @@
  * does it) and read-only again in `clean`, as QEMU does.
  */
 import { BlockError } from '../util/errors.js';
-import { CopyError, RateLimit } from './job-copy.js';
+import { CopyError, CopyLoop } from './job-copy.js';
+import { DirtyBitmap } from './dirty-bitmap.js';
 import { errorAction, type OnError } from './block-job.js';
 import { jobBlocker } from './backup.js';
 import type { Job, JobDriver } from './jobs.js';
@@ -54,7 +55,7 @@ export class IntermediateCommitJob implements JobDriver {
   readonly blockJob = true;
   private src: BlockUser | undefined;
   private dst: BlockUser | undefined;
-  private readonly limit = new RateLimit();
+  private loop: CopyLoop | undefined;
   private readonly blocker = jobBlocker('commit');
   /** top and the layers between it and base. */
   private readonly committed: BlockNode[] = [];
@@ -107,34 +108,21 @@ export class IntermediateCommitJob implements JobDriver {
     return this.body(job, size);
   }
 
+  /** The shared copy loop, one chunk at a time over a work bitmap of top's whole size. */
   private async body(job: Job, size: number): Promise<void> {
     const { src, dst } = this.users();
-    for (let offset = 0; offset < size; ) {
-      await job.pausePoint();
-      if (job.forceCancelled) return;
-      for (;;) {
-        const ms = this.limit.waitMs(job.speed, performance.now());
-        if (ms <= 0 || job.forceCancelled) break;
-        await job.sleep(Math.ceil(ms));
-      }
-      if (job.forceCancelled) return;
-      // Each chunk starts with I/O, where QEMU's coroutine yields.
-      await job.yieldNow();
-      if (job.forceCancelled) return;
-      const len = Math.min(STREAM_CHUNK, size - offset);
-      let copied: number;
-      try {
-        copied = await this.copyChunk(src, dst, offset, len);
-      } catch (err) {
-        if (errorAction(job, { onSourceError: this.o.onError, onTargetError: this.o.onError }, err) === 'fail') {
-          throw err;
-        }
-        continue;
-      }
-      job.progress(len);
-      if (copied > 0) this.limit.account(copied, job.speed, performance.now());
-      offset += len;
-    }
+    const work = new DirtyBitmap(size, STREAM_CHUNK);
+    work.fill();
+    this.loop = new CopyLoop({
+      job,
+      work,
+      chunk: STREAM_CHUNK,
+      workers: 1,
+      rateByCopied: true,
+      copy: (offset, len) => this.copyChunk(src, dst, offset, len),
+      onError: (err) => errorAction(job, { onSourceError: this.o.onError, onTargetError: this.o.onError }, err),
+    });
+    if ((await this.loop.pass()) === 'cancelled') return;
     await dst.flush();
   }
 
@@ -176,7 +164,7 @@ export class IntermediateCommitJob implements JobDriver {
   }
 
   setSpeed(): void {
-    this.limit.reset();
+    this.loop?.speedChanged();
   }
 
   /**
