@@ -40,9 +40,27 @@ class EnvelopeError extends Error {}
 const isObject = (v: JsonValue | undefined): v is { [k: string]: JsonValue } =>
   typeof v === 'object' && v !== null && !Array.isArray(v) && typeof v !== 'bigint';
 
+const INT64_MAX = 2n ** 63n - 1n;
+const UINT64_MAX = 2n ** 64n - 1n;
+/** The largest doubles below 2^63 and 2^64. */
+const BELOW_2_63 = 2 ** 63 - 1024;
+const BELOW_2_64 = 2 ** 64 - 2048;
+
+/**
+ * An exact integer beyond 2^53 as the nearest double that stays on the same side of QEMU's
+ * int64/uint64 limits: INT64_MAX itself rounds to 2^63, which is no int64, and UINT64_MAX to
+ * 2^64, which is no uint64; both are pulled back to the double just below.
+ */
+function bigToNumber(v: bigint): number {
+  const n = Number(v);
+  if (v <= INT64_MAX && n >= 2 ** 63) return BELOW_2_63;
+  if (v <= UINT64_MAX && n >= 2 ** 64) return BELOW_2_64;
+  return n;
+}
+
 /** Replace bigints (exact integers beyond 2^53) by numbers before validation. */
 function plainNumbers(v: JsonValue): unknown {
-  if (typeof v === 'bigint') return Number(v);
+  if (typeof v === 'bigint') return bigToNumber(v);
   if (Array.isArray(v)) return v.map(plainNumbers);
   if (isObject(v)) {
     const out: Record<string, unknown> = {};

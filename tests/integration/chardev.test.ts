@@ -95,6 +95,22 @@ describe('chardev commands', () => {
     );
   });
 
+  it('takes integers beyond 2^53 as QSD does: INT64_MAX is an int, UINT64_MAX is not', async () => {
+    await ok('chardev-add', { id: 'r', backend: { type: 'ringbuf', data: { size: 8 } } });
+    await ok('ringbuf-write', { device: 'r', data: 'abc' });
+    // Raw text: JSON.stringify cannot write these integers exactly.
+    qmp.send('{"execute":"ringbuf-read","arguments":{"device":"r","size":9223372036854775807}}');
+    expect(await qmp.next()).toEqual({ return: 'abc' });
+    qmp.send('{"execute":"ringbuf-read","arguments":{"device":"r","size":9223372036854775808}}');
+    expect(((await qmp.next()) as { error?: { desc: string } }).error?.desc).toBe(
+      "Invalid parameter type for 'size', expected: integer",
+    );
+    qmp.send('{"execute":"ringbuf-read","arguments":{"device":"r","size":18446744073709551615}}');
+    expect(((await qmp.next()) as { error?: { desc: string } }).error?.desc).toBe(
+      "Invalid parameter type for 'size', expected: integer",
+    );
+  });
+
   it('refuses ringbuf commands on other chardevs and on unknown ones', async () => {
     expect(await err('ringbuf-read', { device: 'qmp0', size: 1 })).toBe('qmp0 is not a ringbuf device');
     expect(await err('ringbuf-write', { device: 'nope', data: 'x' })).toBe("Device 'nope' not found");
