@@ -143,6 +143,9 @@ export function strerror(err: unknown): string {
     EOVERFLOW: 'Value too large for defined data type',
     ESHUTDOWN: 'Cannot send after transport endpoint shutdown',
     ECANCELED: 'Operation canceled',
+    ECONNRESET: 'Connection reset by peer',
+    ETIMEDOUT: 'Connection timed out',
+    EPROTO: 'Protocol error',
   };
   if (typeof code === 'string' && table[code] !== undefined) return table[code];
   return err instanceof Error ? err.message : String(err);

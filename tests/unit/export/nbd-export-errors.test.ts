@@ -227,3 +227,18 @@ describe('NbdExport error policies', () => {
     exp.failHeld('test over');
   });
 });
+
+describe('BLOCK_IO_ERROR reason', () => {
+  it('words every errno a node can fail with as strerror() does', async () => {
+    const all: Errno[] = ['EPERM', 'ENOENT', 'EIO', 'ENOMEM', 'EACCES', 'EBUSY', 'EEXIST', 'EINVAL', 'EFBIG',
+      'ENOSPC', 'EROFS', 'EAGAIN', 'ENOTSUP', 'EOVERFLOW', 'ESHUTDOWN', 'ECONNRESET', 'ETIMEDOUT', 'EPROTO', 'ECANCELED'];
+    for (const errno of all) {
+      const { node, events, connect } = makeExport({ werror: 'report', rerror: 'report' });
+      node.fail = errno;
+      await connect().h.write(Buffer.alloc(1), 0, false).catch(() => undefined);
+      // Words, not the errno name, the fake's message or an object dump.
+      expect(events[0]?.reason, errno).toMatch(/^[A-Z][a-z]+[- a-z/A-Z]*$/);
+      expect(events[0]?.reason, errno).not.toMatch(/fake|object|^E[A-Z]+$/);
+    }
+  });
+});
