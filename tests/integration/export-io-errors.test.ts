@@ -4,7 +4,7 @@
  * mount namespace held by a `sleep` child (`unshare -m`), reached through /proc/PID/root. The
  * daemon runs in-process; qemu-io and a raw NBD client are the clients.
  */
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -265,6 +265,30 @@ describe.skipIf(!TMPFS_OK)('export error policies on a full tmpfs', () => {
     expect((await ioErrors(1))[0]).toMatchObject({ operation: 'write', action: 'report', nospace: true });
     expect((await exportInfo('e0'))['io-status']).toBe('ok');
     c.close();
+  });
+
+  it('rate-limits report events of an export to one a second, the last of a burst sent when the second is over', async () => {
+    await image('r0', 1000);
+    await d.ok('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'r0', name: 'x', writable: true, werror: 'report' });
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('x', { structured: false });
+    // The test drives the clock of the rate limit (only setTimeout is faked: I/O runs for real).
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    try {
+      const ioErrs = (): unknown[] => d.events.filter((e) => e.event === 'BLOCK_IO_ERROR');
+      for (let i = 0; i < 3; i++) {
+        c.request(NBD_CMD_WRITE, i * 256 * 1024, 256 * 1024, 0, BigInt(i + 1), Buffer.alloc(256 * 1024, 7));
+        expect(RawNbdClient.errorOf(await c.reply())?.error).toBe(NBD_ENOSPC);
+      }
+      expect(ioErrs()).toHaveLength(1);
+      vi.advanceTimersByTime(1000);
+      expect(ioErrs()).toHaveLength(2);
+      vi.advanceTimersByTime(1000);
+      expect(ioErrs()).toHaveLength(2);
+    } finally {
+      vi.useRealTimers();
+      c.close();
+    }
   });
 });
 
