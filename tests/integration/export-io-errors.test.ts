@@ -290,6 +290,26 @@ describe.skipIf(!TMPFS_OK)('export error policies on a full tmpfs', () => {
       c.close();
     }
   });
+
+  it('cont resets the io-status of a block job stopped by ENOSPC without resuming it, as in QEMU', async () => {
+    const src = join(dir, 'src.raw');
+    writeFileSync(src, Buffer.alloc(8 * MiB, 0x33));
+    await d.ok('blockdev-add', { driver: 'raw', 'node-name': 's0', file: { driver: 'file', filename: src } });
+    await image('t0', 1000);
+    await d.ok('blockdev-backup', { 'job-id': 'j0', device: 's0', target: 't0', sync: 'full', 'on-target-error': 'stop' });
+    for (;;) {
+      if (d.events.some((e) => e.event === 'BLOCK_JOB_ERROR')) break;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    const job = async (): Promise<Record<string, unknown>> =>
+      ((await d.ok('query-block-jobs')) as Array<Record<string, unknown>>)[0]!;
+    expect((await job())['io-status']).toBe('nospace');
+    expect(await d.ok('cont')).toEqual({});
+    const after = await job();
+    expect(after['io-status']).toBe('ok');
+    expect(after.paused).toBe(true);
+    await d.ok('job-cancel', { id: 'j0' });
+  });
 });
 
 describe('werror/rerror validation', () => {
