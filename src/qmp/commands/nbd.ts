@@ -120,13 +120,6 @@ export const nbdCommands: readonly CommandDef[] = [
     ctx.services.exports.resumeExport(a.id);
     return {};
   }),
-  defineCommand<Record<string, never>>('cont', (_a, ctx) => {
-    // QEMU's cont resets the io-status of every BlockBackend and block job, then runs the VM:
-    // here, the exports stopped by an error policy go on.
-    ctx.services.jobs.resetIoStatus();
-    ctx.services.exports.resumeAll();
-    return {};
-  }),
   defineCommand<{ device: string; name?: string; description?: string; writable?: boolean; bitmap?: string }>(
     'nbd-server-add',
     (a, ctx) => {
