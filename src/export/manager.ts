@@ -111,8 +111,8 @@ export class ExportManager implements NbdBackend {
   /** Start-up gate: NBD clients wait unread until {@link releaseClients}. */
   private holding = false;
   /**
-   * BLOCK_IO_ERROR rate limit per export (QEMU >= 9.2 limits it per device to one a second,
-   * except action stop, which is never delayed).
+   * BLOCK_IO_ERROR rate limit per export (QEMU limits it per device to one a second since 9.2;
+   * action stop, exempt in later releases, is never delayed).
    */
   private readonly ioErrorThrottle = new EventThrottle<IoErrorEvent>((ev) => this.emitIoError(ev));
 
