@@ -338,8 +338,9 @@ export class NbdExport implements NbdExportHandle {
   read(buf: Buffer, offset: number, conn?: ConnState): Promise<NbdZeroRanges | void> {
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
-    const run = (): Promise<NbdZeroRanges | void> => this.readBody(buf, offset, conn);
-    return this.stopped ? this.hold(conn, run) : run();
+    // No closure unless stopped: this is the per-request path.
+    if (this.stopped) return this.hold(conn, () => this.readBody(buf, offset, conn));
+    return this.readBody(buf, offset, conn);
   }
 
   /** One async frame per read (the fast path): the error policy wraps the body in place. */
@@ -387,8 +388,8 @@ export class NbdExport implements NbdExportHandle {
     this.counters.writeOps++;
     this.counters.writeBytes += buf.length;
     // A held write keeps `buf`: the engine reuses it only once the promise settles.
-    const run = (): Promise<void> => this.writeBody(buf, offset, fua, conn);
-    return this.stopped ? this.hold(conn, run) : run();
+    if (this.stopped) return this.hold(conn, () => this.writeBody(buf, offset, fua, conn));
+    return this.writeBody(buf, offset, fua, conn);
   }
 
   private async writeBody(buf: Buffer, offset: number, fua: boolean, conn: ConnState | undefined): Promise<void> {
@@ -404,8 +405,8 @@ export class NbdExport implements NbdExportHandle {
 
   writeZeroes(offset: number, length: number, o: NbdWriteZeroesOptions, conn?: ConnState): Promise<void> {
     this.counters.zeroOps++;
-    const run = (): Promise<void> => this.writeZeroesBody(offset, length, o, conn);
-    return this.stopped ? this.hold(conn, run) : run();
+    if (this.stopped) return this.hold(conn, () => this.writeZeroesBody(offset, length, o, conn));
+    return this.writeZeroesBody(offset, length, o, conn);
   }
 
   private async writeZeroesBody(
@@ -434,8 +435,8 @@ export class NbdExport implements NbdExportHandle {
 
   trim(offset: number, length: number, fua: boolean, conn?: ConnState): Promise<void> {
     this.counters.trimOps++;
-    const run = (): Promise<void> => this.trimBody(offset, length, fua, conn);
-    return this.stopped ? this.hold(conn, run) : run();
+    if (this.stopped) return this.hold(conn, () => this.trimBody(offset, length, fua, conn));
+    return this.trimBody(offset, length, fua, conn);
   }
 
   private async trimBody(offset: number, length: number, fua: boolean, conn: ConnState | undefined): Promise<void> {
@@ -450,8 +451,8 @@ export class NbdExport implements NbdExportHandle {
 
   flush(conn?: ConnState): Promise<void> {
     this.counters.flushesRequested++;
-    const run = (): Promise<void> => this.flushBody(conn);
-    return this.stopped ? this.hold(conn, run) : run();
+    if (this.stopped) return this.hold(conn, () => this.flushBody(conn));
+    return this.flushBody(conn);
   }
 
   private async flushBody(conn: ConnState | undefined): Promise<void> {
