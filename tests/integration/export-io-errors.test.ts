@@ -310,6 +310,18 @@ describe.skipIf(!TMPFS_OK)('export error policies on a full tmpfs', () => {
     expect(after.paused).toBe(true);
     await d.ok('job-cancel', { id: 'j0' });
   });
+
+  it('shuts down (quit) without waiting for a stopped export', async (ctx) => {
+    if (!requireTool('qemu-io')) return ctx.skip();
+    await image('r0', 512);
+    await d.ok('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'r0', name: 'x', writable: true, werror: 'stop' });
+    const io = qemuIo(`nbd+unix:///x?socket=${sock}`, 'write -P 9 0 1M');
+    await ioErrors(1);
+    await d.ok('quit');
+    expect(d.events.map((e) => e.event)).toContain('BLOCK_EXPORT_DELETED');
+    const r = await io.done;
+    expect(r.out).not.toContain('wrote 1048576/1048576');
+  });
 });
 
 describe('werror/rerror validation', () => {
