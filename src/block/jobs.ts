@@ -531,6 +531,14 @@ export class JobManager {
     this.userResume(this.get(id));
   }
 
+  /**
+   * `cont`: every job's io-status back to ok (QEMU block_job_iostatus_reset). A job stopped by
+   * an error stays paused until job-resume / block-job-resume.
+   */
+  resetIoStatus(): void {
+    for (const j of this.jobs.values()) j.ioStatus = 'ok';
+  }
+
   userResume(job: Job): void {
     if (!job.userPaused || job.pauseCount <= 0) {
       throw new BlockError('JOB_STATE', 'EINVAL', "Can't resume a job that was not paused");

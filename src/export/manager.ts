@@ -14,7 +14,14 @@ import { NbdServer, type NbdBoundAddress, type NbdListenAddress } from '../nbd/s
 import { strerror } from '../util/errors.js';
 import { existsSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { NbdExport, type MultiConnMode } from './nbd-export.js';
+import {
+  NbdExport,
+  type IoErrorEvent,
+  type IoStatus,
+  type MultiConnMode,
+  type OnErrorPolicy,
+} from './nbd-export.js';
+import { EventThrottle } from '../util/event-throttle.js';
 import { nativeAddon, nativeOps } from '../block/native.js';
 import { netIoBindingFrom } from '../nbd/native-transport.js';
 import { drainThrottleNodes } from '../block/drivers/throttle.js';
@@ -45,6 +52,9 @@ export interface ExportAddOptions {
   bitmaps?: ReadonlyArray<string | { node: string; name: string }>;
   maxConnections?: number;
   multiConn?: MultiConnMode;
+  /** Error policies (blockd extension); giving either enables BLOCK_IO_ERROR and io-status. */
+  werror?: OnErrorPolicy;
+  rerror?: OnErrorPolicy;
 }
 
 /** What query-block-exports reports for one export. */
@@ -58,6 +68,9 @@ export interface ExportInfo {
   'multi-conn': boolean;
   'max-connections': number;
   connections: number;
+  werror: OnErrorPolicy;
+  rerror: OnErrorPolicy;
+  'io-status': IoStatus;
   statistics: {
     'rd-operations': number;
     'rd-bytes': number;
@@ -97,6 +110,11 @@ export class ExportManager implements NbdBackend {
   private readonly bitmapHolders = new Map<string, BlockUser[]>();
   /** Start-up gate: NBD clients wait unread until {@link releaseClients}. */
   private holding = false;
+  /**
+   * BLOCK_IO_ERROR rate limit per export (QEMU limits it per device to one a second since 9.2;
+   * action stop, exempt in later releases, is never delayed).
+   */
+  private readonly ioErrorThrottle = new EventThrottle<IoErrorEvent>((ev) => this.emitIoError(ev));
 
   constructor(
     readonly graph: BlockGraph,
@@ -210,6 +228,7 @@ export class ExportManager implements NbdBackend {
   /** Shutdown: every export deleted (one event each), then the server closed. */
   async closeAll(): Promise<void> {
     await this.deleteAll();
+    this.ioErrorThrottle.close();
     const server = this.server;
     this.server = undefined;
     if (server) await server.close();
@@ -262,6 +281,13 @@ export class ExportManager implements NbdBackend {
         maxConnections: o.maxConnections ?? 0,
         multiConn: o.multiConn ?? 'auto',
         bitmaps,
+        ...(o.werror === undefined && o.rerror === undefined
+          ? {}
+          : { onError: { werror: o.werror ?? 'report', rerror: o.rerror ?? 'report' } }),
+        reportIoError: (ev) => {
+          if (ev.action === 'stop') this.emitIoError(ev);
+          else this.ioErrorThrottle.push(ev.device, ev);
+        },
       },
       user,
       () => this.serverMax,
@@ -287,6 +313,25 @@ export class ExportManager implements NbdBackend {
     this.log.info({ export: o.id, name, node: o.nodeName, writable }, 'export added');
   }
 
+  private emitIoError(ev: IoErrorEvent): void {
+    this.events.emit('BLOCK_IO_ERROR', { ...ev });
+  }
+
+  /**
+   * x-block-export-resume: let an export stopped by its error policy go on (its held requests
+   * are retried) and reset its io-status. A no-op for an export that is not stopped.
+   */
+  resumeExport(id: string): void {
+    const exp = this.exports.get(id);
+    if (!exp || exp.shuttingDown) throw new QmpError(`Export '${id}' is not found`);
+    exp.resume();
+  }
+
+  /** `cont`: {@link resumeExport} for every export, oldest first. */
+  resumeAll(): void {
+    for (const e of this.exports.values()) if (!e.shuttingDown) e.resume();
+  }
+
   /**
    * block-export-del. safe: refused while clients are connected. hard: clients are cut off;
    * the reply goes first and BLOCK_EXPORT_DELETED follows once they are gone (QSD).
@@ -305,6 +350,10 @@ export class ExportManager implements NbdBackend {
 
   private async removeNow(exp: NbdExport, reason: string): Promise<void> {
     exp.shuttingDown = true;
+    // Held requests fail now (their clients are cut off next), and a rate-limited
+    // BLOCK_IO_ERROR still pending goes out before BLOCK_EXPORT_DELETED.
+    exp.failHeld('the export is being removed');
+    this.ioErrorThrottle.flush(exp.id);
     // QEMU drains the export's node: requests waiting in a throttle filter below go now, so that
     // the clients' connections can close without waiting for the limits.
     const undrain = drainThrottleNodes(exp.user.node);
@@ -370,6 +419,9 @@ export class ExportManager implements NbdBackend {
       'multi-conn': e.multiConn,
       'max-connections': e.opts.maxConnections,
       connections: e.connectionCount,
+      werror: shownPolicy(e.opts.onError?.werror),
+      rerror: shownPolicy(e.opts.onError?.rerror),
+      'io-status': e.ioStatus,
       statistics: {
         'rd-operations': e.counters.readOps,
         'rd-bytes': e.counters.readBytes,
@@ -384,6 +436,11 @@ export class ExportManager implements NbdBackend {
       },
     }));
   }
+}
+
+/** The policy query-block-exports shows: `auto` and "none given" act as `report`. */
+function shownPolicy(p: OnErrorPolicy | undefined): OnErrorPolicy {
+  return p === undefined || p === 'auto' ? 'report' : p;
 }
 
 /** QEMU's wording for a listen failure. */

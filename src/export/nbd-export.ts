@@ -3,7 +3,7 @@
  * NBD engine's `NbdExportHandle`, and keeps the export's connections, limits and counters.
  */
 import type { Logger } from '../util/logger.js';
-import { DaemonError } from '../util/errors.js';
+import { DaemonError, strerror, type Errno } from '../util/errors.js';
 import type { BlockExtent, BlockUser } from '../block/types.js';
 import { EXTENT_DATA, EXTENT_ZERO } from '../block/types.js';
 import type {
@@ -24,6 +24,54 @@ import type { NamedBitmap } from '../block/dirty-bitmap-set.js';
 
 export type MultiConnMode = 'auto' | 'on' | 'off';
 
+/** QEMU's BlockdevOnError, as werror/rerror of an export. */
+export type OnErrorPolicy = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
+/** What a policy did about one failed request (QEMU BlockErrorAction). */
+export type ErrorAction = 'ignore' | 'report' | 'stop';
+/** QEMU BlockDeviceIoStatus. */
+export type IoStatus = 'ok' | 'failed' | 'nospace';
+
+/** The data of a BLOCK_IO_ERROR event (QEMU member names). */
+export interface IoErrorEvent {
+  device: string;
+  'node-name': string;
+  operation: 'read' | 'write';
+  action: ErrorAction;
+  nospace: boolean;
+  reason: string;
+}
+
+/** QEMU blk_get_error_action: what `policy` does about `errno`. */
+export function errorAction(policy: OnErrorPolicy, errno: Errno): ErrorAction {
+  switch (policy) {
+    case 'enospc':
+      return errno === 'ENOSPC' ? 'stop' : 'report';
+    case 'stop':
+      return 'stop';
+    case 'ignore':
+      return 'ignore';
+    case 'report':
+    case 'auto':
+      return 'report';
+  }
+}
+
+/** One client connection of an export, as the export's requests know it. */
+interface ConnState {
+  readonly id: number;
+  /** The socket is gone: its requests are no longer held. */
+  closed: boolean;
+}
+
+/** A request held by a `stop` policy until the export is resumed. */
+interface HeldRequest {
+  conn: ConnState | undefined;
+  /** Run the request again (under the policy); settles the client's promise. */
+  retry(): void;
+  /** Give up: the client's promise rejects with `err`. */
+  fail(err: DaemonError): void;
+}
+
 export interface NbdExportOptions {
   id: string;
   name: string;
@@ -36,6 +84,13 @@ export interface NbdExportOptions {
   multiConn: MultiConnMode;
   /** Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (context ids follow this order). */
   bitmaps?: readonly NamedBitmap[];
+  /**
+   * Error policies (blockd extension). Undefined = none given: errors are reported to the
+   * client, and neither BLOCK_IO_ERROR nor io-status changes (QSD's behaviour).
+   */
+  onError?: { werror: OnErrorPolicy; rerror: OnErrorPolicy };
+  /** Sends a BLOCK_IO_ERROR event (rate limiting is the caller's). */
+  reportIoError?: (ev: IoErrorEvent) => void;
 }
 
 /** Per-export counters (query-block-exports, beyond QSD). */
@@ -139,6 +194,16 @@ export class NbdExport implements NbdExportHandle {
   };
   /** Set while block-export-del (hard) or shutdown is tearing the export down. */
   shuttingDown = false;
+  /** `failed`/`nospace` from the first error that stopped the export until it is resumed. */
+  ioStatus: IoStatus = 'ok';
+  /** A `stop` policy holds every new data request until {@link resume}. */
+  private stopped = false;
+  /**
+   * Requests held while stopped, in the order they came. Bounded without a limit of its own:
+   * a held request stays in flight on its connection, and each connection stops reading when its
+   * in-flight window is full, so this holds at most what the clients may have in flight anyway.
+   */
+  private held: HeldRequest[] = [];
 
   private readonly connections = new Map<number, NbdConnectionInfo>();
   /**
@@ -225,6 +290,7 @@ export class NbdExport implements NbdExportHandle {
       );
     }
     this.connections.set(info.id, info);
+    const conn: ConnState = { id: info.id, closed: false };
     if (reader) this.readers++;
     this.counters.connectionsTotal++;
     this.log.info(
@@ -232,7 +298,13 @@ export class NbdExport implements NbdExportHandle {
       'client connected',
     );
     return {
+      handle: new ExportConnection(this, conn),
+      onClose: () => {
+        conn.closed = true;
+        this.dropHeld(conn);
+      },
       onDisconnect: () => {
+        conn.closed = true;
         this.connections.delete(info.id);
         if (reader) this.readers--;
         this.log.info({ conn: info.id, client: info.clientAddress }, 'client disconnected');
@@ -254,6 +326,7 @@ export class NbdExport implements NbdExportHandle {
   }
 
   tryReadSync(buf: Buffer, offset: number): boolean {
+    if (this.stopped) return false;
     // Large reads need to know they hold no hole (holes go out as OFFSET_HOLE chunks).
     if (buf.length >= SPARSE_READ_MIN && !this.user.io.isDataSync?.(offset, buf.length)) return false;
     if (!this.user.io.tryReadSync(buf, offset)) return false;
@@ -262,10 +335,16 @@ export class NbdExport implements NbdExportHandle {
     return true;
   }
 
-  async read(buf: Buffer, offset: number): Promise<NbdZeroRanges | void> {
+  read(buf: Buffer, offset: number, conn?: ConnState): Promise<NbdZeroRanges | void> {
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
-    // One async frame per read (the fast path): the failure count wraps the body in place.
+    // No closure unless stopped: this is the per-request path.
+    if (this.stopped) return this.hold(conn, () => this.readBody(buf, offset, conn));
+    return this.readBody(buf, offset, conn);
+  }
+
+  /** One async frame per read (the fast path): the error policy wraps the body in place. */
+  private async readBody(buf: Buffer, offset: number, conn: ConnState | undefined): Promise<NbdZeroRanges | void> {
     try {
       const io = this.user.io;
       // Block status only where holes are possible (it costs two lseeks and a promise per read).
@@ -300,27 +379,42 @@ export class NbdExport implements NbdExportHandle {
       }
       return zeros;
     } catch (err) {
-      this.counters.failedOps++;
-      throw err;
+      // Ignored: zeroes, never what the reply buffer held before (it may be another client's).
+      return this.failed(err, 'read', conn, () => this.readBody(buf, offset, conn), () => void buf.fill(0));
     }
   }
 
-  async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+  write(buf: Buffer, offset: number, fua: boolean, conn?: ConnState): Promise<void> {
     this.counters.writeOps++;
     this.counters.writeBytes += buf.length;
+    // A held write keeps `buf`: the engine reuses it only once the promise settles.
+    if (this.stopped) return this.hold(conn, () => this.writeBody(buf, offset, fua, conn));
+    return this.writeBody(buf, offset, fua, conn);
+  }
+
+  private async writeBody(buf: Buffer, offset: number, fua: boolean, conn: ConnState | undefined): Promise<void> {
     const fuaHere = fua && !this.opts.writethrough;
     try {
       await this.user.io.write(buf, offset, { fua: fuaHere });
       if (!fuaHere) this.dirty = true;
       if (this.opts.writethrough) await this.flushNode();
     } catch (err) {
-      this.counters.failedOps++;
-      throw err;
+      return this.failed(err, 'write', conn, () => this.writeBody(buf, offset, fua, conn), NOTHING);
     }
   }
 
-  async writeZeroes(offset: number, length: number, o: NbdWriteZeroesOptions): Promise<void> {
+  writeZeroes(offset: number, length: number, o: NbdWriteZeroesOptions, conn?: ConnState): Promise<void> {
     this.counters.zeroOps++;
+    if (this.stopped) return this.hold(conn, () => this.writeZeroesBody(offset, length, o, conn));
+    return this.writeZeroesBody(offset, length, o, conn);
+  }
+
+  private async writeZeroesBody(
+    offset: number,
+    length: number,
+    o: NbdWriteZeroesOptions,
+    conn: ConnState | undefined,
+  ): Promise<void> {
     try {
       await this.user.io.writeZeroes(offset, length, {
         mayUnmap: o.mayUnmap,
@@ -330,31 +424,153 @@ export class NbdExport implements NbdExportHandle {
       if (!o.fua || this.opts.writethrough) this.dirty = true;
       if (this.opts.writethrough) await this.flushNode();
     } catch (err) {
-      this.counters.failedOps++;
-      throw err;
+      // FAST_ZERO refused is an answer, not an I/O error: no policy applies.
+      if (o.fastZero && err instanceof DaemonError && err.errno === 'ENOTSUP') {
+        this.counters.failedOps++;
+        throw err;
+      }
+      return this.failed(err, 'write', conn, () => this.writeZeroesBody(offset, length, o, conn), NOTHING);
     }
   }
 
-  async trim(offset: number, length: number, fua: boolean): Promise<void> {
+  trim(offset: number, length: number, fua: boolean, conn?: ConnState): Promise<void> {
     this.counters.trimOps++;
+    if (this.stopped) return this.hold(conn, () => this.trimBody(offset, length, fua, conn));
+    return this.trimBody(offset, length, fua, conn);
+  }
+
+  private async trimBody(offset: number, length: number, fua: boolean, conn: ConnState | undefined): Promise<void> {
     try {
       await this.user.io.discard(offset, length);
       this.dirty = true;
       if (fua || this.opts.writethrough) await this.flushNode();
     } catch (err) {
-      this.counters.failedOps++;
-      throw err;
+      return this.failed(err, 'write', conn, () => this.trimBody(offset, length, fua, conn), NOTHING);
     }
   }
 
-  async flush(): Promise<void> {
+  flush(conn?: ConnState): Promise<void> {
     this.counters.flushesRequested++;
+    if (this.stopped) return this.hold(conn, () => this.flushBody(conn));
+    return this.flushBody(conn);
+  }
+
+  private async flushBody(conn: ConnState | undefined): Promise<void> {
     try {
       await this.flushNode();
     } catch (err) {
+      return this.failed(err, 'write', conn, () => this.flushBody(conn), NOTHING);
+    }
+  }
+
+  // ------------------------------------------------------------------ error policy
+
+  /**
+   * A request failed with `err`: apply the export's policy for `operation` (QEMU's device models
+   * do this with werror/rerror). report: the client gets the error. ignore: the client is told
+   * the request succeeded (`ignored` makes its result). stop: the export stops and the request is
+   * held until {@link resume} runs it again through `retry`. Every action but the policy-less
+   * report sends BLOCK_IO_ERROR.
+   */
+  private failed<T>(
+    err: unknown,
+    operation: 'read' | 'write',
+    conn: ConnState | undefined,
+    retry: () => Promise<T>,
+    ignored: () => T,
+  ): Promise<T> | T {
+    const policy = this.opts.onError;
+    // A client that is gone, or an export being removed, gets no policy: nobody would resume it.
+    if (!policy || conn?.closed || this.shuttingDown) {
       this.counters.failedOps++;
       throw err;
     }
+    const errno: Errno = err instanceof DaemonError ? err.errno : 'EIO';
+    const action = errorAction(operation === 'read' ? policy.rerror : policy.werror, errno);
+    if (action === 'stop') {
+      // io-status first (QEMU blk_error_action), so a query after the event agrees with it;
+      // only the first error of a stop sets it.
+      if (this.ioStatus === 'ok') this.ioStatus = errno === 'ENOSPC' ? 'nospace' : 'failed';
+      if (!this.stopped) {
+        this.stopped = true;
+        this.log.warn({ errno, operation }, 'I/O error: export stopped (error policy stop)');
+      }
+    }
+    this.opts.reportIoError?.({
+      device: this.id,
+      'node-name': this.nodeName,
+      operation,
+      action,
+      nospace: errno === 'ENOSPC',
+      reason: strerror({ code: errno }),
+    });
+    if (action === 'report') {
+      this.counters.failedOps++;
+      throw err;
+    }
+    if (action === 'ignore') return ignored();
+    return this.hold(conn, retry);
+  }
+
+  /** Keep a request until the export is resumed (or the request's client or the export goes). */
+  private hold<T>(conn: ConnState | undefined, run: () => Promise<T>): Promise<T> {
+    if (conn?.closed || this.shuttingDown) {
+      this.counters.failedOps++;
+      return Promise.reject(heldError('the export is being removed'));
+    }
+    return new Promise<T>((resolve, reject) => {
+      this.held.push({
+        conn,
+        retry: () => void run().then(resolve, reject),
+        fail: (e) => {
+          this.counters.failedOps++;
+          reject(e);
+        },
+      });
+    });
+  }
+
+  /** Whether a `stop` policy holds this export's requests. */
+  get isStopped(): boolean {
+    return this.stopped;
+  }
+
+  /** How many requests are held now. */
+  get heldCount(): number {
+    return this.held.length;
+  }
+
+  /**
+   * `cont` / x-block-export-resume: io-status back to ok, and the held requests run again in
+   * the order they came (one that fails again under `stop` stops the export again and is held
+   * once more, with every request after it).
+   */
+  resume(): void {
+    this.ioStatus = 'ok';
+    if (!this.stopped) return;
+    this.stopped = false;
+    const held = this.held;
+    this.held = [];
+    this.log.info({ held: held.length }, 'export resumed');
+    for (const h of held) h.retry();
+  }
+
+  /** Fail every held request (the export is being removed). */
+  failHeld(reason: string): void {
+    const held = this.held;
+    this.held = [];
+    for (const h of held) h.fail(heldError(reason));
+  }
+
+  /** The client of `conn` is gone: its held requests fail now (their replies go nowhere). */
+  private dropHeld(conn: ConnState): void {
+    if (this.held.length === 0) return;
+    const keep: HeldRequest[] = [];
+    for (const h of this.held) {
+      if (h.conn === conn) h.fail(heldError('the client disconnected'));
+      else keep.push(h);
+    }
+    this.held = keep;
   }
 
   /**
@@ -398,5 +614,84 @@ export class NbdExport implements NbdExportHandle {
     const len = Math.min(length, STATUS_CHUNK);
     const extents = await this.user.io.blockStatus(offset, len);
     return toNbdExtents(extents, offset, len, maxExtents, flagsOf);
+  }
+}
+
+const NOTHING = (): void => undefined;
+
+function heldError(why: string): DaemonError {
+  return new DaemonError('EXPORT_SHUTDOWN', `held request dropped: ${why}`, { errno: 'ESHUTDOWN' });
+}
+
+/**
+ * One connection's view of an export: every property is the export's, and I/O goes to the
+ * export tagged with the connection, so that held requests can be dropped when it closes.
+ */
+class ExportConnection implements NbdExportHandle {
+  constructor(
+    private readonly exp: NbdExport,
+    private readonly conn: ConnState,
+  ) {}
+
+  get name(): string {
+    return this.exp.name;
+  }
+  get description(): string | undefined {
+    return this.exp.description;
+  }
+  get size(): number {
+    return this.exp.size;
+  }
+  get readOnly(): boolean {
+    return this.exp.readOnly;
+  }
+  get canFlush(): boolean {
+    return this.exp.canFlush;
+  }
+  get canTrim(): boolean {
+    return this.exp.canTrim;
+  }
+  get canWriteZeroes(): boolean {
+    return this.exp.canWriteZeroes;
+  }
+  get canFastZero(): boolean {
+    return this.exp.canFastZero;
+  }
+  get canCache(): boolean {
+    return this.exp.canCache;
+  }
+  get multiConn(): boolean {
+    return this.exp.multiConn;
+  }
+  get blockSizes(): NbdBlockSizes {
+    return this.exp.blockSizes;
+  }
+  get metaContexts(): readonly NbdMetaContextProvider[] {
+    return this.exp.metaContexts;
+  }
+
+  onConnect(info: NbdConnectionInfo): NbdSession | DaemonError {
+    return this.exp.onConnect(info);
+  }
+  tryReadSync(buf: Buffer, offset: number): boolean {
+    return this.exp.tryReadSync(buf, offset);
+  }
+  read(buf: Buffer, offset: number): Promise<NbdZeroRanges | void> {
+    return this.exp.read(buf, offset, this.conn);
+  }
+  write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    return this.exp.write(buf, offset, fua, this.conn);
+  }
+  writeZeroes(offset: number, length: number, o: NbdWriteZeroesOptions): Promise<void> {
+    return this.exp.writeZeroes(offset, length, o, this.conn);
+  }
+  trim(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.exp.trim(offset, length, fua, this.conn);
+  }
+  flush(): Promise<void> {
+    return this.exp.flush(this.conn);
+  }
+  cache(): Promise<void> {
+    return this.exp.cache();
   }
 }

@@ -103,6 +103,17 @@ export interface NbdConnectionInfo {
 export interface NbdSession {
   /** The client is gone and none of its requests is still running. */
   onDisconnect(): void;
+  /**
+   * Optional: the handle this connection's requests go to in transmission, instead of the
+   * export's (so the backend knows which connection a request comes from). It must answer
+   * every property as the export does.
+   */
+  readonly handle?: NbdExportHandle;
+  /**
+   * Optional: the socket closed. Requests still running will have their replies dropped;
+   * {@link onDisconnect} waits for them, so a backend holding requests should settle them now.
+   */
+  onClose?(): void;
 }
 
 /** Options of {@link NbdExportHandle.writeZeroes}. */

@@ -299,7 +299,7 @@ export class NbdConnection extends NbdRequestParser implements TransportSink {
       case 'TRANSMISSION': {
         const neg = step.negotiated!;
         this.stopHandshakeTimer();
-        this.exp = neg.exp;
+        this.exp = neg.session.handle ?? neg.exp;
         this.session = neg.session;
         this.structured = neg.structured;
         this.contexts = neg.contexts;
@@ -391,6 +391,7 @@ export class NbdConnection extends NbdRequestParser implements TransportSink {
       this.reader.clear();
       this.out = [];
       this.wBuf = EMPTY;
+      if (this.inFlight > 0) this.session?.onClose?.();
     }
     if (this.inFlight === 0) this.finalize();
   }

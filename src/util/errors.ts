@@ -138,6 +138,14 @@ export function strerror(err: unknown): string {
     EOPNOTSUPP: 'Operation not supported',
     EIO: 'Input/output error',
     EBUSY: 'Device or resource busy',
+    EFBIG: 'File too large',
+    ENOMEM: 'Cannot allocate memory',
+    EOVERFLOW: 'Value too large for defined data type',
+    ESHUTDOWN: 'Cannot send after transport endpoint shutdown',
+    ECANCELED: 'Operation canceled',
+    ECONNRESET: 'Connection reset by peer',
+    ETIMEDOUT: 'Connection timed out',
+    EPROTO: 'Protocol error',
   };
   if (typeof code === 'string' && table[code] !== undefined) return table[code];
   return err instanceof Error ? err.message : String(err);

@@ -1,6 +1,7 @@
 /**
  * QMP control commands: qmp_capabilities, query-version, query-commands,
- * query-qmp-schema, quit (qmp.md §3.1).
+ * query-qmp-schema, quit (qmp.md §3.1), and cont (blockd extension: resumes exports stopped by an
+ * error policy).
  */
 import { QmpError } from '../../util/errors.js';
 import { defineCommand, type CommandDef } from '../types.js';
@@ -41,6 +42,13 @@ export const controlCommands: readonly CommandDef[] = [
       schemaCache.set(d, info);
     }
     return info;
+  }),
+  defineCommand('cont', (_a, ctx) => {
+    // QEMU's cont (qapi/misc.json, like quit) resets the io-status of every BlockBackend and
+    // block job, then runs the VM: here, the exports stopped by an error policy go on.
+    ctx.services.jobs.resetIoStatus();
+    ctx.services.exports.resumeAll();
+    return {};
   }),
   defineCommand('quit', async (_a, ctx) => {
     // Exports and jobs go first so their events precede the reply, as in QSD 7.2.

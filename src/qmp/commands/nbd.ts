@@ -3,7 +3,7 @@ import { defineCommand } from '../types.js';
 import { QmpError } from '../../util/errors.js';
 import type { NbdListenAddress } from '../../nbd/server.js';
 import { idWellFormed, type ExportAddOptions } from '../../export/manager.js';
-import type { MultiConnMode } from '../../export/nbd-export.js';
+import type { MultiConnMode, OnErrorPolicy } from '../../export/nbd-export.js';
 
 interface SocketAddressLegacy {
   type: 'inet' | 'unix' | 'vsock' | 'fd';
@@ -33,6 +33,8 @@ interface BlockExportAddArgs {
   'allocation-depth'?: boolean;
   'max-connections'?: number;
   'multi-conn'?: MultiConnMode;
+  werror?: OnErrorPolicy;
+  rerror?: OnErrorPolicy;
 }
 
 function listenAddress(a: SocketAddressLegacy, origin: 'qmp' | 'cli'): NbdListenAddress {
@@ -70,6 +72,8 @@ function exportOptions(a: BlockExportAddArgs): ExportAddOptions {
   if (a['allocation-depth'] !== undefined) o.allocationDepth = a['allocation-depth'];
   if (a['max-connections'] !== undefined) o.maxConnections = a['max-connections'];
   if (a['multi-conn'] !== undefined) o.multiConn = a['multi-conn'];
+  if (a.werror !== undefined) o.werror = a.werror;
+  if (a.rerror !== undefined) o.rerror = a.rerror;
   return o;
 }
 
@@ -112,6 +116,10 @@ export const nbdCommands: readonly CommandDef[] = [
     return {};
   }),
   defineCommand<Record<string, never>>('query-block-exports', (_a, ctx) => ctx.services.exports.query()),
+  defineCommand<{ id: string }>('x-block-export-resume', (a, ctx) => {
+    ctx.services.exports.resumeExport(a.id);
+    return {};
+  }),
   defineCommand<{ device: string; name?: string; description?: string; writable?: boolean; bitmap?: string }>(
     'nbd-server-add',
     (a, ctx) => {
