@@ -49,6 +49,7 @@ import {
   EXT_DATA_HEADER_SIZE,
   readU64,
   writeExtOffsetDataHeader,
+  writeExtOffsetDataHeaderFrom,
   ZERO_TAG,
 } from './protocol-ext.js';
 import { CMD_RULES, EMPTY, NbdRequestParser, type CmdRule } from './request.js';
@@ -110,7 +111,7 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     ) {
       const out = allocReplyBuffer(EXT_DATA_HEADER_SIZE + length);
       if (this.exp!.tryReadSync!(out.subarray(EXT_DATA_HEADER_SIZE), offset)) {
-        writeExtOffsetDataHeader(out, 0, NBD_REPLY_FLAG_DONE, b.subarray(p + 8, p + 24), offset, length);
+        writeExtOffsetDataHeaderFrom(out, 0, NBD_REPLY_FLAG_DONE, b, p + 8, offset, length);
         r.consume(NBD_EXTENDED_REQUEST_SIZE);
         this.queueRecyclable(out);
         return;
