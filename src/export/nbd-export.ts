@@ -123,9 +123,10 @@ export function bitmapExtents(
 /** Status calls cover at most this much at once (the client asks again for the rest). */
 const STATUS_CHUNK = 1 << 30;
 /**
- * Extended-header clients (64-bit extents): while each status call comes back as one extent
- * covering its whole window, the next window is twice as large, up to this many calls. The
- * work stays proportional to the range answered, and a uniform 8 TiB takes 14 calls.
+ * Extended-header clients (64-bit extents): while the last extent of a status call covers at
+ * least half of its window (a long run that may go on), the next window is twice as large, up
+ * to this many calls. A fragmented window ends the answer, so the work stays proportional to
+ * the range answered; a uniform 8 TiB takes 14 calls.
  */
 const WIDE_STATUS_CALLS = 24;
 
@@ -421,16 +422,24 @@ export class NbdExport implements NbdExportHandle {
     const all: BlockExtent[] = [];
     let pos = offset;
     let window = STATUS_CHUNK;
+    // Runs of equal NBD flags so far (what the reply will hold after merging).
+    let runs = 0;
+    let lastFlags = -1;
     for (let i = 0; i < WIDE_STATUS_CALLS && pos < end; i++) {
       const len = Math.min(window, end - pos);
       const ext = await this.user.io.blockStatus(pos, len);
       const first = ext[0];
       if (!first) break;
-      all.push(...ext);
+      for (const e of ext) {
+        const f = flagsOf(e) >>> 0;
+        if (f !== lastFlags) runs++;
+        lastFlags = f;
+        all.push(e);
+      }
       const last = ext[ext.length - 1]!;
       pos = last.offset + last.length;
-      // Several extents, or fewer bytes than asked: the region is no longer uniform, stop here.
-      if (ext.length !== 1 || pos - first.offset < len) break;
+      // Fewer bytes than asked, a window that ends fragmented, or more runs than fit: stop here.
+      if (pos - first.offset < len || last.length * 2 < len || runs > maxExtents) break;
       window *= 2;
     }
     return toNbdExtents(all, offset, Math.max(pos, offset) - offset || length, maxExtents, flagsOf, maxExtentLength);

@@ -52,7 +52,7 @@ import {
   writeExtOffsetDataHeaderFrom,
   ZERO_TAG,
 } from './protocol-ext.js';
-import { CMD_RULES, EMPTY, NbdRequestParser, type CmdRule } from './request.js';
+import { CMD_RULES, EMPTY, NbdRequestParser, READ_ONLY_TEXT, type CmdRule } from './request.js';
 
 /** Extended headers lift QEMU's 32 MiB bound on CACHE (an effect length, no payload). */
 const EXT_RULES: Readonly<Record<number, CmdRule>> = {
@@ -159,7 +159,7 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     }
     const err = this.validate(type, EXT_RULES[type] ?? UNKNOWN_RULE, flags, offset, offsetText, length);
     if (err !== undefined) {
-      this.extError(tag, type, err === 'Export is read-only' ? this.readOnlyError : NBD_EINVAL, err);
+      this.extError(tag, type, err === READ_ONLY_TEXT ? this.readOnlyError : NBD_EINVAL, err);
       return;
     }
     if (type === NBD_CMD_READ) this.extStartRead(tag, flags, offset, length, readBuf);
@@ -173,7 +173,7 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     if (type === NBD_CMD_WRITE) {
       const err = this.validate(type, EXT_RULES[type]!, f, offset, () => String(offset), length);
       if (err !== undefined) {
-        this.extDrain(tag, type, length, err === 'Export is read-only' ? this.readOnlyError : NBD_EINVAL, err);
+        this.extDrain(tag, type, length, err === READ_ONLY_TEXT ? this.readOnlyError : NBD_EINVAL, err);
         return;
       }
       this.extGather(tag, { type, flags: f, offset }, length);

@@ -395,12 +395,13 @@ describe('extended headers with 64-bit lengths on big exports (in-process daemon
     expect(total).toBeLessThanOrEqual(0xffffffff);
   });
 
-  it('reports a 10 GiB hole of a sparse 16 GiB file in one extent', async () => {
+  it('reports the holes of a sparse 16 GiB file in single extents, after a small data head', async () => {
     const { path, d } = await bigDaemon();
     const img = join(dir!, 'sparse.raw');
     const fd = openSync(img, 'w');
     ftruncateSync(fd, 16 * GiB);
     writeSync(fd, Buffer.alloc(MiB, 0x5a), 0, MiB, 10 * GiB);
+    writeSync(fd, Buffer.alloc(4096, 0x5a), 0, 4096, 0);
     closeSync(fd);
     await d.ok('blockdev-add', { driver: 'raw', 'node-name': 's', file: { driver: 'file', filename: img } });
     await d.ok('block-export-add', { type: 'nbd', id: 's', 'node-name': 's' });
@@ -409,8 +410,8 @@ describe('extended headers with 64-bit lengths on big exports (in-process daemon
     await c.handshake('s', { extended: true, contexts: ['base:allocation'] });
     c.extRequest(NBD_CMD_BLOCK_STATUS, 0, 16 * GiB, 0, 1n);
     const ext0 = statusExt((await extReply(c))[0]!).extents;
-    expect(ext0[0]).toEqual([10 * GiB, 3]);
-    expect(ext0[1]).toEqual([MiB, 0]);
+    // A fragmented first window does not stop the answer while its last run is long.
+    expect(ext0).toEqual([[4096, 0], [10 * GiB - 4096, 3], [MiB, 0], [6 * GiB - MiB, 3]]);
     c.extRequest(NBD_CMD_READ, 10 * GiB, 4096, 0, 2n);
     const [rd] = await extReply(c);
     expect(rd!.offset).toBe(BigInt(10 * GiB));
