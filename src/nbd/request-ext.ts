@@ -134,7 +134,10 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     const lengthBig = length >= 0 ? undefined : b.readBigUInt64BE(p + 24);
     r.consume(NBD_EXTENDED_REQUEST_SIZE);
     if (this.trace) {
-      this.log.trace({ cmd: cmdName(type), flags, offset: offsetBig ?? offset, length: lengthBig ?? length }, 'request');
+      // u64 values above 2^53 as decimal strings (a BigInt does not serialise to JSON).
+      const o = offsetBig === undefined ? offset : String(offsetBig);
+      const l = lengthBig === undefined ? length : String(lengthBig);
+      this.log.trace({ cmd: cmdName(type), flags, offset: o, length: l }, 'request');
     }
 
     if ((flags & NBD_CMD_FLAG_PAYLOAD_LEN) !== 0) {
