@@ -4,10 +4,12 @@
  * composition root registers it with `BlockGraph.registerDriver('nbd', ...)`.
  *
  * Options are QSD 7.2's BlockdevOptionsNbd (server, export, tls-creds, tls-hostname,
- * x-dirty-bitmap, reconnect-delay, open-timeout) plus blockd's `x-connections`.
+ * x-dirty-bitmap, reconnect-delay, open-timeout) plus blockd's `x-connections` and
+ * `x-extended-headers`.
  */
 import {
   BASE_MEMBERS,
+  optBool,
   optError,
   optSize,
   optString,
@@ -49,6 +51,7 @@ const NBD_MEMBERS = [
   'reconnect-delay',
   'open-timeout',
   'x-connections',
+  'x-extended-headers',
 ];
 /** Most connections `x-connections` may ask for. */
 const MAX_CONNECTIONS = 16;
@@ -124,6 +127,7 @@ export class NbdBlockDriver implements BlockDriver {
     const reconnectDelay = optU32(opts, 'reconnect-delay') ?? 0;
     const openTimeout = optU32(opts, 'open-timeout') ?? 0;
     const connections = optU32(opts, 'x-connections') ?? 1;
+    const extendedHeaders = optBool(opts, 'x-extended-headers') ?? true;
     if (connections < 1 || connections > MAX_CONNECTIONS) {
       throw optError(`Parameter 'x-connections' must be between 1 and ${MAX_CONNECTIONS}`);
     }
@@ -139,6 +143,7 @@ export class NbdBlockDriver implements BlockDriver {
         reconnectDelay,
         openTimeout,
         connections,
+        extendedHeaders,
         log: ctx.log.child({ component: 'nbd-client' }),
       });
     } catch (err) {
@@ -154,6 +159,11 @@ export class NbdBlockDriver implements BlockDriver {
 
   getLength(): number {
     return this.client.info.size;
+  }
+
+  /** Whether the connection uses NBD extended headers (asked for, and the server agreed). */
+  get extendedHeaders(): boolean {
+    return this.client.info.extended;
   }
 
   /** Whether the server shows the export read-only (NBD_FLAG_READ_ONLY). */

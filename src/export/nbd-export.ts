@@ -119,13 +119,17 @@ export function baseAllocationFlags(e: BlockExtent): number {
   return f;
 }
 
-/** Convert block extents to NBD extents, merging equal neighbours and clamping to maxExtents. */
+/**
+ * Convert block extents to NBD extents, merging equal neighbours and clamping to maxExtents,
+ * each at most `maxLength` bytes (u32 unless the client has extended headers).
+ */
 function toNbdExtents(
   extents: readonly BlockExtent[],
   offset: number,
   length: number,
   maxExtents: number,
   flagsOf: (e: BlockExtent) => number,
+  maxLength = 0xffffffff,
 ): NbdExtent[] {
   const out: NbdExtent[] = [];
   const end = offset + length;
@@ -137,14 +141,14 @@ function toNbdExtents(
     const len = eEnd - pos;
     const flags = flagsOf(e) >>> 0;
     const last = out[out.length - 1];
-    if (last && last.flags === flags && last.length + len <= 0xffffffff) last.length += len;
+    if (last && last.flags === flags && last.length + len <= maxLength) last.length += len;
     else {
       if (out.length >= maxExtents) break;
-      out.push({ length: Math.min(len, 0xffffffff), flags });
+      out.push({ length: Math.min(len, maxLength), flags });
     }
     pos = eEnd;
   }
-  if (out.length === 0) out.push({ length: Math.min(length, 0xffffffff), flags: 0 });
+  if (out.length === 0) out.push({ length: Math.min(length, maxLength), flags: 0 });
   return out;
 }
 
@@ -153,20 +157,33 @@ function toNbdExtents(
  * Runs are granule-aligned inside the request; anything past the bitmap's size (a bitmap on a
  * smaller backing node) reads as clean.
  */
-export function bitmapExtents(bits: DirtyBitmap, offset: number, length: number, maxExtents: number): NbdExtent[] {
+export function bitmapExtents(
+  bits: DirtyBitmap,
+  offset: number,
+  length: number,
+  maxExtents: number,
+  maxLength = 0xffffffff,
+): NbdExtent[] {
   const out: NbdExtent[] = [];
   const max = Math.max(1, maxExtents);
   for (const e of bits.extents(offset, length, max)) {
-    // NBD extent lengths are u32: cut longer runs (the client asks again for the rest).
-    out.push({ length: Math.min(e.length, 0xffffffff), flags: e.dirty ? NBD_STATE_DIRTY : 0 });
-    if (e.length > 0xffffffff) break;
+    // Compact NBD extent lengths are u32: cut longer runs (the client asks again for the rest).
+    out.push({ length: Math.min(e.length, maxLength), flags: e.dirty ? NBD_STATE_DIRTY : 0 });
+    if (e.length > maxLength) break;
   }
-  if (out.length === 0) out.push({ length: Math.min(length, 0xffffffff), flags: 0 });
+  if (out.length === 0) out.push({ length: Math.min(length, maxLength), flags: 0 });
   return out;
 }
 
 /** Status calls cover at most this much at once (the client asks again for the rest). */
 const STATUS_CHUNK = 1 << 30;
+/**
+ * Extended-header clients (64-bit extents): while the last extent of a status call covers at
+ * least half of its window (a long run that may go on), the next window is twice as large, up
+ * to this many calls. A fragmented window ends the answer, so the work stays proportional to
+ * the range answered; a uniform 8 TiB takes 14 calls.
+ */
+const WIDE_STATUS_CALLS = 24;
 
 export class NbdExport implements NbdExportHandle {
   readonly id: string;
@@ -234,20 +251,20 @@ export class NbdExport implements NbdExportHandle {
     this.log = log.child({ export: opts.id });
     const base: NbdMetaContext = {
       name: 'base:allocation',
-      blockStatus: (o, l, m) => this.status(o, l, m, baseAllocationFlags),
+      blockStatus: (o, l, m, w) => this.status(o, l, m, baseAllocationFlags, w),
     };
     const qemu: NbdMetaContext[] = [];
     if (opts.allocationDepth) {
       qemu.push({
         name: 'qemu:allocation-depth',
-        blockStatus: (o, l, m) => this.status(o, l, m, (e) => e.depth),
+        blockStatus: (o, l, m, w) => this.status(o, l, m, (e) => e.depth, w),
       });
     }
     for (const bm of opts.bitmaps ?? []) {
       qemu.push({
         name: `qemu:dirty-bitmap:${bm.name}`,
         // In-memory: answer the whole request (no STATUS_CHUNK cap), fewer round trips.
-        blockStatus: async (o, l, m) => bitmapExtents(bm.bits, o, l, m),
+        blockStatus: async (o, l, m, w) => bitmapExtents(bm.bits, o, l, m, w),
       });
     }
     this.metaContexts = [
@@ -610,10 +627,38 @@ export class NbdExport implements NbdExportHandle {
     length: number,
     maxExtents: number,
     flagsOf: (e: BlockExtent) => number,
+    maxExtentLength = 0xffffffff,
   ): Promise<NbdExtent[]> {
-    const len = Math.min(length, STATUS_CHUNK);
-    const extents = await this.user.io.blockStatus(offset, len);
-    return toNbdExtents(extents, offset, len, maxExtents, flagsOf);
+    if (maxExtentLength <= 0xffffffff) {
+      const len = Math.min(length, STATUS_CHUNK);
+      const extents = await this.user.io.blockStatus(offset, len);
+      return toNbdExtents(extents, offset, len, maxExtents, flagsOf);
+    }
+    const end = offset + length;
+    const all: BlockExtent[] = [];
+    let pos = offset;
+    let window = STATUS_CHUNK;
+    // Runs of equal NBD flags so far (what the reply will hold after merging).
+    let runs = 0;
+    let lastFlags = -1;
+    for (let i = 0; i < WIDE_STATUS_CALLS && pos < end; i++) {
+      const len = Math.min(window, end - pos);
+      const ext = await this.user.io.blockStatus(pos, len);
+      const first = ext[0];
+      if (!first) break;
+      for (const e of ext) {
+        const f = flagsOf(e) >>> 0;
+        if (f !== lastFlags) runs++;
+        lastFlags = f;
+        all.push(e);
+      }
+      const last = ext[ext.length - 1]!;
+      pos = last.offset + last.length;
+      // Fewer bytes than asked, a window that ends fragmented, or more runs than fit: stop here.
+      if (pos - first.offset < len || last.length * 2 < len || runs > maxExtents) break;
+      window *= 2;
+    }
+    return toNbdExtents(all, offset, Math.max(pos, offset) - offset || length, maxExtents, flagsOf, maxExtentLength);
   }
 }
 

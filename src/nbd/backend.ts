@@ -62,8 +62,12 @@ export interface NbdMetaContext {
    * range (the client re-queries), and should not run past it (QEMU never does; the
    * engine clamps the last extent to the request and merges equal neighbours).
    * `offset + length` is within the export.
+   *
+   * `maxExtentLength` (default 2^32 - 1, what a BLOCK_STATUS chunk can carry) is raised to
+   * Number.MAX_SAFE_INTEGER for clients with extended headers (NBD_REPLY_TYPE_BLOCK_STATUS_EXT):
+   * a provider may then answer with longer extents, and may look further at once.
    */
-  blockStatus(offset: number, length: number, maxExtents: number): Promise<NbdExtent[]>;
+  blockStatus(offset: number, length: number, maxExtents: number, maxExtentLength?: number): Promise<NbdExtent[]>;
 }
 
 /**

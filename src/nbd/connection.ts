@@ -15,8 +15,18 @@ import type { Logger } from '../util/logger.js';
 import type { NbdBackend } from './backend.js';
 import type { NbdTransport, TransportSink } from './transport.js';
 import { Handshake, type HandshakeStep } from './handshake.js';
-import { NBD_OPTS_MAGIC, NBD_REQUEST_SIZE, NBD_CMD_WRITE, NBD_EINVAL, NBD_EPERM, optName } from './protocol.js';
-import { EMPTY, NbdRequestParser } from './request.js';
+import {
+  NBD_OPTS_MAGIC,
+  NBD_REQUEST_SIZE,
+  NBD_CMD_WRITE,
+  NBD_EINVAL,
+  NBD_EPERM,
+  NBD_EXTENDED_REQUEST_SIZE,
+  NBD_FLAG_BLOCK_STATUS_PAYLOAD,
+  optName,
+} from './protocol.js';
+import { EMPTY } from './request.js';
+import { NbdExtRequestParser } from './request-ext.js';
 
 export { CMD_RULES } from './request.js';
 export { normalizeExtents } from './dispatch.js';
@@ -88,7 +98,7 @@ class DeadlineSet {
 
 const HANDSHAKE_DEADLINES = new DeadlineSet();
 
-export class NbdConnection extends NbdRequestParser implements TransportSink {
+export class NbdConnection extends NbdExtRequestParser implements TransportSink {
   readonly clientAddress: string;
   private readonly backend: NbdBackend;
   private readonly hs: Handshake;
@@ -276,6 +286,20 @@ export class NbdConnection extends NbdRequestParser implements TransportSink {
           this.replyError(this.wCookie, NBD_CMD_WRITE, e.err, e.msg);
           break;
         }
+        case 'EXT_REQUEST': {
+          // Extended headers (request-ext.ts): chosen once, when transmission starts.
+          if (this.overWindow()) {
+            this.pauseReading();
+            return;
+          }
+          if (!r.ensure(NBD_EXTENDED_REQUEST_SIZE)) return;
+          this.onExtRequestHeader(r.buf, r.pos);
+          break;
+        }
+        case 'EXT_PAYLOAD':
+        case 'EXT_DRAIN':
+          if (!this.pumpExtPayload()) return;
+          break;
         case 'DISCONNECTING':
         case 'CLOSED':
           r.clear();
@@ -301,19 +325,23 @@ export class NbdConnection extends NbdRequestParser implements TransportSink {
         this.stopHandshakeTimer();
         this.exp = neg.session.handle ?? neg.exp;
         this.session = neg.session;
-        this.structured = neg.structured;
+        // Extended headers imply structured replies (DF is valid, reads may be sparse).
+        this.structured = neg.structured || neg.extended;
+        this.extended = neg.extended;
+        this.statusPayload = (neg.flags & NBD_FLAG_BLOCK_STATUS_PAYLOAD) !== 0;
         this.contexts = neg.contexts;
         this.readOnly = neg.readOnly;
         this.readOnlyError = neg.readOnlyIntent && !neg.exp.readOnly ? NBD_EPERM : NBD_EINVAL;
         this.size = neg.exp.size;
         this.hasSyncRead = typeof neg.exp.tryReadSync === 'function';
-        this.state = 'REQUEST';
+        this.state = neg.extended ? 'EXT_REQUEST' : 'REQUEST';
         if (!this.infoOn) return;
         this.log.info(
           {
             client: this.clientAddress,
             export: neg.exp.name,
             structured: neg.structured,
+            extended: neg.extended,
             flags: `0x${neg.flags.toString(16)}`,
             contexts: neg.contexts.map((c) => c.context.name),
           },
@@ -375,7 +403,7 @@ export class NbdConnection extends NbdRequestParser implements TransportSink {
   }
 
   /** Close without flushing (protocol violation). */
-  private closeNow(reason: string): void {
+  protected closeNow(reason: string): void {
     this.log.warn({ reason }, 'closing NBD connection');
     this.state = 'DISCONNECTING';
     this.reader.clear();

@@ -203,7 +203,8 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
 
 }
 
-const FAIL_TEXT: Record<number, string> = {
+/** QSD's reply texts for failed commands (shared with the extended-header path). */
+export const FAIL_TEXT: Record<number, string> = {
   [NBD_CMD_WRITE]: 'writing to file failed',
   [NBD_CMD_WRITE_ZEROES]: 'writing to file failed',
   [NBD_CMD_FLUSH]: 'flush failed',
@@ -213,17 +214,23 @@ const FAIL_TEXT: Record<number, string> = {
 
 /**
  * Make backend extents wire-safe: drop empty ones, merge equal neighbours, never
- * run past the request (QEMU never does), at most `max`.
+ * run past the request (QEMU never does), at most `max`, each at most `maxLength` bytes
+ * (u32 for BLOCK_STATUS chunks; extended headers allow up to 2^53 - 1).
  */
-export function normalizeExtents(ext: readonly NbdExtent[], length: number, max: number): NbdExtent[] {
+export function normalizeExtents(
+  ext: readonly NbdExtent[],
+  length: number,
+  max: number,
+  maxLength = 0xffffffff,
+): NbdExtent[] {
   const out: NbdExtent[] = [];
   let total = 0;
   for (const e of ext) {
     if (total >= length) break;
     if (!(e.length > 0)) continue;
-    const len = Math.min(e.length, length - total, 0xffffffff);
+    const len = Math.min(e.length, length - total, maxLength);
     const last = out[out.length - 1];
-    if (last && last.flags === e.flags && last.length + len <= 0xffffffff) last.length += len;
+    if (last && last.flags === e.flags && last.length + len <= maxLength) last.length += len;
     else {
       if (out.length >= max) break;
       out.push({ length: len, flags: e.flags >>> 0 });

@@ -28,6 +28,7 @@ import {
   encodeOptionReply,
   encodeRepMetaContext,
   encodeRepServer,
+  NBD_FLAG_BLOCK_STATUS_PAYLOAD,
   NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES,
   NBD_FLAG_CAN_MULTI_CONN,
@@ -51,6 +52,7 @@ import {
   NBD_MAX_STRING_SIZE,
   NBD_OPT_ABORT,
   NBD_OPT_EXPORT_NAME,
+  NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
   NBD_OPT_INFO,
   NBD_OPT_LIST,
@@ -61,6 +63,7 @@ import {
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_ERR_BLOCK_SIZE_REQD,
+  NBD_REP_ERR_EXT_HEADER_REQD,
   NBD_REP_ERR_INVALID,
   NBD_REP_ERR_POLICY,
   NBD_REP_ERR_SHUTDOWN,
@@ -85,6 +88,11 @@ export interface NegotiatedExport {
   exp: NbdExportHandle;
   session: NbdSession;
   structured: boolean;
+  /**
+   * NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte requests and replies only (structured
+   * replies are implied; `structured` stays as negotiated and is not consulted then).
+   */
+  extended: boolean;
   /** Transmission flags as sent to this client. */
   flags: number;
   /** The client sees the export read-only (the export is, or the client sent NBD_OPT_READ_ONLY). */
@@ -124,13 +132,21 @@ const OPT_TEXT: Record<number, string> = {
   [NBD_OPT_STRUCTURED_REPLY]: 'structured reply',
   [NBD_OPT_ABORT]: 'abort',
   [NBD_OPT_READ_ONLY]: 'read only',
+  [NBD_OPT_EXTENDED_HEADERS]: 'extended headers',
 };
 
 /**
- * Transmission flags for `exp`, per connection (DF only with structured replies). `readOnly`:
- * what this client sees (the export's mode, or read-only after NBD_OPT_READ_ONLY).
+ * Transmission flags for `exp`, per connection (DF only with structured replies or extended
+ * headers). `readOnly`: what this client sees (the export's mode, or read-only after
+ * NBD_OPT_READ_ONLY). `statusPayload`: extended headers with meta contexts selected for `exp`
+ * (NBD spec: NBD_FLAG_BLOCK_STATUS_PAYLOAD).
  */
-export function transmissionFlags(exp: NbdExportHandle, structured: boolean, readOnly = exp.readOnly): number {
+export function transmissionFlags(
+  exp: NbdExportHandle,
+  structured: boolean,
+  readOnly = exp.readOnly,
+  statusPayload = false,
+): number {
   let f = NBD_FLAG_HAS_FLAGS;
   if (readOnly) f |= NBD_FLAG_READ_ONLY;
   if (exp.canFlush) f |= NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
@@ -143,6 +159,7 @@ export function transmissionFlags(exp: NbdExportHandle, structured: boolean, rea
   if (structured) f |= NBD_FLAG_SEND_DF;
   if (exp.multiConn) f |= NBD_FLAG_CAN_MULTI_CONN;
   if (exp.canCache) f |= NBD_FLAG_SEND_CACHE;
+  if (statusPayload) f |= NBD_FLAG_BLOCK_STATUS_PAYLOAD;
   return f;
 }
 
@@ -183,6 +200,8 @@ export class Handshake {
   private fixed = false;
   private noZeroes = false;
   private structured = false;
+  /** NBD_OPT_EXTENDED_HEADERS was acknowledged (docs/nbd.md). */
+  private extended = false;
   /** NBD_OPT_READ_ONLY was sent (blockd's experimental option, docs/nbd.md). */
   private readOnlyIntent = false;
   /** Export named by the last SET_META_CONTEXT, and what it selected. */
@@ -269,10 +288,21 @@ export class Handshake {
         return this.reply(rep(option, NBD_REP_ACK));
       case NBD_OPT_STRUCTURED_REPLY:
         if (length !== 0) return this.unexpectedLength(option);
+        if (this.extended) {
+          // NBD spec: extended headers take precedence; no downgrade to structured replies.
+          return this.reply(repErr(option, NBD_REP_ERR_EXT_HEADER_REQD, 'extended headers already negotiated'));
+        }
         if (this.structured) {
           return this.reply(repErr(option, NBD_REP_ERR_INVALID, 'structured reply already negotiated'));
         }
         this.structured = true;
+        return this.reply(rep(option, NBD_REP_ACK));
+      case NBD_OPT_EXTENDED_HEADERS:
+        if (length !== 0) return this.unexpectedLength(option);
+        if (this.extended) {
+          return this.reply(repErr(option, NBD_REP_ERR_INVALID, 'extended headers already negotiated'));
+        }
+        this.extended = true;
         return this.reply(rep(option, NBD_REP_ACK));
       case NBD_OPT_INFO:
       case NBD_OPT_GO:
@@ -281,7 +311,7 @@ export class Handshake {
       case NBD_OPT_SET_META_CONTEXT:
         return this.optMetaContext(option, payload ?? Buffer.alloc(0));
       default:
-        // Includes PEEK_EXPORT (withdrawn) and EXTENDED_HEADERS (not supported, like QSD 7.2).
+        // Includes PEEK_EXPORT (withdrawn).
         return this.reply(repErr(option, NBD_REP_ERR_UNSUP, `Unsupported option ${option} (<unknown>)`));
     }
   }
@@ -319,6 +349,12 @@ export class Handshake {
     return this.reply(...out);
   }
 
+  /** Flags this client is (or would be) given for `exp`. */
+  private flagsFor(exp: NbdExportHandle, readOnly: boolean): number {
+    const statusPayload = this.extended && this.metaExport === exp.name && this.metaSelected.length > 0;
+    return transmissionFlags(exp, this.structured || this.extended, readOnly, statusPayload);
+  }
+
   /** Enter transmission with `exp`; returns an error message when the export layer refuses. */
   private connect(exp: NbdExportHandle): NegotiatedExport | DaemonError {
     const contexts = this.metaExport === exp.name ? this.metaSelected : [];
@@ -336,7 +372,8 @@ export class Handshake {
       exp,
       session: res,
       structured: this.structured,
-      flags: transmissionFlags(exp, this.structured, readOnly),
+      extended: this.extended,
+      flags: this.flagsFor(exp, readOnly),
       readOnly,
       readOnlyIntent: this.readOnlyIntent,
       contexts,
@@ -345,6 +382,9 @@ export class Handshake {
 
   private optExportName(payload: Buffer): HandshakeStep {
     const name = payload.toString('utf8');
+    // NBD spec: a client that negotiated extended headers MUST NOT use EXPORT_NAME, which has no
+    // error reply (QEMU closes too).
+    if (this.extended) return this.close('NBD_OPT_EXPORT_NAME after extended headers were negotiated');
     const exp = this.lookup(name);
     // NBD spec: EXPORT_NAME has no error reply; the only way to refuse is to close.
     if (exp instanceof DaemonError) return this.close(`export '${name}' refused: ${exp.message}`);
@@ -386,7 +426,7 @@ export class Handshake {
     const pref = Math.max(bs.preferred, min);
     const max = Math.min(bs.maximum, NBD_MAX_BUFFER_SIZE);
     out.push(rep(option, NBD_REP_INFO, encodeInfoBlockSize(min, pref, max)));
-    const flags = neg ? neg.flags : transmissionFlags(exp, this.structured, exp.readOnly || this.readOnlyIntent);
+    const flags = neg ? neg.flags : this.flagsFor(exp, exp.readOnly || this.readOnlyIntent);
     out.push(rep(option, NBD_REP_INFO, encodeInfoExport(exp.size, flags)));
 
     if (option === NBD_OPT_INFO && !askedBlockSize && bs.minimum > 1) {
@@ -409,7 +449,7 @@ export class Handshake {
       // NBD spec: SET replaces the previous selection even when it fails.
       this.metaExport = undefined;
       this.metaSelected = [];
-      if (!this.structured) {
+      if (!this.structured && !this.extended) {
         return this.reply(
           repErr(
             option,

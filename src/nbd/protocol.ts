@@ -17,8 +17,10 @@ export const NBD_REP_MAGIC = 0x0003e889045565a9n;
 export const NBD_REQUEST_MAGIC = 0x25609513;
 export const NBD_SIMPLE_REPLY_MAGIC = 0x67446698;
 export const NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
-/** Extended headers (extension branch): recognised only to refuse them. */
+/** Extended headers (NBD spec: Request message, after NBD_OPT_EXTENDED_HEADERS). */
 export const NBD_EXTENDED_REQUEST_MAGIC = 0x21e41c71;
+/** Extended headers (NBD spec: Extended reply chunk message). */
+export const NBD_EXTENDED_REPLY_MAGIC = 0x6e8a278c;
 
 // ---------------------------------------------------------------- sizes and limits
 
@@ -28,6 +30,9 @@ export const NBD_OPTION_REPLY_HEADER_SIZE = 20;
 export const NBD_REQUEST_SIZE = 28;
 export const NBD_SIMPLE_REPLY_SIZE = 16;
 export const NBD_STRUCTURED_REPLY_HEADER_SIZE = 20;
+/** Extended request and extended reply chunk headers are both 32 bytes. */
+export const NBD_EXTENDED_REQUEST_SIZE = 32;
+export const NBD_EXTENDED_REPLY_SIZE = 32;
 /** Bytes of zero padding after the EXPORT_NAME reply unless NO_ZEROES was agreed. */
 export const NBD_EXPORT_NAME_PAD = 124;
 /** NBD spec: strings MUST be at most 4096 bytes. */
@@ -60,7 +65,7 @@ export const NBD_FLAG_CAN_MULTI_CONN = 1 << 8;
 export const NBD_FLAG_SEND_RESIZE = 1 << 9;
 export const NBD_FLAG_SEND_CACHE = 1 << 10;
 export const NBD_FLAG_SEND_FAST_ZERO = 1 << 11;
-export const NBD_FLAG_BLOCK_STAT_PAYLOAD = 1 << 12;
+export const NBD_FLAG_BLOCK_STATUS_PAYLOAD = 1 << 12;
 
 // ---------------------------------------------------------------- options
 
@@ -132,6 +137,7 @@ export const NBD_REPLY_TYPE_NONE = 0;
 export const NBD_REPLY_TYPE_OFFSET_DATA = 1;
 export const NBD_REPLY_TYPE_OFFSET_HOLE = 2;
 export const NBD_REPLY_TYPE_BLOCK_STATUS = 5;
+export const NBD_REPLY_TYPE_BLOCK_STATUS_EXT = 6;
 export const NBD_REPLY_TYPE_ERROR = 0x8001;
 export const NBD_REPLY_TYPE_ERROR_OFFSET = 0x8002;
 
@@ -219,6 +225,7 @@ export const replyTypeName = lookup({
   [NBD_REPLY_TYPE_OFFSET_DATA]: 'NBD_REPLY_TYPE_OFFSET_DATA',
   [NBD_REPLY_TYPE_OFFSET_HOLE]: 'NBD_REPLY_TYPE_OFFSET_HOLE',
   [NBD_REPLY_TYPE_BLOCK_STATUS]: 'NBD_REPLY_TYPE_BLOCK_STATUS',
+  [NBD_REPLY_TYPE_BLOCK_STATUS_EXT]: 'NBD_REPLY_TYPE_BLOCK_STATUS_EXT',
   [NBD_REPLY_TYPE_ERROR]: 'NBD_REPLY_TYPE_ERROR',
   [NBD_REPLY_TYPE_ERROR_OFFSET]: 'NBD_REPLY_TYPE_ERROR_OFFSET',
 });
@@ -614,7 +621,7 @@ export function encodeErrorChunk(flags: number, cookie: Buffer, error: number, m
 
 /** One extent of a BLOCK_STATUS reply. */
 export interface NbdExtent {
-  /** Bytes, > 0, < 2^32. */
+  /** Bytes, > 0, < 2^32 (up to 2^53 - 1 for extended-header clients, see NbdMetaContext). */
   length: number;
   /** Context-defined status bits (u32). */
   flags: number;

@@ -31,6 +31,9 @@ export type ReadState =
   | 'REQUEST'
   | 'WRITE_PAYLOAD'
   | 'WRITE_DRAIN'
+  | 'EXT_REQUEST'
+  | 'EXT_PAYLOAD'
+  | 'EXT_DRAIN'
   | 'DISCONNECTING'
   | 'CLOSED';
 

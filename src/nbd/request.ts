@@ -75,7 +75,7 @@ export const CMD_RULES: Readonly<Record<number, CmdRule>> = {
 export const EMPTY = Buffer.alloc(0);
 export const ZERO_COOKIE = Buffer.alloc(8);
 /** QSD's text for a write-type request on a read-only export. */
-const READ_ONLY_TEXT = 'Export is read-only';
+export const READ_ONLY_TEXT = 'Export is read-only';
 
 export abstract class NbdRequestParser extends NbdDispatcher {
   protected readonly reader = new FrameReader();

@@ -9,6 +9,8 @@ import {
   encodeMetaContextRequest,
   encodeOption,
   encodeRequest,
+  NBD_EXTENDED_REPLY_MAGIC,
+  NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STRUCTURED_REPLY,
@@ -18,10 +20,13 @@ import {
   NBD_STRUCTURED_REPLY_MAGIC,
   type OptionReply,
 } from '../../src/nbd/protocol.js';
+import { encodeExtRequest } from '../../src/nbd/protocol-ext.js';
 
 export type RawReply =
   | { kind: 'simple'; error: number; cookie: Buffer }
-  | { kind: 'chunk'; flags: number; type: number; cookie: Buffer; payload: Buffer };
+  | { kind: 'chunk'; flags: number; type: number; cookie: Buffer; payload: Buffer }
+  /** An extended reply chunk: `offset` echoes the request's, `length` is the header's u64. */
+  | { kind: 'ext'; flags: number; type: number; cookie: Buffer; offset: bigint; length: bigint; payload: Buffer };
 
 export class RawNbdClient {
   private buf = Buffer.alloc(0);
@@ -102,13 +107,16 @@ export class RawNbdClient {
     }
   }
 
-  /** Greeting, STRUCTURED_REPLY (optional), SET_META_CONTEXT (optional), GO. */
+  /** Greeting, EXTENDED_HEADERS or STRUCTURED_REPLY (optional), SET_META_CONTEXT (optional), GO. */
   async handshake(
     name: string,
-    o: { structured?: boolean; contexts?: string[] } = {},
+    o: { structured?: boolean; extended?: boolean; contexts?: string[] } = {},
   ): Promise<OptionReply[]> {
     await this.greeting();
-    if (o.structured ?? true) await this.option(NBD_OPT_STRUCTURED_REPLY);
+    if (o.extended) {
+      const r = await this.option(NBD_OPT_EXTENDED_HEADERS);
+      if (r[0]?.type !== NBD_REP_ACK) throw new Error('NBD_OPT_EXTENDED_HEADERS refused');
+    } else if (o.structured ?? true) await this.option(NBD_OPT_STRUCTURED_REPLY);
     if (o.contexts) await this.option(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest(name, o.contexts));
     return this.option(NBD_OPT_GO, encodeInfoRequest(name, [3]));
   }
@@ -118,7 +126,20 @@ export class RawNbdClient {
     this.write(data ? Buffer.concat([h, data]) : h);
   }
 
-  /** One simple reply (data not read) or one structured chunk. */
+  /** An extended (32-byte) request; with `data`, NBD_CMD_FLAG_PAYLOAD_LEN is the caller's to set. */
+  extRequest(
+    type: number,
+    offset: number | bigint,
+    length: number | bigint,
+    flags = 0,
+    cookie = 1n,
+    data?: Buffer,
+  ): void {
+    const h = encodeExtRequest(type, flags, cookie, offset, length);
+    this.write(data ? Buffer.concat([h, data]) : h);
+  }
+
+  /** One simple reply (data not read), one structured chunk or one extended chunk. */
   async reply(): Promise<RawReply | undefined> {
     const m = await this.read(4);
     if (!m) return undefined;
@@ -127,6 +148,24 @@ export class RawNbdClient {
       const r = await this.read(12);
       if (!r) return undefined;
       return { kind: 'simple', error: r.readUInt32BE(0), cookie: r.subarray(4, 12) };
+    }
+    if (magic === NBD_EXTENDED_REPLY_MAGIC) {
+      // [4..5] flags  [6..7] type  [8..15] cookie  [16..23] offset  [24..31] length
+      const h = await this.read(28);
+      if (!h) return undefined;
+      const len = h.readBigUInt64BE(20);
+      if (len > 64n << 20n) throw new Error(`oversized extended reply length ${len}`);
+      const p = len > 0n ? await this.read(Number(len)) : Buffer.alloc(0);
+      if (!p) return undefined;
+      return {
+        kind: 'ext',
+        flags: h.readUInt16BE(0),
+        type: h.readUInt16BE(2),
+        cookie: h.subarray(4, 12),
+        offset: h.readBigUInt64BE(12),
+        length: len,
+        payload: p,
+      };
     }
     if (magic !== NBD_STRUCTURED_REPLY_MAGIC) throw new Error(`bad reply magic ${magic.toString(16)}`);
     const h = await this.read(16);

@@ -1,7 +1,8 @@
 /**
- * Bounded fuzz of the NBD server's handshake and transmission phases (fixed seeds, so every run
- * sends the same bytes): a valid client transcript is mutated (bit flips, random bytes, cuts,
- * inserted garbage) and sent over a real socket on both socket layers. Each case must end with
+ * Bounded fuzz of the NBD server's handshake and transmission phases, compact and extended
+ * headers (fixed seeds, so every run sends the same bytes): a valid client transcript is mutated
+ * (bit flips, random bytes, cuts, inserted garbage) and sent over a real socket on both socket
+ * layers. Each case must end with
  * that connection closed once the client half-closes, no other harm: the server keeps serving a
  * well-behaved client, with the export's data as the fuzz cases left it readable.
  */
@@ -20,11 +21,14 @@ import {
   NBD_CMD_CACHE,
   NBD_CMD_DISC,
   NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_PAYLOAD_LEN,
+  NBD_CMD_FLAG_REQ_ONE,
   NBD_CMD_FLUSH,
   NBD_CMD_READ,
   NBD_CMD_TRIM,
   NBD_CMD_WRITE,
   NBD_CMD_WRITE_ZEROES,
+  NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
   NBD_OPT_INFO,
   NBD_OPT_LIST,
@@ -33,6 +37,7 @@ import {
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
 } from '../../src/nbd/protocol.js';
+import { encodeExtRequest } from '../../src/nbd/protocol-ext.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { MemoryBackend } from '../helpers/nbd-memory-backend.js';
 import { RawNbdClient } from '../helpers/nbd-raw-client.js';
@@ -88,6 +93,34 @@ function transcript(readOnly: boolean): Buffer[] {
     encodeRequest(NBD_CMD_DISC, 0, 8n, 0, 0),
   );
   return m;
+}
+
+/** A session with extended headers: 32-byte requests, PAYLOAD_LEN, the block-status payload form. */
+function extTranscript(): Buffer[] {
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(3, 0);
+  const filter = Buffer.alloc(12);
+  filter.writeBigUInt64BE(1n << 20n, 0);
+  filter.writeUInt32BE(0, 8);
+  return [
+    flags,
+    encodeOption(NBD_OPT_EXTENDED_HEADERS),
+    encodeOption(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest('n', ['base:allocation'])),
+    encodeOption(NBD_OPT_GO, encodeInfoRequest('n', [3])),
+    encodeExtRequest(NBD_CMD_READ, 0, 1n, 4096, 8192),
+    Buffer.concat([
+      encodeExtRequest(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_PAYLOAD_LEN, 2n, 65536, 512),
+      Buffer.alloc(512, 0x5a),
+    ]),
+    encodeExtRequest(NBD_CMD_BLOCK_STATUS, 0, 3n, 0, 1 << 20),
+    Buffer.concat([encodeExtRequest(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_PAYLOAD_LEN, 4n, 0, 12), filter]),
+    encodeExtRequest(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE, 5n, 4096, 1 << 20),
+    encodeExtRequest(NBD_CMD_TRIM, 0, 6n, 1 << 20, 4096),
+    encodeExtRequest(NBD_CMD_WRITE_ZEROES, 0, 7n, 2 << 20, 65536),
+    encodeExtRequest(NBD_CMD_CACHE, 0, 8n, 0, 4096),
+    encodeExtRequest(NBD_CMD_FLUSH, 0, 9n, 0, 0),
+    encodeExtRequest(NBD_CMD_DISC, 0, 10n, 0, 0),
+  ];
 }
 
 function mutate(msgs: Buffer[], rnd: () => number): Buffer {
@@ -146,8 +179,8 @@ function runCase(path: string, bytes: Buffer): Promise<CaseResult> {
     });
     s.once('close', () => {
       const all = Buffer.concat(got);
-      // Structured reply magic 0x668e33ef or simple reply magic 0x67446698 anywhere past the greeting.
-      const transmission = all.indexOf(Buffer.from('668e33ef', 'hex'), 18) >= 0 || all.indexOf(Buffer.from('67446698', 'hex'), 18) >= 0;
+      // Structured 0x668e33ef, simple 0x67446698 or extended 0x6e8a278c reply magic past the greeting.
+      const transmission = ['668e33ef', '67446698', '6e8a278c'].some((m) => all.indexOf(Buffer.from(m, 'hex'), 18) >= 0);
       resolve({ bytes: all.length, transmission });
     });
     s.setTimeout(30000, () => reject(new Error('server never closed a fuzzed connection')));
@@ -165,10 +198,15 @@ for (const [label, netio] of TRANSPORTS) {
       const rnd = prng(label === 'net.Socket' ? 0x6e626431 : 0x6e626432);
       const CASES = 400;
       let deep = 0;
+      let deepExt = 0;
       for (let i = 0; i < CASES; i++) {
-        const r = await runCase(path, mutate(transcript(i % 3 === 0), rnd));
+        // Every other case negotiates extended headers and fuzzes their transmission phase.
+        const extended = i % 2 === 1;
+        const r = await runCase(path, mutate(extended ? extTranscript() : transcript(i % 3 === 0), rnd));
         if (r.transmission) deep++;
+        if (r.transmission && extended) deepExt++;
       }
+      expect(deepExt).toBeGreaterThan(CASES / 8);
       // The mutations must not all be caught at the door: many cases reach transmission.
       expect(deep).toBeGreaterThan(CASES / 4);
       // Every fuzzed connection is gone from the server's books.
@@ -182,6 +220,13 @@ for (const [label, netio] of TRANSPORTS) {
       const r = await c.reply();
       expect(r?.kind === 'chunk' && r.cookie.readBigUInt64BE(0)).toBe(9n);
       c.close();
+      // And a good client with extended headers.
+      const x = await RawNbdClient.connect(path);
+      expect((await x.handshake('n', { extended: true })).at(-1)!.type).toBe(NBD_REP_ACK);
+      x.extRequest(NBD_CMD_READ, 512, 512, 0, 10n);
+      const xr = await x.reply();
+      expect(xr?.kind === 'ext' && xr.cookie.readBigUInt64BE(0) === 10n && xr.offset).toBe(512n);
+      x.close();
     });
   });
 }

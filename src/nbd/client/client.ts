@@ -11,6 +11,8 @@
  *   EIO (QEMU's semantics), while reconnecting goes on. 0 = no reconnecting at all.
  * - Requests are split at the server's maximum block size; unaligned ones (minimum block size
  *   above 1) are widened (reads) or read-modify-written (writes, zeroes).
+ * - Extended headers (default on, when the server offers them): TRIM, WRITE_ZEROES and
+ *   BLOCK_STATUS go out with 64-bit lengths, unsplit; otherwise the compact protocol as before.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../../util/logger.js';
@@ -48,11 +50,15 @@ export interface NbdClientOptions {
   openTimeout: number;
   /** Connections to open when the server allows multi-conn (default 1). */
   connections: number;
+  /** Ask for NBD_OPT_EXTENDED_HEADERS (falls back to compact headers when refused). */
+  extendedHeaders: boolean;
   log: Logger;
 }
 
-/** Largest TRIM / WRITE_ZEROES length sent in one request (lengths are u32). */
+/** Largest TRIM / WRITE_ZEROES length sent in one compact request (lengths are u32). */
 const MAX_ZERO_REQUEST = 1 << 30;
+/** With extended headers, effect lengths are u64: one request covers any range of the export. */
+const MAX_EXT_EFFECT = 2 ** 52;
 /** Reconnect back-off bounds, in ms. */
 const RETRY_FIRST_MS = 100;
 const RETRY_MAX_MS = 2000;
@@ -127,7 +133,11 @@ export class NbdClient {
   }
 
   private checkSame(info: NegotiatedInfo): void {
-    if (info.size !== this.info.size || (info.flags & NBD_FLAG_READ_ONLY) !== (this.info.flags & NBD_FLAG_READ_ONLY)) {
+    if (
+      info.size !== this.info.size ||
+      (info.flags & NBD_FLAG_READ_ONLY) !== (this.info.flags & NBD_FLAG_READ_ONLY) ||
+      info.extended !== this.info.extended
+    ) {
       throw new NbdError('NBD_EXPORT_CHANGED', 'EIO', 'The NBD export changed size or flags between connections', true);
     }
   }
@@ -289,7 +299,8 @@ export class NbdClient {
   }
 
   private async ranged(type: number, flags: number, offset: number, length: number): Promise<void> {
-    const max = Math.floor(MAX_ZERO_REQUEST / this.info.minBlock) * this.info.minBlock;
+    const limit = this.info.extended ? MAX_EXT_EFFECT : MAX_ZERO_REQUEST;
+    const max = Math.floor(limit / this.info.minBlock) * this.info.minBlock;
     const parts: Promise<unknown>[] = [];
     for (let pos = 0; pos < length; pos += max) {
       parts.push(this.exec({ type, flags, offset: offset + pos, length: Math.min(max, length - pos) }));
@@ -311,7 +322,8 @@ export class NbdClient {
     const m = this.info.minBlock;
     const start = offset - (offset % m);
     const len = Math.min(Math.ceil((offset + length) / m) * m, this.info.size) - start;
-    const capped = Math.min(len, Math.floor(0xffffffff / m) * m);
+    // Compact requests carry a u32 length; extended ones a u64 (extents come back 64-bit too).
+    const capped = this.info.extended ? len : Math.min(len, Math.floor(0xffffffff / m) * m);
     const ext = (await this.exec({ type: NBD_CMD_BLOCK_STATUS, flags: 0, offset: start, length: capped, contextId: id })) ?? [];
     // Drop the widened head so the extents start at `offset`.
     let skip = offset - start;
@@ -345,6 +357,7 @@ async function connectOnce(opts: NbdClientOptions): Promise<NbdClientConnection>
       exportName: opts.exportName,
       readOnlyIntent: opts.readOnly,
       metaContexts: opts.metaContexts,
+      extendedHeaders: opts.extendedHeaders,
     });
     return new NbdClientConnection(wire, info);
   } catch (err) {

@@ -14,6 +14,7 @@ import { NbdError } from '../../util/errors.js';
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_DISC,
+  NBD_CMD_FLAG_PAYLOAD_LEN,
   NBD_CMD_READ,
   NBD_CMD_WRITE,
   NBD_EINVAL,
@@ -24,8 +25,13 @@ import {
   NBD_EOVERFLOW,
   NBD_EPERM,
   NBD_ESHUTDOWN,
+  NBD_EXTENDED_REPLY_MAGIC,
+  NBD_EXTENDED_REPLY_SIZE,
+  NBD_EXTENDED_REQUEST_MAGIC,
+  NBD_EXTENDED_REQUEST_SIZE,
   NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
   NBD_REPLY_TYPE_ERROR,
   NBD_REPLY_TYPE_ERROR_OFFSET,
   NBD_REPLY_TYPE_NONE,
@@ -38,6 +44,7 @@ import {
   cmdName,
   replyTypeName,
 } from '../protocol.js';
+import { readU64 } from '../protocol-ext.js';
 import type { NegotiatedInfo } from './negotiate.js';
 import { NbdConnectionLost, serverProtocolError, type ClientWire } from './wire.js';
 
@@ -111,6 +118,8 @@ const ERRNO_TEXT: Partial<Record<Errno, string>> = {
 export const MAX_IN_FLIGHT = 16;
 /** Largest non-data chunk payload (a BLOCK_STATUS of 2^17 extents, or an error message). */
 const MAX_CHUNK_PAYLOAD = 4 + 8 * 131072;
+/** The same with extended headers (a BLOCK_STATUS_EXT of 2^17 extents). */
+const MAX_EXT_CHUNK_PAYLOAD = 8 + 16 * 131072;
 /** Most extents collected for one BLOCK_STATUS request. */
 const MAX_EXTENTS = 131072;
 
@@ -185,6 +194,10 @@ export class NbdClientConnection {
         extents: req.type === NBD_CMD_BLOCK_STATUS ? [] : undefined,
         extentBytes: 0,
       });
+      if (this.info.extended) {
+        this.sendExt(cookie, req);
+        return;
+      }
       // [0..3] magic  [4..5] flags  [6..7] type  [8..15] cookie  [16..23] offset  [24..27] length
       const h = Buffer.allocUnsafe(NBD_REQUEST_SIZE);
       h.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
@@ -200,11 +213,33 @@ export class NbdClientConnection {
     });
   }
 
+  /**
+   * Extended request. [0..3] NBD_EXTENDED_REQUEST_MAGIC  [4..5] flags  [6..7] type  [8..15] cookie
+   * [16..23] offset  [24..31] length (u64: the WRITE payload length with PAYLOAD_LEN, else the
+   * effect length)
+   */
+  private sendExt(cookie: number, req: ClientRequest): void {
+    const h = Buffer.allocUnsafe(NBD_EXTENDED_REQUEST_SIZE);
+    const write = req.type === NBD_CMD_WRITE && req.data !== undefined;
+    h.writeUInt32BE(NBD_EXTENDED_REQUEST_MAGIC, 0);
+    h.writeUInt16BE(req.flags | (write ? NBD_CMD_FLAG_PAYLOAD_LEN : 0), 4);
+    h.writeUInt16BE(req.type, 6);
+    h.writeUInt32BE(Math.floor(cookie / 0x100000000), 8);
+    h.writeUInt32BE(cookie >>> 0, 12);
+    h.writeUInt32BE(Math.floor(req.offset / 0x100000000), 16);
+    h.writeUInt32BE(req.offset >>> 0, 20);
+    h.writeUInt32BE(Math.floor(req.length / 0x100000000), 24);
+    h.writeUInt32BE(req.length >>> 0, 28);
+    if (write) this.wire.writev([h, req.data!]);
+    else this.wire.write(h);
+  }
+
   /** NBD_CMD_DISC, then close once sent. Requests still in flight fail as lost. */
   disconnect(): void {
     if (this.lostError) return;
-    const h = Buffer.alloc(NBD_REQUEST_SIZE);
-    h.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
+    const ext = this.info.extended;
+    const h = Buffer.alloc(ext ? NBD_EXTENDED_REQUEST_SIZE : NBD_REQUEST_SIZE);
+    h.writeUInt32BE(ext ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC, 0);
     h.writeUInt16BE(NBD_CMD_DISC, 6);
     this.wire.write(h);
     this.wire.end();
@@ -257,6 +292,10 @@ export class NbdClientConnection {
   }
 
   private parse(): void {
+    if (this.info.extended) {
+      this.parseExt();
+      return;
+    }
     const rd = this.wire.reader;
     while (!this.lostError) {
       if (this.state === S_DATA) {
@@ -345,6 +384,77 @@ export class NbdClientConnection {
     }
   }
 
+  /**
+   * Extended replies only (NBD spec: Extended reply chunk message). [0..3] magic  [4..5] flags
+   * [6..7] type  [8..15] cookie  [16..23] offset (the request's)  [24..31] payload length (u64)
+   */
+  private parseExt(): void {
+    const rd = this.wire.reader;
+    while (!this.lostError) {
+      if (this.state === S_DATA) {
+        const p = this.dataPending!;
+        const n = rd.copyOut(p.req.dest!, this.dataPos, this.dataLeft);
+        this.dataPos += n;
+        this.dataLeft -= n;
+        if (this.dataLeft > 0) return;
+        this.state = S_HEADER;
+        this.dataPending = undefined;
+        if (this.dataDone) this.finish(this.dataCookie, p);
+        continue;
+      }
+      if (!rd.ensure(NBD_EXTENDED_REPLY_SIZE)) return;
+      const b = rd.buf;
+      const o = rd.pos;
+      const magic = b.readUInt32BE(o);
+      if (magic !== NBD_EXTENDED_REPLY_MAGIC) {
+        this.violation(`Bad reply magic 0x${magic.toString(16)} from the NBD server (extended headers)`);
+        return;
+      }
+      const flags = b.readUInt16BE(o + 4);
+      const type = b.readUInt16BE(o + 6);
+      const hit = this.lookup(b, o + 8);
+      if (!hit) return;
+      const [cookie, p] = hit;
+      if (readU64(b, o + 16) !== p.req.offset) {
+        this.violation(`NBD server echoed a wrong offset in a ${replyTypeName(type)} chunk`);
+        return;
+      }
+      const len = readU64(b, o + 24);
+      const done = (flags & NBD_REPLY_FLAG_DONE) !== 0;
+      if (type === NBD_REPLY_TYPE_OFFSET_DATA) {
+        if (p.req.type !== NBD_CMD_READ || len <= 8 || len - 8 > p.req.length) {
+          this.violation(`Bad ${replyTypeName(type)} chunk (length ${len}) for ${cmdName(p.req.type)}`);
+          return;
+        }
+        if (!rd.ensure(NBD_EXTENDED_REPLY_SIZE + 8)) return;
+        const off = readU64(rd.buf, rd.pos + 32);
+        const dlen = len - 8;
+        const rel = off - p.req.offset;
+        if (off < 0 || rel < 0 || rel + dlen > p.req.length) {
+          this.violation('NBD server sent read data outside the requested range');
+          return;
+        }
+        rd.consume(NBD_EXTENDED_REPLY_SIZE + 8);
+        p.covered += dlen;
+        this.startData(cookie, p, rel, dlen, done);
+        continue;
+      }
+      if (len < 0 || len > MAX_EXT_CHUNK_PAYLOAD) {
+        this.violation(`Oversized ${replyTypeName(type)} chunk from the NBD server`);
+        return;
+      }
+      if (!rd.ensure(NBD_EXTENDED_REPLY_SIZE + len)) return;
+      const pl = rd.buf.subarray(rd.pos + NBD_EXTENDED_REPLY_SIZE, rd.pos + NBD_EXTENDED_REPLY_SIZE + len);
+      const why = this.chunk(p, type, pl, done);
+      rd.consume(NBD_EXTENDED_REPLY_SIZE + len);
+      if (why) {
+        this.violation(why);
+        return;
+      }
+      if (done) this.finish(cookie, p);
+    }
+  }
+
   private startData(cookie: number, p: Pending, pos: number, n: number, done: boolean): void {
     this.state = S_DATA;
     this.dataCookie = cookie;
@@ -370,9 +480,32 @@ export class NbdClientConnection {
         p.covered += n;
         return undefined;
       }
+      case NBD_REPLY_TYPE_BLOCK_STATUS_EXT: {
+        // [0..3] context id  [4..7] count n  then n x ([0..7] length, [8..15] status)
+        if (!this.info.extended || p.req.type !== NBD_CMD_BLOCK_STATUS || pl.length < 24) {
+          return 'Bad NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk';
+        }
+        if (pl.length !== 8 + 16 * pl.readUInt32BE(4)) return 'Bad NBD_REPLY_TYPE_BLOCK_STATUS_EXT descriptor count';
+        if (pl.readUInt32BE(0) !== p.req.contextId) return 'NBD server sent block status for a context not asked for';
+        const ext = p.extents!;
+        for (let o = 8; o < pl.length; o += 16) {
+          const big = readU64(pl, o);
+          if (big === 0) return 'NBD server sent a zero-length extent';
+          // The contexts we select are 32-bit: the high half of the status must be zero.
+          if (pl.readUInt32BE(o + 8) !== 0) return 'NBD server sent a 64-bit status for a 32-bit context';
+          const room = p.req.length - p.extentBytes;
+          if (room <= 0) break;
+          // Spec: the final extent may run past the request (even past 2^53); the client clips it.
+          const n = big < 0 || big > room ? room : big;
+          if (ext.length >= MAX_EXTENTS) break;
+          ext.push({ length: n, flags: pl.readUInt32BE(o + 12) });
+          p.extentBytes += n;
+        }
+        return undefined;
+      }
       case NBD_REPLY_TYPE_BLOCK_STATUS: {
         // [0..3] context id  then n x ([0..3] length, [4..7] flags)
-        if (p.req.type !== NBD_CMD_BLOCK_STATUS || pl.length < 12 || (pl.length - 4) % 8 !== 0) {
+        if (this.info.extended || p.req.type !== NBD_CMD_BLOCK_STATUS || pl.length < 12 || (pl.length - 4) % 8 !== 0) {
           return 'Bad NBD_REPLY_TYPE_BLOCK_STATUS chunk';
         }
         if (pl.readUInt32BE(0) !== p.req.contextId) return 'NBD server sent block status for a context not asked for';

@@ -1,7 +1,8 @@
 /**
  * Client side of the fixed-newstyle handshake (NBD spec: Handshake). The steps, in order:
  *
- *   greeting -> client flags -> [NBD_OPT_READ_ONLY] -> NBD_OPT_STRUCTURED_REPLY
+ *   greeting -> client flags -> [NBD_OPT_READ_ONLY]
+ *     -> [NBD_OPT_EXTENDED_HEADERS] (refused: NBD_OPT_STRUCTURED_REPLY)
  *     -> [NBD_OPT_SET_META_CONTEXT] -> NBD_OPT_GO (fallback NBD_OPT_EXPORT_NAME) -> transmission
  *
  * Every length the server sends is bounded before anything is buffered; a reply that breaks the
@@ -23,6 +24,7 @@ import {
   NBD_MAX_BUFFER_SIZE,
   NBD_MAX_STRING_SIZE,
   NBD_OPT_EXPORT_NAME,
+  NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
   NBD_OPT_READ_ONLY,
   NBD_OPT_SET_META_CONTEXT,
@@ -49,6 +51,8 @@ export interface NegotiateOptions {
   readOnlyIntent: boolean;
   /** Metadata contexts to select (e.g. `base:allocation`); empty = none. */
   metaContexts: readonly string[];
+  /** Ask for NBD_OPT_EXTENDED_HEADERS (servers without it answer UNSUP: compact headers). */
+  extendedHeaders: boolean;
 }
 
 /** What the server granted. */
@@ -56,7 +60,10 @@ export interface NegotiatedInfo {
   size: number;
   /** Transmission flags. */
   flags: number;
+  /** Structured replies (also true with extended headers, which imply them). */
   structured: boolean;
+  /** Extended headers: 32-byte requests and replies, 64-bit lengths. */
+  extended: boolean;
   minBlock: number;
   prefBlock: number;
   maxBlock: number;
@@ -132,7 +139,10 @@ export async function negotiate(wire: ClientWire, opts: NegotiateOptions): Promi
   wire.write(cflags);
 
   const readOnlyAcked = opts.readOnlyIntent ? await simpleOption(wire, NBD_OPT_READ_ONLY) : false;
-  const structured = await simpleOption(wire, NBD_OPT_STRUCTURED_REPLY);
+  // Extended headers imply structured replies; a server without them (QEMU 7.2, libnbd-era
+  // servers) answers UNSUP and the compact protocol follows, exactly as before.
+  const extended = opts.extendedHeaders ? await simpleOption(wire, NBD_OPT_EXTENDED_HEADERS) : false;
+  const structured = extended || (await simpleOption(wire, NBD_OPT_STRUCTURED_REPLY));
 
   const contexts = new Map<string, number>();
   if (structured && opts.metaContexts.length > 0) {
@@ -198,7 +208,11 @@ export async function negotiate(wire: ClientWire, opts: NegotiateOptions): Promi
       if (size < 0) throw serverProtocolError('NBD server finished NBD_OPT_GO without NBD_INFO_EXPORT');
       break;
     }
-    if (r.type === NBD_REP_ERR_UNSUP) return exportNameFallback(wire, opts, noZeroes, { structured, contexts, readOnlyAcked });
+    if (r.type === NBD_REP_ERR_UNSUP) {
+      // NBD spec: a server that acknowledged extended headers must support GO.
+      if (extended) throw serverProtocolError('NBD server refused NBD_OPT_GO after acknowledging extended headers');
+      return exportNameFallback(wire, opts, noZeroes, { structured, extended, contexts, readOnlyAcked });
+    }
     if (r.type === NBD_REP_ERR_UNKNOWN) throw negotiationError('Requested export not available');
     if (r.type === NBD_REP_ERR_TLS_REQD) throw negotiationError('The NBD server requires TLS');
     if (r.type === NBD_REP_ERR_POLICY) {
@@ -216,6 +230,7 @@ export async function negotiate(wire: ClientWire, opts: NegotiateOptions): Promi
     size,
     flags,
     structured,
+    extended,
     minBlock,
     prefBlock,
     maxBlock: Math.min(maxBlock, NBD_MAX_BUFFER_SIZE),
@@ -229,7 +244,7 @@ async function exportNameFallback(
   wire: ClientWire,
   opts: NegotiateOptions,
   noZeroes: boolean,
-  granted: Pick<NegotiatedInfo, 'structured' | 'contexts' | 'readOnlyAcked'>,
+  granted: Pick<NegotiatedInfo, 'structured' | 'extended' | 'contexts' | 'readOnlyAcked'>,
 ): Promise<NegotiatedInfo> {
   wire.write(encodeOption(NBD_OPT_EXPORT_NAME, Buffer.from(opts.exportName, 'utf8')));
   // [0..7] size  [8..9] transmission flags  [10..133] zeroes unless NO_ZEROES

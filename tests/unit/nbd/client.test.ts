@@ -37,7 +37,18 @@ import {
   encodeRepMetaContext,
   encodeInfoExport,
   NBD_OPT_STRUCTURED_REPLY,
+  NBD_OPT_EXTENDED_HEADERS,
+  NBD_CMD_FLAG_PAYLOAD_LEN,
+  NBD_CMD_TRIM,
 } from '../../../src/nbd/protocol.js';
+import {
+  encodeBlockStatusExtChunk,
+  encodeExtErrorChunk,
+  encodeExtNone,
+  EXT_DATA_HEADER_SIZE,
+  makeTag,
+  writeExtOffsetDataHeader,
+} from '../../../src/nbd/protocol-ext.js';
 import { silentLogger } from '../../../src/util/logger.js';
 
 const SIZE = 1 << 20;
@@ -62,6 +73,8 @@ interface Req {
   cookie: Buffer;
   offset: number;
   length: number;
+  /** Extended requests: the magic as sent. */
+  magic?: number;
 }
 
 interface Script {
@@ -70,6 +83,8 @@ interface Script {
   /** Transmission replies for one request. */
   answer: (r: Req) => Buffer[];
   structured?: boolean;
+  /** ACK NBD_OPT_EXTENDED_HEADERS and read 32-byte requests (else UNSUP, compact). */
+  extended?: boolean;
 }
 
 /** A minimal fixed-newstyle server driven by `script`. Returns the socket path. */
@@ -80,6 +95,7 @@ async function scripted(script: Script): Promise<string> {
     s.on('error', () => undefined);
     let buf = Buffer.alloc(0);
     let phase: 'flags' | 'options' | 'tx' = 'flags';
+    let ext = false;
     const send = (b: Buffer): void => {
       if (!s.destroyed) s.write(script.mangleHandshake && phase !== 'tx' ? script.mangleHandshake(b) : b);
     };
@@ -102,7 +118,10 @@ async function scripted(script: Script): Promise<string> {
           if (buf.length < 16 + len) return;
           const payload = buf.subarray(16, 16 + len);
           buf = buf.subarray(16 + len);
-          if (opt === NBD_OPT_STRUCTURED_REPLY) {
+          if (opt === NBD_OPT_EXTENDED_HEADERS && script.extended) {
+            ext = true;
+            send(encodeOptionReply(opt, NBD_REP_ACK));
+          } else if (opt === NBD_OPT_STRUCTURED_REPLY) {
             send(encodeOptionReply(opt, script.structured === false ? NBD_REP_ERR_UNSUP : NBD_REP_ACK));
           } else if (opt === NBD_OPT_SET_META_CONTEXT) {
             send(encodeOptionReply(opt, NBD_REP_META_CONTEXT, encodeRepMetaContext(7, 'base:allocation')));
@@ -115,6 +134,20 @@ async function scripted(script: Script): Promise<string> {
           } else {
             send(encodeOptionReply(opt, NBD_REP_ERR_UNSUP));
           }
+        } else if (ext) {
+          if (buf.length < 32) return;
+          const r: Req = {
+            flags: buf.readUInt16BE(4),
+            type: buf.readUInt16BE(6),
+            cookie: Buffer.from(buf.subarray(8, 16)),
+            offset: Number(buf.readBigUInt64BE(16)),
+            length: Number(buf.readBigUInt64BE(24)),
+            magic: buf.readUInt32BE(0),
+          };
+          const extra = r.flags & NBD_CMD_FLAG_PAYLOAD_LEN ? r.length : 0;
+          if (buf.length < 32 + extra) return;
+          buf = buf.subarray(32 + extra);
+          for (const b of script.answer(r)) if (!s.destroyed) s.write(b);
         } else {
           if (buf.length < 28) return;
           const r: Req = {
@@ -136,8 +169,9 @@ async function scripted(script: Script): Promise<string> {
   return path;
 }
 
-function open(path: string): Promise<NbdClient> {
+function open(path: string, extendedHeaders = true): Promise<NbdClient> {
   return NbdClient.open({
+    extendedHeaders,
     address: { type: 'unix', path },
     exportName: 'x',
     readOnly: false,
@@ -346,5 +380,120 @@ describe('NBD client fuzz (bounded, seed 0x6e6264)', () => {
     }
     expect(served + failed).toBe(160);
     expect(failed).toBeGreaterThan(0);
+  });
+});
+
+/** Cookie + offset of `r`, echoed by extended replies. */
+function tagOf(r: Req): Buffer {
+  return makeTag(r.cookie.readBigUInt64BE(0), BigInt(r.offset));
+}
+
+function goodExt(r: Req): Buffer[] {
+  if (r.type === NBD_CMD_READ) {
+    const b = Buffer.alloc(EXT_DATA_HEADER_SIZE + r.length, 0xbb);
+    writeExtOffsetDataHeader(b, 0, NBD_REPLY_FLAG_DONE, tagOf(r), r.offset, r.length);
+    return [b];
+  }
+  if (r.type === NBD_CMD_BLOCK_STATUS) {
+    // 6 GiB of hole, then data: one extent longer than 2^32.
+    return [encodeBlockStatusExtChunk(NBD_REPLY_FLAG_DONE, tagOf(r), 7, [{ length: 6 * 2 ** 30, flags: 3 }, { length: 2 ** 30, flags: 0 }])];
+  }
+  return [encodeExtNone(tagOf(r))];
+}
+
+describe('NBD client with extended headers (scripted server)', () => {
+  it('negotiates them, sends 32-byte requests (PAYLOAD_LEN on writes) and reads extended replies', async () => {
+    const seen: Req[] = [];
+    const path = await scripted({ extended: true, answer: (r) => (seen.push(r), goodExt(r)) });
+    const c = await open(path);
+    expect(c.info.extended).toBe(true);
+    expect(c.info.structured).toBe(true);
+    const b = Buffer.alloc(4096);
+    await c.read(b, 8192);
+    expect(b.every((x) => x === 0xbb)).toBe(true);
+    await c.write(Buffer.alloc(512, 1), 0, false);
+    await c.trim(0, 1024);
+    expect(await c.blockStatus('base:allocation', 0, SIZE)).toEqual([{ length: SIZE, flags: 3 }]);
+    expect(seen.map((r) => r.magic)).toEqual([0x21e41c71, 0x21e41c71, 0x21e41c71, 0x21e41c71]);
+    expect(seen[1]).toMatchObject({ type: NBD_CMD_WRITE, flags: NBD_CMD_FLAG_PAYLOAD_LEN, length: 512 });
+    expect(seen[2]).toMatchObject({ type: NBD_CMD_TRIM, flags: 0, length: 1024 });
+    await c.close();
+  });
+
+  it('does not ask for them with extendedHeaders off', async () => {
+    const path = await scripted({ extended: true, answer: good });
+    const c = await open(path, false);
+    expect(c.info.extended).toBe(false);
+    await c.read(Buffer.alloc(512), 0);
+    await c.close();
+  });
+
+  it('fails a request with the error of an extended ERROR chunk', async () => {
+    const path = await scripted({
+      extended: true,
+      answer: (r) => (r.type === NBD_CMD_WRITE ? [encodeExtErrorChunk(NBD_REPLY_FLAG_DONE, tagOf(r), NBD_EPERM, 'nope')] : goodExt(r)),
+    });
+    const c = await open(path);
+    await expect(c.write(Buffer.alloc(512), 0, false)).rejects.toMatchObject({ errno: 'EPERM', message: 'nope' });
+    expect(c.liveConnections).toBe(1);
+    await c.close();
+  });
+
+  it('closes the connection on a wrong echoed offset, a compact reply, or a 64-bit status', async () => {
+    const cases: Array<(r: Req) => Buffer[]> = [
+      (r) => [encodeExtNone(makeTag(r.cookie.readBigUInt64BE(0), BigInt(r.offset + 1)))],
+      // A compact 20-byte chunk (twice, so that a whole 32-byte header is there to check).
+      (r) => [encodeNoneChunk(r.cookie), encodeNoneChunk(r.cookie)],
+      (r) => {
+        const b = encodeBlockStatusExtChunk(NBD_REPLY_FLAG_DONE, tagOf(r), 7, [{ length: 4096, flags: 0 }]);
+        b.writeUInt32BE(1, 32 + 8 + 8); // high half of the status
+        return [b];
+      },
+    ];
+    for (const answer of cases) {
+      const path = await scripted({ extended: true, answer });
+      const c = await open(path);
+      await expect(c.blockStatus('base:allocation', 0, 4096)).rejects.toMatchObject({ errno: 'EIO' });
+      expect(c.liveConnections).toBe(0);
+      await c.close();
+      for (const s of sockets.splice(0)) s.destroy();
+      await new Promise<void>((r) => server!.close(() => r()));
+      server = undefined;
+    }
+  });
+});
+
+describe('NBD client fuzz with extended headers (bounded, seed 0x6e6266)', () => {
+  it('settles every request with mutated extended replies and never returns a read it did not fill', async () => {
+    const rnd = prng(0x6e6266);
+    let failed = 0;
+    let served = 0;
+    for (let i = 0; i < 40; i++) {
+      const path = await scripted({ extended: true, answer: (r) => goodExt(r).map((b) => (rnd() % 2 ? mutate(b, rnd) : b)) });
+      const c = await open(path);
+      expect(c.info.extended).toBe(true);
+      const t = setTimeout(() => sockets.forEach((s) => s.destroy()), 200);
+      const jobs = [0, 1, 2, 3].map(async (j) => {
+        const b = Buffer.alloc(512, 0x11);
+        try {
+          if (j === 3) await c.blockStatus('base:allocation', 0, 4096);
+          else await c.read(b, j * 512);
+          served++;
+          if (j !== 3) expect(b.includes(0x11)).toBe(false);
+        } catch (err) {
+          failed++;
+          expect((err as { code?: unknown }).code, String(err)).toMatch(/^NBD_/);
+        }
+      });
+      await Promise.all(jobs);
+      clearTimeout(t);
+      await c.close();
+      for (const s of sockets.splice(0)) s.destroy();
+      await new Promise<void>((r) => server!.close(() => r()));
+      server = undefined;
+    }
+    expect(served + failed).toBe(160);
+    expect(failed).toBeGreaterThan(0);
+    expect(served).toBeGreaterThan(0);
   });
 });

@@ -13,6 +13,10 @@ import {
   NBD_CMD_WRITE_ZEROES,
   NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_PAYLOAD_LEN,
+  NBD_CMD_TRIM,
+  NBD_EXTENDED_REPLY_MAGIC,
+  NBD_OPT_EXTENDED_HEADERS,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STRUCTURED_REPLY,
@@ -20,6 +24,7 @@ import {
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
 } from '../../../src/nbd/protocol.js';
+import { encodeExtRequest } from '../../../src/nbd/protocol-ext.js';
 import { silentLogger } from '../../../src/util/logger.js';
 import { FakeSocket, settle } from '../../helpers/nbd-fake-socket.js';
 import { MemoryBackend, type MemExportOptions } from '../../helpers/nbd-memory-backend.js';
@@ -77,6 +82,32 @@ function session(): Buffer {
   ]);
 }
 
+/** The same session with extended headers: 32-byte requests, PAYLOAD_LEN, a drained payload. */
+function extSession(): Buffer {
+  const filter = Buffer.alloc(12);
+  filter.writeBigUInt64BE(65536n, 0);
+  return Buffer.concat([
+    u32(3),
+    encodeOption(NBD_OPT_EXTENDED_HEADERS),
+    encodeOption(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest('n', ['base:allocation'])),
+    encodeOption(NBD_OPT_GO, encodeInfoRequest('n', [3])),
+    encodeExtRequest(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_PAYLOAD_LEN, cookie(1), 0, 8),
+    Buffer.from('ABCDEFGH'),
+    encodeExtRequest(NBD_CMD_READ, 0, cookie(2), 8190, 8),
+    encodeExtRequest(NBD_CMD_BLOCK_STATUS, 0, cookie(3), 0, 65536),
+    encodeExtRequest(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_PAYLOAD_LEN, cookie(4), 0, 12),
+    filter,
+    encodeExtRequest(NBD_CMD_TRIM, NBD_CMD_FLAG_PAYLOAD_LEN, cookie(5), 0, 6),
+    Buffer.from('drain!'),
+    encodeExtRequest(NBD_CMD_WRITE, NBD_CMD_FLAG_PAYLOAD_LEN, cookie(6), SIZE - 2, 4),
+    Buffer.from('WXYZ'),
+    encodeExtRequest(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE, cookie(7), 4096, 4096),
+    encodeExtRequest(NBD_CMD_FLUSH, 0, cookie(8), 0, 0),
+    encodeExtRequest(NBD_CMD_READ, 0, cookie(9), 32768, 4096),
+    encodeExtRequest(NBD_CMD_DISC, 0, cookie(10), 0, 0),
+  ]);
+}
+
 /** Split server output into the handshake bytes and replies grouped by cookie. */
 function parseOutput(out: Buffer): { handshake: string; replies: Map<string, string> } {
   let p = 18;
@@ -92,6 +123,9 @@ function parseOutput(out: Buffer): { handshake: string; replies: Map<string, str
       ck = out.subarray(p + 8, p + 16).toString('hex');
     } else if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
       len = 20 + out.readUInt32BE(p + 16);
+      ck = out.subarray(p + 8, p + 16).toString('hex');
+    } else if (magic === NBD_EXTENDED_REPLY_MAGIC) {
+      len = 32 + Number(out.readBigUInt64BE(p + 24));
       ck = out.subarray(p + 8, p + 16).toString('hex');
     } else {
       throw new Error(`bad magic at ${p}`);
@@ -146,6 +180,25 @@ describe('NbdConnection input parsing', () => {
     expect(eight.length).toBeGreaterThan(0); // ...and the next requests still parse
   });
 
+  it('answers an extended-header session the same whatever the read boundaries', async () => {
+    const bytes = extSession();
+    const ref = await runSplit(bytes, []);
+    const refParsed = parseOutput(ref.out);
+    expect(refParsed.replies.size).toBe(9); // DISC has no reply
+    // Every reply is an extended chunk; the refused TRIM payload was drained.
+    for (const r of refParsed.replies.values()) expect(r.slice(0, 8)).toBe('6e8a278c');
+    expect(refParsed.replies.get('0000000000000005')!.slice(12, 16)).toBe('8001');
+    // The write past the end was refused (its payload drained), nothing written.
+    expect(ref.e.data.subarray(SIZE - 2).equals(Buffer.alloc(2))).toBe(true);
+    for (let k = 1; k < bytes.length; k++) {
+      const { out, e } = await runSplit(bytes, [k]);
+      const parsed = parseOutput(out);
+      expect(parsed.handshake, `split at ${k}`).toBe(refParsed.handshake);
+      expect(parsed.replies, `split at ${k}`).toEqual(refParsed.replies);
+      expect(e.data.subarray(0, 8).toString(), `split at ${k}`).toBe('ABCDEFGH');
+    }
+  });
+
   it('closes after DISC once in-flight requests are answered', async () => {
     const { sock } = await runSplit(session(), []);
     expect(sock.ended || sock.destroyed).toBe(true);
@@ -180,6 +233,16 @@ describe('NbdConnection reading into a reused buffer', () => {
     await settle();
     return { out: sock.output(), e };
   }
+
+  it('does the same with extended headers', async () => {
+    const bytes = extSession();
+    const ref = parseOutput((await runSplit(bytes, [])).out);
+    for (let k = 1; k < bytes.length; k += 5) {
+      const { out, e } = await runReused(bytes, [k, Math.min(bytes.length, k + 33)]);
+      expect(parseOutput(out), `split at ${k}`).toEqual(ref);
+      expect(e.data.subarray(0, 8).toString(), `split at ${k}`).toBe('ABCDEFGH');
+    }
+  });
 
   it('answers like the data-event path whatever the read boundaries, keeping no view of the buffer', async () => {
     const bytes = session();

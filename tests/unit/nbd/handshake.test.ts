@@ -18,6 +18,7 @@ import {
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_ERR_BLOCK_SIZE_REQD,
+  NBD_REP_ERR_EXT_HEADER_REQD,
   NBD_REP_ERR_INVALID,
   NBD_REP_ERR_POLICY,
   NBD_REP_ERR_UNKNOWN,
@@ -64,12 +65,69 @@ describe('NBD handshake state machine', () => {
     expect(hs.onOption(NBD_OPT_LIST, 0, undefined).state).toBe('CLOSED');
   });
 
-  it('answers unknown options and EXTENDED_HEADERS with ERR_UNSUP', () => {
+  it('answers unknown options with ERR_UNSUP', () => {
     const { hs } = ready();
     expect(replies(hs.onOption(99, 3, undefined).out)).toEqual([
       { type: NBD_REP_ERR_UNSUP, text: 'Unsupported option 99 (<unknown>)' },
     ]);
-    expect(replies(hs.onOption(NBD_OPT_EXTENDED_HEADERS, 0, undefined).out)[0]?.type).toBe(NBD_REP_ERR_UNSUP);
+  });
+
+  it('acknowledges EXTENDED_HEADERS once, refuses a repeat, a payload and a later STRUCTURED_REPLY', () => {
+    const { hs } = ready();
+    expect(replies(hs.onOption(NBD_OPT_EXTENDED_HEADERS, 1, undefined).out)).toEqual([
+      { type: NBD_REP_ERR_INVALID, text: "option 'extended headers' has unexpected length" },
+    ]);
+    expect(replies(hs.onOption(NBD_OPT_EXTENDED_HEADERS, 0, undefined).out)).toEqual([{ type: NBD_REP_ACK, text: '' }]);
+    expect(replies(hs.onOption(NBD_OPT_EXTENDED_HEADERS, 0, undefined).out)).toEqual([
+      { type: NBD_REP_ERR_INVALID, text: 'extended headers already negotiated' },
+    ]);
+    expect(replies(hs.onOption(NBD_OPT_STRUCTURED_REPLY, 0, undefined).out)).toEqual([
+      { type: NBD_REP_ERR_EXT_HEADER_REQD, text: 'extended headers already negotiated' },
+    ]);
+  });
+
+  it('accepts EXTENDED_HEADERS after STRUCTURED_REPLY', () => {
+    const { hs } = ready();
+    hs.onOption(NBD_OPT_STRUCTURED_REPLY, 0, undefined);
+    expect(replies(hs.onOption(NBD_OPT_EXTENDED_HEADERS, 0, undefined).out)[0]?.type).toBe(NBD_REP_ACK);
+  });
+
+  it('with extended headers: SET_META_CONTEXT works, GO enters transmission extended with BLOCK_STATUS_PAYLOAD', () => {
+    const { hs } = ready();
+    hs.onOption(NBD_OPT_EXTENDED_HEADERS, 0, undefined);
+    const m = encodeMetaContextRequest('n', ['base:allocation']);
+    expect(replies(hs.onOption(NBD_OPT_SET_META_CONTEXT, m.length, m).out).map((r) => r.type)).toEqual([
+      NBD_REP_META_CONTEXT,
+      NBD_REP_ACK,
+    ]);
+    const p = encodeInfoRequest('n', [NBD_INFO_BLOCK_SIZE]);
+    const step = hs.onOption(NBD_OPT_GO, p.length, p);
+    expect(step.state).toBe('TRANSMISSION');
+    expect(step.negotiated?.extended).toBe(true);
+    // HAS_FLAGS ... SEND_DF (bit 7) and BLOCK_STATUS_PAYLOAD (bit 12)
+    expect(step.negotiated!.flags & (1 << 7)).toBe(1 << 7);
+    expect(step.negotiated!.flags & (1 << 12)).toBe(1 << 12);
+  });
+
+  it('does not advertise BLOCK_STATUS_PAYLOAD without extended headers or without contexts', () => {
+    const a = ready();
+    a.hs.onOption(NBD_OPT_STRUCTURED_REPLY, 0, undefined);
+    const m = encodeMetaContextRequest('n', ['base:allocation']);
+    a.hs.onOption(NBD_OPT_SET_META_CONTEXT, m.length, m);
+    const p = encodeInfoRequest('n', []);
+    expect(a.hs.onOption(NBD_OPT_GO, p.length, p).negotiated!.flags & (1 << 12)).toBe(0);
+    const b = ready();
+    b.hs.onOption(NBD_OPT_EXTENDED_HEADERS, 0, undefined);
+    const step = b.hs.onOption(NBD_OPT_GO, p.length, p);
+    expect(step.negotiated!.extended).toBe(true);
+    expect(step.negotiated!.flags & (1 << 12)).toBe(0);
+  });
+
+  it('closes on EXPORT_NAME after extended headers (it has no error reply)', () => {
+    const { hs } = ready();
+    hs.onOption(NBD_OPT_EXTENDED_HEADERS, 0, undefined);
+    const n = Buffer.from('n');
+    expect(hs.onOption(NBD_OPT_EXPORT_NAME, n.length, n).state).toBe('CLOSED');
   });
 
   it('refuses STARTTLS with ERR_POLICY when TLS is not configured', () => {

@@ -1,0 +1,461 @@
+/**
+ * The transmission phase with extended headers (NBD spec: NBD_OPT_EXTENDED_HEADERS): 32-byte
+ * requests with 64-bit lengths, NBD_CMD_FLAG_PAYLOAD_LEN, and only 32-byte extended reply
+ * chunks (NONE for success without data, OFFSET_DATA / OFFSET_HOLE, ERROR, BLOCK_STATUS_EXT).
+ *
+ * It is a layer of its own between request.ts and connection.ts so that the compact-header path
+ * (request.ts, dispatch.ts, reply-writer.ts) stays exactly as it is: a connection picks one
+ * input state (REQUEST or EXT_REQUEST) when it enters transmission, and from then on every
+ * request takes one path or the other. Validation reuses request.ts (same order and texts), the
+ * in-flight accounting reuses dispatch.ts.
+ *
+ * Every reply echoes the request's cookie and offset, carried together as a 16-byte tag (see
+ * protocol-ext.ts). Limits: READ and WRITE payloads are bounded by the maximum block size as
+ * before; BLOCK_STATUS, TRIM, WRITE_ZEROES and CACHE take any effect length inside the export.
+ */
+import type { NbdExtent, NbdZeroRanges } from './backend.js';
+import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
+import { FAIL_TEXT, normalizeExtents } from './dispatch.js';
+import { nbdErrorOf } from './errors.js';
+import type { SelectedContext } from './handshake.js';
+import {
+  cmdName,
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_PAYLOAD_LEN,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL,
+  NBD_EXTENDED_REQUEST_MAGIC,
+  NBD_EXTENDED_REQUEST_SIZE,
+  NBD_MAX_BLOCK_STATUS_EXTENTS,
+  NBD_MAX_BUFFER_SIZE,
+  NBD_REPLY_FLAG_DONE,
+} from './protocol.js';
+import {
+  encodeBlockStatusExtChunk,
+  encodeExtErrorChunk,
+  encodeExtNone,
+  encodeExtOffsetHole,
+  EXT_DATA_HEADER_SIZE,
+  readU64,
+  writeExtOffsetDataHeader,
+  writeExtOffsetDataHeaderFrom,
+  ZERO_TAG,
+} from './protocol-ext.js';
+import { CMD_RULES, EMPTY, NbdRequestParser, READ_ONLY_TEXT, type CmdRule } from './request.js';
+
+/** Extended headers lift QEMU's 32 MiB bound on CACHE (an effect length, no payload). */
+const EXT_RULES: Readonly<Record<number, CmdRule>> = {
+  ...CMD_RULES,
+  [NBD_CMD_CACHE]: { ...CMD_RULES[NBD_CMD_CACHE]!, bounded: false },
+};
+const UNKNOWN_RULE: CmdRule = { payload: false, mutates: false, bounded: false, ranged: true, flags: 0 };
+
+/** What to do with a gathered payload (EXT_PAYLOAD). */
+interface PendingPayload {
+  type: number;
+  flags: number;
+  offset: number;
+}
+
+export abstract class NbdExtRequestParser extends NbdRequestParser {
+  /** The client negotiated NBD_OPT_EXTENDED_HEADERS (set when transmission starts). */
+  protected extended = false;
+  /** NBD_FLAG_BLOCK_STATUS_PAYLOAD was advertised to this client. */
+  protected statusPayload = false;
+  private xPending: PendingPayload = { type: 0, flags: 0, offset: 0 };
+
+  /** Hard disconnect without flushing (connection.ts). */
+  protected abstract closeNow(reason: string): void;
+
+  // ------------------------------------------------------------ header
+
+  protected onExtRequestHeader(b: Buffer, p: number): void {
+    const r = this.reader;
+    const magic = b.readUInt32BE(p);
+    if (magic !== NBD_EXTENDED_REQUEST_MAGIC) {
+      // Framing error (a compact request included): like the compact path, an EINVAL error
+      // chunk with a zero cookie, then the connection closes.
+      this.log.warn({ magic: `0x${magic.toString(16)}` }, 'invalid NBD extended request magic');
+      r.consume(NBD_EXTENDED_REQUEST_SIZE);
+      this.extError(ZERO_TAG, -1, NBD_EINVAL, `invalid magic (got 0x${magic.toString(16)})`);
+      this.state = 'DISCONNECTING';
+      this.endAfterFlush();
+      return;
+    }
+    const flags = b.readUInt16BE(p + 4);
+    const type = b.readUInt16BE(p + 6);
+    const offset = readU64(b, p + 16);
+    const length = readU64(b, p + 24);
+
+    // Synchronous READ from memory, as on the compact path.
+    let readBuf: Buffer | undefined;
+    if (
+      type === NBD_CMD_READ &&
+      this.hasSyncRead &&
+      offset >= 0 &&
+      length > 0 &&
+      length <= NBD_MAX_BUFFER_SIZE &&
+      offset + length <= this.size &&
+      (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) === 0
+    ) {
+      const out = allocReplyBuffer(EXT_DATA_HEADER_SIZE + length);
+      if (this.exp!.tryReadSync!(out.subarray(EXT_DATA_HEADER_SIZE), offset)) {
+        writeExtOffsetDataHeaderFrom(out, 0, NBD_REPLY_FLAG_DONE, b, p + 8, offset, length);
+        r.consume(NBD_EXTENDED_REQUEST_SIZE);
+        this.queueRecyclable(out);
+        return;
+      }
+      readBuf = out; // not in memory: the async read fills the same buffer
+    }
+
+    if (type === NBD_CMD_DISC) {
+      r.consume(NBD_EXTENDED_REQUEST_SIZE);
+      if (this.infoOn) this.log.info('client sent NBD_CMD_DISC');
+      this.state = 'DISCONNECTING';
+      this.disconnectOnDisc = true;
+      this.maybeFinishDisconnect();
+      if (this.state === 'DISCONNECTING' && !this.ending) this.socket.pause();
+      return;
+    }
+    // Cookie and offset, echoed by every reply to this request.
+    const tag = Buffer.from(b.subarray(p + 8, p + 24));
+    const offsetBig = offset >= 0 ? undefined : b.readBigUInt64BE(p + 16);
+    const lengthBig = length >= 0 ? undefined : b.readBigUInt64BE(p + 24);
+    r.consume(NBD_EXTENDED_REQUEST_SIZE);
+    if (this.trace) {
+      // u64 values above 2^53 as decimal strings (a BigInt does not serialise to JSON).
+      const o = offsetBig === undefined ? offset : String(offsetBig);
+      const l = lengthBig === undefined ? length : String(lengthBig);
+      this.log.trace({ cmd: cmdName(type), flags, offset: o, length: l }, 'request');
+    }
+
+    if ((flags & NBD_CMD_FLAG_PAYLOAD_LEN) !== 0) {
+      // NBD spec: a payload above the maximum payload size is a hard disconnect.
+      if (length < 0 || length > NBD_MAX_BUFFER_SIZE) {
+        this.closeNow(`payload length ${lengthBig ?? length} above ${NBD_MAX_BUFFER_SIZE}`);
+        return;
+      }
+      this.onPayloadRequest(tag, type, flags, offset, length);
+      return;
+    }
+    if (type === NBD_CMD_WRITE) {
+      // No payload follows (the flag decides the framing): refuse, nothing to drain.
+      this.extError(tag, type, NBD_EINVAL, 'write without NBD_CMD_FLAG_PAYLOAD_LEN');
+      return;
+    }
+    const offsetText = () => String(offsetBig ?? offset);
+    if (length < 0) {
+      // An effect length above 2^53 cannot fit any export.
+      this.extError(tag, type, NBD_EINVAL, `operation past EOF; From: ${offsetText()}, Len: ${lengthBig}, Size: ${this.size}`);
+      return;
+    }
+    const err = this.validate(type, EXT_RULES[type] ?? UNKNOWN_RULE, flags, offset, offsetText, length);
+    if (err !== undefined) {
+      this.extError(tag, type, err === READ_ONLY_TEXT ? this.readOnlyError : NBD_EINVAL, err);
+      return;
+    }
+    if (type === NBD_CMD_READ) this.extStartRead(tag, flags, offset, length, readBuf);
+    else if (type === NBD_CMD_BLOCK_STATUS) this.extStartBlockStatus(tag, flags, offset, length, this.contexts);
+    else this.extStartOther(tag, type, flags, offset, length);
+  }
+
+  /** A request with NBD_CMD_FLAG_PAYLOAD_LEN and a payload of `length` (<= 32 MiB) bytes. */
+  private onPayloadRequest(tag: Buffer, type: number, flags: number, offset: number, length: number): void {
+    const f = flags & ~NBD_CMD_FLAG_PAYLOAD_LEN;
+    if (type === NBD_CMD_WRITE) {
+      const err = this.validate(type, EXT_RULES[type]!, f, offset, () => String(offset), length);
+      if (err !== undefined) {
+        this.extDrain(tag, type, length, err === READ_ONLY_TEXT ? this.readOnlyError : NBD_EINVAL, err);
+        return;
+      }
+      this.extGather(tag, { type, flags: f, offset }, length);
+      return;
+    }
+    if (type === NBD_CMD_BLOCK_STATUS && this.statusPayload) {
+      // NBD spec: [0..7] effect length  then n x [0..3] context id; n >= 1, no duplicates.
+      const n = (length - 8) / 4;
+      if (length < 12 || !Number.isInteger(n) || n > this.contexts.length) {
+        this.extDrain(tag, type, length, NBD_EINVAL, `invalid block status payload length ${length}`);
+        return;
+      }
+      this.extGather(tag, { type, flags: f, offset }, length);
+      return;
+    }
+    // No payload form for this command: consume the payload, then EINVAL (NBD spec).
+    const err =
+      this.validate(type, EXT_RULES[type] ?? UNKNOWN_RULE, flags, offset, () => String(offset), 0) ??
+      `unexpected payload for command ${cmdName(type)}`;
+    this.extDrain(tag, type, length, NBD_EINVAL, err);
+  }
+
+  /** Take a payload of `length` bytes, now if it is all here, else in state EXT_PAYLOAD. */
+  private extGather(tag: Buffer, what: PendingPayload, length: number): void {
+    const r = this.reader;
+    if (r.length >= length && !r.volatile && r.contiguous(length)) {
+      this.onExtPayload(tag, what, r.take(length));
+      return;
+    }
+    const buf = allocReplyBuffer(length);
+    if (r.length >= length) {
+      r.copyOut(buf, 0, length);
+      this.onExtPayload(tag, what, buf);
+      return;
+    }
+    this.wCookie = tag;
+    this.xPending = what;
+    this.wBuf = buf;
+    this.wFilled = 0;
+    this.state = 'EXT_PAYLOAD';
+  }
+
+  /** Consume a refused payload, then reply with the error (state EXT_DRAIN). */
+  private extDrain(tag: Buffer, type: number, length: number, err: number, msg: string): void {
+    this.wCookie = tag;
+    this.xPending = { type, flags: 0, offset: 0 };
+    this.wRemaining = length;
+    this.wError = { err, msg };
+    this.state = 'EXT_DRAIN';
+  }
+
+  /**
+   * Input states EXT_PAYLOAD and EXT_DRAIN (called from the connection's pump). Returns false
+   * when more bytes are needed.
+   */
+  protected pumpExtPayload(): boolean {
+    const r = this.reader;
+    if (this.state === 'EXT_PAYLOAD') {
+      this.wFilled += r.copyOut(this.wBuf, this.wFilled, this.wBuf.length - this.wFilled);
+      if (this.wFilled < this.wBuf.length) return false;
+      this.state = 'EXT_REQUEST';
+      const buf = this.wBuf;
+      this.wBuf = EMPTY;
+      this.onExtPayload(this.wCookie, this.xPending, buf);
+      return true;
+    }
+    this.wRemaining -= r.skip(this.wRemaining);
+    if (this.wRemaining > 0) return false;
+    this.state = 'EXT_REQUEST';
+    const e = this.wError!;
+    this.wError = undefined;
+    this.extError(this.wCookie, this.xPending.type, e.err, e.msg);
+    return true;
+  }
+
+  private onExtPayload(tag: Buffer, what: PendingPayload, payload: Buffer): void {
+    if (what.type === NBD_CMD_WRITE) {
+      this.extStartWrite(tag, what.flags, what.offset, payload);
+      return;
+    }
+    // BLOCK_STATUS payload form: effect length, then the context ids to answer for.
+    const length = readU64(payload, 0);
+    const picked: SelectedContext[] = [];
+    let bad: string | undefined;
+    for (let o = 8; o < payload.length; o += 4) {
+      const id = payload.readUInt32BE(o);
+      const c = this.contexts.find((x) => x.id === id);
+      if (!c || picked.includes(c)) {
+        bad = `invalid or repeated context id ${id} in block status payload`;
+        break;
+      }
+      picked.push(c);
+    }
+    if (isRecyclable(payload)) releaseReplyBuffer(payload);
+    const offsetText = () => String(what.offset);
+    if (bad === undefined && length < 0) bad = `operation past EOF; From: ${what.offset}, Len: huge, Size: ${this.size}`;
+    bad ??= this.validate(NBD_CMD_BLOCK_STATUS, EXT_RULES[NBD_CMD_BLOCK_STATUS]!, what.flags, what.offset, offsetText, length);
+    if (bad !== undefined) {
+      this.extError(tag, NBD_CMD_BLOCK_STATUS, NBD_EINVAL, bad);
+      return;
+    }
+    this.extStartBlockStatus(tag, what.flags, what.offset, length, picked);
+  }
+
+  // ------------------------------------------------------------ commands and replies
+
+  /** Error reply: an extended ERROR chunk with DONE. */
+  protected extError(tag: Buffer, type: number, err: number, msg: string): void {
+    if (this.debugOn) {
+      this.log.debug({ cmd: type < 0 ? 'invalid' : cmdName(type), err, msg }, 'request failed');
+    }
+    this.queue(encodeExtErrorChunk(NBD_REPLY_FLAG_DONE, tag, err, msg));
+  }
+
+  /** Run a command whose success reply carries no data: a NONE chunk. */
+  private extRun(tag: Buffer, type: number, flags: number, bytes: number, op: () => Promise<void>, recycle?: Buffer): void {
+    this.begin(bytes);
+    let p: Promise<void>;
+    try {
+      p = op();
+    } catch (err) {
+      p = Promise.reject(err);
+    }
+    p.then(
+      () => {
+        if (recycle) releaseReplyBuffer(recycle);
+        this.queue(encodeExtNone(tag));
+        this.settle(bytes);
+      },
+      (err: unknown) => {
+        if (recycle) releaseReplyBuffer(recycle);
+        this.logFailure(type, err);
+        this.extError(tag, type, nbdErrorOf(err, type, flags), FAIL_TEXT[type] ?? 'request failed');
+        this.settle(bytes);
+      },
+    );
+  }
+
+  private extStartWrite(tag: Buffer, flags: number, offset: number, data: Buffer): void {
+    if (data.length === 0) {
+      this.queue(encodeExtNone(tag));
+      return;
+    }
+    this.extRun(
+      tag,
+      NBD_CMD_WRITE,
+      flags,
+      data.length,
+      () => this.exp!.write(data, offset, (flags & NBD_CMD_FLAG_FUA) !== 0),
+      isRecyclable(data) ? data : undefined,
+    );
+  }
+
+  private extStartRead(tag: Buffer, flags: number, offset: number, length: number, reuse?: Buffer): void {
+    if (length === 0) {
+      this.queue(encodeExtNone(tag));
+      return;
+    }
+    const hdr = EXT_DATA_HEADER_SIZE;
+    const buf = reuse ?? allocReplyBuffer(hdr + length);
+    this.begin(length);
+    let p: Promise<NbdZeroRanges | void>;
+    try {
+      p = this.exp!.read(buf.subarray(hdr), offset);
+    } catch (err) {
+      p = Promise.reject(err);
+    }
+    p.then(
+      (holes) => {
+        this.extFinishRead(tag, flags, offset, buf, holes);
+        this.settle(length);
+      },
+      (err: unknown) => {
+        this.logFailure(NBD_CMD_READ, err);
+        this.extError(tag, NBD_CMD_READ, nbdErrorOf(err, NBD_CMD_READ, flags), 'reading from file failed');
+        this.settle(length);
+      },
+    );
+  }
+
+  /** One OFFSET_DATA chunk, or (holes, no DF) OFFSET_DATA / OFFSET_HOLE chunks covering the read. */
+  private extFinishRead(tag: Buffer, flags: number, offset: number, buf: Buffer, holes: NbdZeroRanges | void): void {
+    const hdr = EXT_DATA_HEADER_SIZE;
+    const data = buf.subarray(hdr);
+    const length = data.length;
+    const end = offset + length;
+    if (holes && holes.length > 0) {
+      if ((flags & NBD_CMD_FLAG_DF) !== 0) {
+        for (const h of holes) {
+          const s = Math.max(h.offset, offset) - offset;
+          const e = Math.min(h.offset + h.length, end) - offset;
+          if (e > s) data.fill(0, s, e);
+        }
+      } else {
+        const parts: Array<{ hole: boolean; start: number; len: number }> = [];
+        let cur = offset;
+        for (const h of holes) {
+          const s = Math.max(h.offset, cur);
+          const e = Math.min(h.offset + h.length, end);
+          if (e <= s) continue;
+          if (s > cur) parts.push({ hole: false, start: cur, len: s - cur });
+          const last = parts[parts.length - 1];
+          if (last && last.hole && last.start + last.len === s) last.len += e - s;
+          else parts.push({ hole: true, start: s, len: e - s });
+          cur = e;
+        }
+        if (cur < end) parts.push({ hole: false, start: cur, len: end - cur });
+        parts.forEach((part, i) => {
+          const f = i === parts.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+          if (part.hole) {
+            this.queue(encodeExtOffsetHole(f, tag, part.start, part.len));
+          } else {
+            const h = Buffer.allocUnsafe(hdr);
+            writeExtOffsetDataHeader(h, 0, f, tag, part.start, part.len);
+            this.queue(h);
+            this.queue(data.subarray(part.start - offset, part.start - offset + part.len));
+          }
+        });
+        if (isRecyclable(buf) && this.state !== 'CLOSED' && !this.ending) this.outRecycle.push(buf);
+        return;
+      }
+    }
+    writeExtOffsetDataHeader(buf, 0, NBD_REPLY_FLAG_DONE, tag, offset, length);
+    this.queueRecyclable(buf);
+  }
+
+  private extStartOther(tag: Buffer, type: number, flags: number, offset: number, length: number): void {
+    const exp = this.exp!;
+    const fua = (flags & NBD_CMD_FLAG_FUA) !== 0;
+    switch (type) {
+      case NBD_CMD_FLUSH:
+        this.extRun(tag, type, flags, 0, () => exp.flush());
+        return;
+      case NBD_CMD_TRIM:
+        if (length === 0) return void this.queue(encodeExtNone(tag));
+        this.extRun(tag, type, flags, 0, () => exp.trim(offset, length, fua));
+        return;
+      case NBD_CMD_CACHE:
+        this.extRun(tag, type, flags, 0, () => (exp.canCache ? exp.cache(offset, length) : Promise.resolve()));
+        return;
+      case NBD_CMD_WRITE_ZEROES:
+        if (length === 0) return void this.queue(encodeExtNone(tag));
+        this.extRun(tag, type, flags, 0, () =>
+          exp.writeZeroes(offset, length, {
+            mayUnmap: (flags & NBD_CMD_FLAG_NO_HOLE) === 0,
+            fastZero: (flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
+            fua,
+          }),
+        );
+        return;
+    }
+  }
+
+  /** One BLOCK_STATUS_EXT chunk per context in `ctxs`, extents up to 2^53 - 1 bytes long. */
+  private extStartBlockStatus(tag: Buffer, flags: number, offset: number, length: number, ctxs: SelectedContext[]): void {
+    const reqOne = (flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const max = reqOne ? 1 : NBD_MAX_BLOCK_STATUS_EXTENTS;
+    const wide = Number.MAX_SAFE_INTEGER;
+    this.begin(0);
+    let p: Promise<NbdExtent[][]>;
+    try {
+      p = Promise.all(ctxs.map((c) => c.context.blockStatus(offset, length, max, wide)));
+    } catch (err) {
+      p = Promise.reject(err);
+    }
+    p.then((lists) => {
+      const chunks: Buffer[] = [];
+      for (let i = 0; i < ctxs.length; i++) {
+        const ext = normalizeExtents(lists[i] ?? [], length, max, wide);
+        if (ext.length === 0) throw new Error(`context '${ctxs[i]!.context.name}' returned no extents`);
+        const f = i === ctxs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+        chunks.push(encodeBlockStatusExtChunk(f, tag, ctxs[i]!.id, ext));
+      }
+      for (const c of chunks) this.queue(c);
+    })
+      .catch((err: unknown) => {
+        this.logFailure(NBD_CMD_BLOCK_STATUS, err);
+        this.extError(tag, NBD_CMD_BLOCK_STATUS, nbdErrorOf(err, NBD_CMD_BLOCK_STATUS, flags), "can't get block status");
+      })
+      .finally(() => this.settle(0));
+  }
+}
