@@ -95,6 +95,10 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
         host = cur.host;
       } else {
         host = await this.meta.run(async () => {
+          // QEMU's order: the L2 table exists before the data cluster is allocated. A new L2
+          // table syncs the refcounts; done later, that sync would put the count of this data
+          // cluster on disk long before the (cached) L2 entry pointing at it: a leak on a crash.
+          await this.l2Write(l1i);
           const h = await this.allocClusters(1);
           fresh = this.storage.claimZero(h, cs);
           return h;
@@ -206,6 +210,9 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
       old.buf.copy(buf);
     }
     await this.syncRefcounts();
+    // As QEMU's l2_allocate flushes its whole L2 cache: the refcounts just written count the
+    // data clusters that other dirty tables point at, so those tables go to disk now as well.
+    await this.writeDirtyL2();
     this.checkOverlap(newOff, this.clusterSize, 0);
     await this.storage.write(buf, newOff);
     const t: CachedL2 = { offset: newOff, buf, dirty: false, used: ++this.useClock };
@@ -262,19 +269,25 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
     this.evictClean();
   }
 
-  /**
-   * Under the metadata mutex: refcount blocks, then L2 tables, then deferred frees.
-   * The caller syncs afterwards (flush) when it needs durability.
-   */
-  protected async writeback(): Promise<void> {
+  /** Under the metadata mutex, after syncRefcounts(): write every dirty cached L2 table. */
+  protected async writeDirtyL2(): Promise<void> {
     const dirty = [...this.l2Cache.values()].filter((t) => t.dirty);
-    await this.syncRefcounts();
-    if (dirty.length) await this.markDirtyIfLazy();
+    if (dirty.length === 0) return;
+    await this.markDirtyIfLazy();
     for (const t of dirty) {
       this.checkOverlap(t.offset, this.clusterSize, OL_ACTIVE_L2);
       await this.storage.write(t.buf, t.offset);
       t.dirty = false;
     }
+  }
+
+  /**
+   * Under the metadata mutex: refcount blocks, then L2 tables, then deferred frees.
+   * The caller syncs afterwards (flush) when it needs durability.
+   */
+  protected async writeback(): Promise<void> {
+    await this.syncRefcounts();
+    await this.writeDirtyL2();
     if (this.pending.length) {
       // Overwrites issued while the old mappings were live may still be in flight: they must
       // land before their host clusters can be reallocated.
