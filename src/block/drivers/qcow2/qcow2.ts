@@ -201,6 +201,9 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
             }
           },
           checkWrite: (offset, length, own) => driverRef.d?.checkOverlap(offset, length, own),
+          beforeDirtyEvict: async () => {
+            await driverRef.d?.writeMetadata(true);
+          },
           metadataChanged: (kind, offset, bytes, added) => {
             if (added) driverRef.d?.ol.add(offset, bytes, kind);
             else driverRef.d?.ol.remove(offset, bytes, kind);
