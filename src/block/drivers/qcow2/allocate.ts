@@ -389,7 +389,7 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
   }
 
   protected async writeSize(size: number): Promise<void> {
-    await this.syncRefcounts();
+    await this.writeMetadata();
     const b = Buffer.alloc(8);
     writeU64(b, 0, size);
     await this.storage.write(b, 24);
@@ -407,7 +407,7 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
     const newOff = await this.allocClusters(clusters);
     const buf = Buffer.alloc(clusters * cs);
     this.l1.copy(buf);
-    await this.syncRefcounts();
+    await this.writeMetadata();
     await this.markDirtyIfLazy();
     this.checkOverlap(newOff, buf.length, 0);
     await this.storage.write(buf, newOff);

@@ -427,7 +427,8 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
         await this.refcounts?.update(o / this.clusterSize, -1);
       },
       syncRefcounts: async () => {
-        await this.refcounts?.writeDirty();
+        // Never refcount blocks alone: the dirty L2 tables follow them (docs/qcow2.md).
+        await this.writeMetadata();
         await this.storage.flush();
       },
       writeHeader: async () => {
