@@ -98,7 +98,8 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
           // QEMU's order: the L2 table exists before the data cluster is allocated. A new L2
           // table syncs the refcounts; done later, that sync would put the count of this data
           // cluster on disk long before the (cached) L2 entry pointing at it: a leak on a crash.
-          await this.l2Write(l1i);
+          const l1e = this.l1Entry(l1i);
+          if (l1e.offset === 0 || !l1e.copied) await this.l2Write(l1i);
           const h = await this.allocClusters(1);
           // Until its L2 entry is set, no metadata write puts this cluster's count on disk.
           this.refcounts?.hold(h / cs);
@@ -107,46 +108,32 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
         });
       }
       try {
-        await this.fillCluster(g, inOff, data, cur, host, fresh, reuse);
+        // A cluster that reads as zeroes around the new data needs no copy-on-write: the guest
+        // view was zero (zero cluster, or unallocated without a backing file) and the new host
+        // cluster lies in never-written sparse space.
+        const zeroView =
+          cur.type === 'zero-plain' || cur.type === 'zero-alloc' || (cur.type === 'unalloc' && !this.backing());
+        if (fresh && zeroView) {
+          this.checkOverlap(host, cs, 0);
+          await this.storage.ensureSize(host + cs);
+          await this.storage.write(data, host + inOff);
+        } else {
+          let full: Buffer;
+          if (inOff === 0 && data.length === cs) {
+            full = data;
+          } else {
+            full = Buffer.alloc(cs);
+            if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
+            data.copy(full, inOff);
+          }
+          await this.writeData(full, host);
+        }
+        await this.meta.run(async () => {
+          await this.setEntry(g, host, reuse ? undefined : cur, 'data', false, !reuse);
+        });
       } finally {
         if (!reuse) this.refcounts?.release(host / cs);
       }
-    });
-  }
-
-  /** The allocating part of writeClusterSlow: data into `host`, then the L2 entry. */
-  private async fillCluster(
-    g: number,
-    inOff: number,
-    data: Buffer,
-    cur: Entry,
-    host: number,
-    fresh: boolean,
-    reuse: boolean,
-  ): Promise<void> {
-    const cs = this.clusterSize;
-    // A cluster that reads as zeroes around the new data needs no copy-on-write: the guest
-    // view was zero (zero cluster, or unallocated without a backing file) and the new host
-    // cluster lies in never-written sparse space.
-    const zeroView =
-      cur.type === 'zero-plain' || cur.type === 'zero-alloc' || (cur.type === 'unalloc' && !this.backing());
-    if (fresh && zeroView) {
-      this.checkOverlap(host, cs, 0);
-      await this.storage.ensureSize(host + cs);
-      await this.storage.write(data, host + inOff);
-    } else {
-      let full: Buffer;
-      if (inOff === 0 && data.length === cs) {
-        full = data;
-      } else {
-        full = Buffer.alloc(cs);
-        if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
-        data.copy(full, inOff);
-      }
-      await this.writeData(full, host);
-    }
-    await this.meta.run(async () => {
-      await this.setEntry(g, host, reuse ? undefined : cur, 'data', false, !reuse);
     });
   }
 
