@@ -609,6 +609,9 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     await this.meta.run(async () => {
       if (needL1 > this.header.l1Size) await this.growL1(needL1);
       await this.writeSize(size);
+      // Free the old L1 table now (the header no longer points at it, synced): not counted
+      // but unreferenced until the next flush otherwise.
+      if (this.pending.length) await this.writeback();
     });
     this.size = size;
     // A longer backing file must not show through the new area.
