@@ -350,9 +350,9 @@ export class Refcounts {
 
   /**
    * Hold back the increment of cluster `idx` (just allocated, refcount 1 in the cache) from
-   * the disk until `release(idx)`: the caller links the cluster (sets the L2 entry in the cache)
-   * right after releasing it, before any metadata write, or never (a failed write: the hold
-   * is released all the same and the cluster leaks as before).
+   * the disk until `release(idx)`. The caller releases it in the same synchronous step that
+   * sets the L2 entry in the cache (so no L2 table reaches the disk pointing at a cluster whose
+   * count was held back), or after a failed write (the cluster then leaks as before).
    */
   hold(idx: number): void {
     const off = this.table[Math.floor(idx / this.perBlock)];
