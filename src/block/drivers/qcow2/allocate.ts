@@ -95,34 +95,45 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
         host = cur.host;
       } else {
         host = await this.meta.run(async () => {
+          // QEMU's order: the L2 table exists before the data cluster is allocated. A new L2
+          // table syncs the refcounts; done later, that sync would put the count of this data
+          // cluster on disk long before the (cached) L2 entry pointing at it: a leak on a crash.
+          const l1e = this.l1Entry(l1i);
+          if (l1e.offset === 0 || !l1e.copied) await this.l2Write(l1i);
           const h = await this.allocClusters(1);
+          // Until its L2 entry is set, no metadata write puts this cluster's count on disk.
+          this.refcounts?.hold(h / cs);
           fresh = this.storage.claimZero(h, cs);
           return h;
         });
       }
-      // A cluster that reads as zeroes around the new data needs no copy-on-write: the guest
-      // view was zero (zero cluster, or unallocated without a backing file) and the new host
-      // cluster lies in never-written sparse space.
-      const zeroView =
-        cur.type === 'zero-plain' || cur.type === 'zero-alloc' || (cur.type === 'unalloc' && !this.backing());
-      if (fresh && zeroView) {
-        this.checkOverlap(host, cs, 0);
-        await this.storage.ensureSize(host + cs);
-        await this.storage.write(data, host + inOff);
-      } else {
-        let full: Buffer;
-        if (inOff === 0 && data.length === cs) {
-          full = data;
+      try {
+        // A cluster that reads as zeroes around the new data needs no copy-on-write: the guest
+        // view was zero (zero cluster, or unallocated without a backing file) and the new host
+        // cluster lies in never-written sparse space.
+        const zeroView =
+          cur.type === 'zero-plain' || cur.type === 'zero-alloc' || (cur.type === 'unalloc' && !this.backing());
+        if (fresh && zeroView) {
+          this.checkOverlap(host, cs, 0);
+          await this.storage.ensureSize(host + cs);
+          await this.storage.write(data, host + inOff);
         } else {
-          full = Buffer.alloc(cs);
-          if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
-          data.copy(full, inOff);
+          let full: Buffer;
+          if (inOff === 0 && data.length === cs) {
+            full = data;
+          } else {
+            full = Buffer.alloc(cs);
+            if (cur.type !== 'zero-alloc' && cur.type !== 'zero-plain') await this.readCluster(g, full);
+            data.copy(full, inOff);
+          }
+          await this.writeData(full, host);
         }
-        await this.writeData(full, host);
+        await this.meta.run(async () => {
+          await this.setEntry(g, host, reuse ? undefined : cur, 'data', false, !reuse);
+        });
+      } finally {
+        if (!reuse) this.refcounts?.release(host / cs);
       }
-      await this.meta.run(async () => {
-        await this.setEntry(g, host, reuse ? undefined : cur, 'data');
-      });
     });
   }
 
@@ -151,6 +162,7 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
     old: Entry | undefined,
     mode: 'data' | 'zero-plain' | 'zero-alloc' | 'unalloc',
     discard = false,
+    held = false,
   ): Promise<void> {
     const t = await this.l2Write(Math.floor(g / this.l2Entries));
     const at = (g % this.l2Entries) * this.entrySize;
@@ -185,6 +197,8 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
     }
     if (t.kinds) t.kinds[g % this.l2Entries] = this.statusKind(t, g % this.l2Entries);
     t.dirty = true;
+    // Linked now (in the cache): the next metadata write must count the cluster.
+    if (held) this.refcounts?.release(host / this.clusterSize);
     // A reader may have evicted the (then clean) table meanwhile: this copy is the current one.
     this.touch(t);
     await this.maybeWriteback();
@@ -205,7 +219,10 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
       const old = await this.loadL2(e.offset);
       old.buf.copy(buf);
     }
-    await this.syncRefcounts();
+    await this.syncRefcounts(true);
+    // As QEMU's l2_allocate flushes its whole L2 cache: the refcounts just written count the
+    // data clusters that other dirty tables point at, so those tables go to disk now as well.
+    await this.writeDirtyL2();
     this.checkOverlap(newOff, this.clusterSize, 0);
     await this.storage.write(buf, newOff);
     const t: CachedL2 = { offset: newOff, buf, dirty: false, used: ++this.useClock };
@@ -233,10 +250,18 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
     b.copy(this.l1, l1i * 8);
   }
 
-  /** Refcount increments reach the disk before metadata that depends on them. */
-  protected async syncRefcounts(): Promise<void> {
+  /**
+   * Refcount increments reach the disk before metadata that depends on them. `dataFirst`
+   * (metadata written in the middle of a stream of writes, not for a flush) syncs the data
+   * written so far before the refcount blocks: that sync can be long, and done between the
+   * refcount blocks and the L2 tables it would be a long window in which a crash leaks every
+   * cluster the unwritten tables point at. The second sync then covers little more than the
+   * refcount blocks.
+   */
+  protected async syncRefcounts(dataFirst = false): Promise<void> {
     const rc = this.refcounts;
     if (!rc) return;
+    if (dataFirst && !this.lazy && rc.hasDirty) await this.storage.flush();
     if (await rc.writeDirty()) {
       if (!this.lazy) await this.storage.flush();
     }
@@ -257,24 +282,44 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
 
   protected async maybeWriteback(): Promise<void> {
     if (this.l2Cache.size > this.l2Capacity && this.dirtyL2Count() > this.l2Capacity / 2) {
-      await this.writeback();
+      await this.writeback(true);
     }
     this.evictClean();
   }
 
   /**
-   * Under the metadata mutex: refcount blocks, then L2 tables, then deferred frees.
-   * The caller syncs afterwards (flush) when it needs durability.
+   * Under the metadata mutex: refcount blocks, then every dirty cached L2 table (no frees). At
+   * any point under the mutex each cached L2 entry's cluster is already counted in the cache,
+   * so this leaves nothing on disk counted but unreferenced (except clusters whose data writes
+   * are in flight and not yet linked).
    */
-  protected async writeback(): Promise<void> {
+  protected async writeMetadata(dataFirst = false): Promise<void> {
+    await this.syncRefcounts(dataFirst);
+    await this.writeDirtyL2();
+  }
+
+  /** Under the metadata mutex, after syncRefcounts(): write every dirty cached L2 table. */
+  protected async writeDirtyL2(): Promise<void> {
     const dirty = [...this.l2Cache.values()].filter((t) => t.dirty);
-    await this.syncRefcounts();
-    if (dirty.length) await this.markDirtyIfLazy();
-    for (const t of dirty) {
-      this.checkOverlap(t.offset, this.clusterSize, OL_ACTIVE_L2);
-      await this.storage.write(t.buf, t.offset);
-      t.dirty = false;
-    }
+    if (dirty.length === 0) return;
+    await this.markDirtyIfLazy();
+    for (const t of dirty) this.checkOverlap(t.offset, this.clusterSize, OL_ACTIVE_L2);
+    // All at once: the window between the refcount blocks and the last table stays short.
+    await Promise.all(
+      dirty.map(async (t) => {
+        await this.storage.write(t.buf, t.offset);
+        t.dirty = false;
+      }),
+    );
+  }
+
+  /**
+   * Under the metadata mutex: refcount blocks, then L2 tables, then deferred frees.
+   * The caller syncs afterwards (flush) when it needs durability. `dataFirst`: see
+   * syncRefcounts (write-backs forced by cache pressure, not by a flush).
+   */
+  protected async writeback(dataFirst = false): Promise<void> {
+    await this.writeMetadata(dataFirst);
     if (this.pending.length) {
       // Overwrites issued while the old mappings were live may still be in flight: they must
       // land before their host clusters can be reallocated.
@@ -331,7 +376,7 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
   }
 
   protected async writeSize(size: number): Promise<void> {
-    await this.syncRefcounts();
+    await this.writeMetadata();
     const b = Buffer.alloc(8);
     writeU64(b, 0, size);
     await this.storage.write(b, 24);
@@ -349,7 +394,7 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
     const newOff = await this.allocClusters(clusters);
     const buf = Buffer.alloc(clusters * cs);
     this.l1.copy(buf);
-    await this.syncRefcounts();
+    await this.writeMetadata();
     await this.markDirtyIfLazy();
     this.checkOverlap(newOff, buf.length, 0);
     await this.storage.write(buf, newOff);

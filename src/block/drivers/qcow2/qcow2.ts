@@ -201,6 +201,9 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
             }
           },
           checkWrite: (offset, length, own) => driverRef.d?.checkOverlap(offset, length, own),
+          beforeDirtyEvict: async () => {
+            await driverRef.d?.writeMetadata(true);
+          },
           metadataChanged: (kind, offset, bytes, added) => {
             if (added) driverRef.d?.ol.add(offset, bytes, kind);
             else driverRef.d?.ol.remove(offset, bytes, kind);
@@ -424,7 +427,8 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
         await this.refcounts?.update(o / this.clusterSize, -1);
       },
       syncRefcounts: async () => {
-        await this.refcounts?.writeDirty();
+        // Never refcount blocks alone: the dirty L2 tables follow them (docs/qcow2.md).
+        await this.writeMetadata();
         await this.storage.flush();
       },
       writeHeader: async () => {
@@ -605,6 +609,9 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     await this.meta.run(async () => {
       if (needL1 > this.header.l1Size) await this.growL1(needL1);
       await this.writeSize(size);
+      // Free the old L1 table now (the header no longer points at it, synced): not counted
+      // but unreferenced until the next flush otherwise.
+      if (this.pending.length) await this.writeback();
     });
     this.size = size;
     // A longer backing file must not show through the new area.

@@ -6,7 +6,8 @@
  * Crash safety: new refcount blocks and a grown table are written and synced before anything
  * points at them; increments reach the disk before the L2/L1 entries that need them (the driver
  * calls `writeDirty()` + sync first); decrements are applied only after the references are gone
- * from the disk (the driver defers frees to its flush).
+ * from the disk (the driver defers frees to its flush). A dirty block leaves the cache only
+ * together with the L2 tables that depend on it (`beforeDirtyEvict`).
  */
 import { corrupt, u64, writeU64 } from './format.js';
 import { OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE } from './overlap.js';
@@ -26,6 +27,13 @@ export interface RefcountHost {
    * of kinds `own` (OL_* bits); throws (and marks the image corrupt) on an overlap.
    */
   checkWrite?(offset: number, length: number, own: number): void;
+  /**
+   * A dirty refcount block is about to leave the cache. The driver writes every dirty refcount
+   * block and then the cached L2 tables that point at the clusters they count, so that a crash
+   * right after the eviction finds no counted cluster unreferenced. Without it the block is
+   * written alone.
+   */
+  beforeDirtyEvict?(): Promise<void>;
   /** Refcount metadata appeared (`added`) or went away: kind OL_REFCOUNT_BLOCK or OL_REFCOUNT_TABLE. */
   metadataChanged?(kind: number, offset: number, bytes: number, added: boolean): void;
 }
@@ -45,6 +53,12 @@ export class Refcounts {
   private freeHint = 0;
   /** Highest cluster index allocated during this session (file trimming on close). */
   highestAllocated = -1;
+  /**
+   * Held-back increments, by refcount block offset: clusters allocated for data that nothing
+   * points at yet (their data write is in flight). Blocks are written with these counts one
+   * lower, stay dirty and are never evicted, so a crash in between leaves no leak on disk.
+   */
+  private readonly held = new Map<number, Set<number>>();
 
   constructor(
     private readonly host: RefcountHost,
@@ -151,6 +165,8 @@ export class Refcounts {
   private async evict(): Promise<void> {
     for (const [off, b] of this.blocks) {
       if (this.blocks.size <= this.capacity) break;
+      if (this.held.has(off)) continue; // its counts on disk lag behind: keep it cached
+      if (b.dirty && this.host.beforeDirtyEvict) await this.host.beforeDirtyEvict();
       if (b.dirty) {
         this.host.checkWrite?.(off, this.cs, OL_REFCOUNT_BLOCK);
         await this.host.storage.write(b.buf, off);
@@ -332,15 +348,49 @@ export class Refcounts {
     await this.evict();
   }
 
-  /** Write every dirty refcount block (no sync). */
+  /**
+   * Hold back the increment of cluster `idx` (just allocated, refcount 1 in the cache) from
+   * the disk until `release(idx)`. The caller releases it in the same synchronous step that
+   * sets the L2 entry in the cache (so no L2 table reaches the disk pointing at a cluster whose
+   * count was held back), or after a failed write (the cluster then leaks as before).
+   */
+  hold(idx: number): void {
+    const off = this.table[Math.floor(idx / this.perBlock)];
+    if (off === undefined || off === 0) return;
+    let set = this.held.get(off);
+    if (!set) {
+      set = new Set();
+      this.held.set(off, set);
+    }
+    set.add(idx % this.perBlock);
+  }
+
+  release(idx: number): void {
+    const off = this.table[Math.floor(idx / this.perBlock)];
+    if (off === undefined) return;
+    const set = this.held.get(off);
+    if (!set?.delete(idx % this.perBlock)) return;
+    if (set.size === 0) this.held.delete(off);
+    const b = this.blocks.get(off);
+    if (b) b.dirty = true; // the disk copy may still lack this increment
+  }
+
+  /** Write every dirty refcount block (no sync), held-back increments left out. */
   async writeDirty(): Promise<boolean> {
     let any = false;
     for (const [off, b] of this.blocks) {
       if (!b.dirty) continue;
       this.host.checkWrite?.(off, this.cs, OL_REFCOUNT_BLOCK);
-      b.dirty = false;
       any = true;
-      await this.host.storage.write(b.buf, off);
+      const held = this.held.get(off);
+      if (held) {
+        const copy = Buffer.from(b.buf);
+        for (const i of held) this.setEntry(copy, i, Math.max(0, this.getEntry(copy, i) - 1));
+        await this.host.storage.write(copy, off);
+      } else {
+        b.dirty = false;
+        await this.host.storage.write(b.buf, off);
+      }
     }
     return any;
   }
