@@ -144,6 +144,36 @@ describe.skipIf(!TMPFS_OK)('export error policies on a full tmpfs', () => {
     expect(d.events.filter((e) => e.event === 'BLOCK_IO_ERROR')).toHaveLength(1);
   });
 
+  it('frees the clusters of a qcow2 write that failed with ENOSPC: the image checks clean after stop and resume', async (ctx) => {
+    if (!requireTool('qemu-io') || !requireTool('qemu-img')) return ctx.skip();
+    const img = join(small, 'q0.qcow2');
+    const made = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, '8M']);
+    expect(made.status).toBe(0);
+    writeFileSync(join(small, 'filler'), Buffer.alloc(512 * 1024, 1));
+    await d.ok('blockdev-add', { driver: 'file', 'node-name': 'q0-file', filename: img });
+    await d.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'q0', file: 'q0-file' });
+    await d.ok('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'q0', name: 'x', writable: true, werror: 'stop' });
+    // 512 KiB: with the filler gone it fits on the 1 MiB tmpfs next to the qcow2 metadata.
+    const io = qemuIo(`nbd+unix:///x?socket=${sock}`, 'write -P 0x3c 0 512k');
+    await ioErrors(1);
+    unlinkSync(join(small, 'filler'));
+    expect(await d.ok('cont')).toEqual({});
+    const r = await io.done;
+    expect(r.out).toContain('wrote 524288/524288 bytes at offset 0');
+    await d.ok('block-export-del', { id: 'e0' });
+    await d.ok('blockdev-del', { 'node-name': 'q0' });
+    await d.ok('blockdev-del', { 'node-name': 'q0-file' });
+    // Without the free, every cluster of the failed attempt stays counted and unreferenced.
+    const check = spawnSync('qemu-img', ['check', '--output=json', img], { encoding: 'utf8' });
+    expect(check.stdout).not.toContain('"leaks"');
+    expect(check.status).toBe(0);
+    const back = spawnSync('qemu-io', ['-f', 'qcow2', '-r', '-c', 'read -P 0x3c 0 512k', '-c', 'read -P 0 512k 7680k', img], {
+      encoding: 'utf8',
+    });
+    expect(back.stdout).not.toContain('Pattern verification failed');
+    expect(back.stdout).toContain('read 7864320/7864320 bytes at offset 524288');
+  });
+
   it('reports ENOSPC to the client and sends BLOCK_IO_ERROR with action report under werror=report', async (ctx) => {
     if (!requireTool('qemu-io')) return ctx.skip();
     await image('r0', 512);

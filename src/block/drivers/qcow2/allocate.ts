@@ -131,10 +131,30 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
         await this.meta.run(async () => {
           await this.setEntry(g, host, reuse ? undefined : cur, 'data', false, !reuse);
         });
+      } catch (err) {
+        if (!reuse) await this.meta.run(() => this.freeUnlinked(g, host));
+        throw err;
       } finally {
         if (!reuse) this.refcounts?.release(host / cs);
       }
     });
+  }
+
+  /**
+   * A data cluster allocated for a write that failed (ENOSPC, EIO) before its L2 entry was set
+   * goes back to the free clusters, as QEMU's qcow2_alloc_cluster_abort frees it: otherwise every
+   * failed attempt (a stopped export retried after `cont`) leaks a cluster. Its increment was held
+   * back from the disk, so no metadata write has counted it yet. Under the metadata mutex.
+   */
+  private async freeUnlinked(g: number, host: number): Promise<void> {
+    const rc = this.refcounts;
+    if (!rc) return;
+    const t = await this.l2Read(Math.floor(g / this.l2Entries));
+    const e = this.decode(t, g % this.l2Entries);
+    if (e.type === 'normal' && e.host === host) return; // linked after all: it stays
+    const idx = host / this.clusterSize;
+    rc.release(idx);
+    await rc.update(idx, -1);
   }
 
   /** Read the guest view of a whole cluster (the part inside the disk; zero beyond). */
