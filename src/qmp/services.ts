@@ -54,6 +54,7 @@ export class Services {
     this.objects.throttleGroups = this.graph.throttleGroups;
     this.qom = new QomTree({ objects: this.objects, chardevs: () => this.qomChardevs() });
     this.exports.tlsCredsLookup = (id) => this.objects.tlsCreds(id);
+    this.exports.authzLookup = (id, identity) => this.objects.authzCheck(id, identity);
   }
 
   /**
