@@ -140,6 +140,11 @@ export class ExportManager implements NbdBackend {
     return this.server !== undefined;
   }
 
+  /** NBD clients connected to the server now, negotiating ones included. */
+  get serverClientCount(): number {
+    return this.server?.connectionCount ?? 0;
+  }
+
   /** Where the NBD server listens (with the real port for port 0), if it runs. */
   get serverAddress(): NbdBoundAddress | undefined {
     return this.server ? this.bound : undefined;
