@@ -172,8 +172,13 @@ export class ObjectRegistry {
     const e = this.objects.get(id);
     if (e === undefined) return { kind: 'missing' };
     if (e.endpoint === undefined || e.tls === undefined) return { kind: 'not-tls-creds' };
-    // The loaded files, with the endpoint as it is now (qom-set may have changed it).
-    return { kind: 'tls-creds', type: e.type, endpoint: e.endpoint, material: { ...e.tls, endpoint: e.endpoint } };
+    // The loaded files, with the endpoint (and x509 verify-peer) as they are now: qom-set
+    // changes them for later users, as in QEMU.
+    const material: TlsCredsMaterial =
+      e.tls.type === 'x509'
+        ? { ...e.tls, endpoint: e.endpoint, verifyPeer: e.props['verify-peer'] !== false }
+        : { ...e.tls, endpoint: e.endpoint };
+    return { kind: 'tls-creds', type: e.type, endpoint: e.endpoint, material };
   }
 
   /**
