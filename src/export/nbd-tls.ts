@@ -13,7 +13,8 @@
  * - anon: TLS 1.2 anonymous Diffie-Hellman (`ADH`), which OpenSSL only allows at security
  *   level 0 (QEMU's clients use `NORMAL:+ANON-DH`).
  */
-import type tls from 'node:tls';
+import tls from 'node:tls';
+import { isIP } from 'node:net';
 import type { NbdTlsPeer, NbdTlsServerConfig } from '../nbd/tls.js';
 
 /** What a `tls-creds-*` object holds once created (files read, key decrypted). */
@@ -128,4 +129,47 @@ export function nbdServerTls(
   if (pskKey !== undefined) cfg.pskKey = pskKey;
   if (authzCheck !== undefined) cfg.authorize = (peer) => authorizePeer(peer, authzCheck);
   return cfg;
+}
+
+/**
+ * Node TLS client options for `driver=nbd` with client-endpoint credentials, or QEMU's error.
+ * `hostname` is `tls-hostname`, else the server's inet host (QEMU's rule); x509 with
+ * verify-peer checks the server certificate against the CA and that name.
+ */
+export function nbdClientTls(m: TlsCredsMaterial, hostname: string | undefined): tls.ConnectionOptions | string {
+  switch (m.type) {
+    case 'x509': {
+      const o: tls.ConnectionOptions = {
+        ca: m.ca,
+        ...(m.cert === undefined ? {} : { cert: m.cert }),
+        ...(m.key === undefined ? {} : { key: m.key }),
+        ...(m.crl === undefined ? {} : { crl: m.crl }),
+        minVersion: 'TLSv1.2',
+        rejectUnauthorized: m.verifyPeer,
+      };
+      if (hostname !== undefined && isIP(hostname) === 0) o.servername = hostname;
+      if (m.verifyPeer) {
+        if (hostname === undefined) return 'No hostname for certificate validation';
+        o.checkServerIdentity = (_name, cert) => tls.checkServerIdentity(hostname, cert);
+      } else {
+        o.checkServerIdentity = () => undefined;
+      }
+      return o;
+    }
+    case 'psk': {
+      const user = m.username ?? 'qemu';
+      const key = m.keys.get(user);
+      if (key === undefined) return `Username ${user} not found in PSK file`;
+      return {
+        ciphers: PSK_CIPHERS,
+        minVersion: 'TLSv1.2',
+        maxVersion: 'TLSv1.2',
+        pskCallback: () => ({ psk: key, identity: user }),
+        checkServerIdentity: () => undefined,
+      };
+    }
+    case 'anon':
+      // No certificate to check: the channel is encrypted, the server is not authenticated.
+      return { ciphers: ANON_CIPHERS, minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2', rejectUnauthorized: false };
+  }
 }

@@ -47,7 +47,7 @@ export class Services {
   constructor(readonly log: Logger) {
     this.graph = new BlockGraph(log.child({ component: 'block' }));
     this.graph.eventSink = (event, data) => this.events.emit(event, data);
-    this.graph.registerDriver('nbd', (ctx, o) => NbdBlockDriver.open(ctx, o));
+    this.graph.registerDriver('nbd', (ctx, o) => NbdBlockDriver.open(ctx, o, (id) => this.objects.tlsCreds(id)));
     this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
     this.objects = new ObjectRegistry(log);
     this.graph.throttleGroups.limitsOf = (id) => this.objects.throttleLimits(id);

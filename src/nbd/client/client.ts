@@ -13,6 +13,7 @@
  *   above 1) are widened (reads) or read-modify-written (writes, zeroes).
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import type { ConnectionOptions } from 'node:tls';
 import type { Logger } from '../../util/logger.js';
 import { NbdError } from '../../util/errors.js';
 import {
@@ -49,6 +50,8 @@ export interface NbdClientOptions {
   /** Connections to open when the server allows multi-conn (default 1). */
   connections: number;
   log: Logger;
+  /** TLS (NBD_OPT_STARTTLS) with these Node TLS client options, on every connection. */
+  tls?: ConnectionOptions | undefined;
 }
 
 /** Largest TRIM / WRITE_ZEROES length sent in one request (lengths are u32). */
@@ -345,6 +348,7 @@ async function connectOnce(opts: NbdClientOptions): Promise<NbdClientConnection>
       exportName: opts.exportName,
       readOnlyIntent: opts.readOnly,
       metaContexts: opts.metaContexts,
+      tls: opts.tls,
     });
     return new NbdClientConnection(wire, info);
   } catch (err) {

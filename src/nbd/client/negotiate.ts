@@ -7,6 +7,7 @@
  * Every length the server sends is bounded before anything is buffered; a reply that breaks the
  * protocol fails the negotiation with NBD_SERVER_PROTOCOL and the caller closes the socket.
  */
+import type { ConnectionOptions } from 'node:tls';
 import { NbdError } from '../../util/errors.js';
 import {
   encodeInfoRequest,
@@ -26,6 +27,7 @@ import {
   NBD_OPT_GO,
   NBD_OPT_READ_ONLY,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_OPTS_MAGIC,
   NBD_REP_ACK,
@@ -49,6 +51,8 @@ export interface NegotiateOptions {
   readOnlyIntent: boolean;
   /** Metadata contexts to select (e.g. `base:allocation`); empty = none. */
   metaContexts: readonly string[];
+  /** Start TLS first (NBD_OPT_STARTTLS), with these Node TLS client options. */
+  tls?: ConnectionOptions | undefined;
 }
 
 /** What the server granted. */
@@ -118,6 +122,25 @@ function isPowerOfTwo(n: number): boolean {
   return n > 0 && (n & (n - 1)) === 0;
 }
 
+/**
+ * NBD spec: TLS support. STARTTLS before anything else, as QEMU's client does; any refusal is
+ * fatal (QEMU's wording), an ACK is followed by the TLS handshake on the same socket.
+ */
+async function startTls(wire: ClientWire, options: ConnectionOptions): Promise<void> {
+  wire.write(encodeOption(NBD_OPT_STARTTLS));
+  const r = await readReply(wire, NBD_OPT_STARTTLS);
+  if (r.type === NBD_REP_ACK) {
+    if (r.payload.length !== 0) throw serverProtocolError('NBD server sent a payload with the ACK of NBD_OPT_STARTTLS');
+    await wire.startTls(options);
+    return;
+  }
+  if (r.type & NBD_REP_FLAG_ERROR) {
+    const why = errorText(r);
+    throw negotiationError(`Denied by server for option 5 (starttls)${why ? `\nserver reported: ${why}` : ''}`);
+  }
+  throw serverProtocolError(`Unexpected ${repName(r.type)} reply to NBD_OPT_STARTTLS`);
+}
+
 /** Run the handshake on a freshly connected `wire`. */
 export async function negotiate(wire: ClientWire, opts: NegotiateOptions): Promise<NegotiatedInfo> {
   // Greeting: [0..7] NBDMAGIC  [8..15] IHAVEOPT  [16..17] handshake flags
@@ -130,6 +153,7 @@ export async function negotiate(wire: ClientWire, opts: NegotiateOptions): Promi
   const cflags = Buffer.allocUnsafe(4);
   cflags.writeUInt32BE(NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0), 0);
   wire.write(cflags);
+  if (opts.tls !== undefined) await startTls(wire, opts.tls);
 
   const readOnlyAcked = opts.readOnlyIntent ? await simpleOption(wire, NBD_OPT_READ_ONLY) : false;
   const structured = await simpleOption(wire, NBD_OPT_STRUCTURED_REPLY);
