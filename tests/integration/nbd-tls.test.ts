@@ -337,6 +337,28 @@ describe('NBD server with x509 credentials', () => {
   });
 });
 
+describe('NBD server with other credentials', () => {
+  it('lets a client without a certificate in when verify-peer is off', async (ctx) => {
+    const nbdinfo = requireTool('nbdinfo');
+    if (!nbdinfo || !haveOpenssl()) return ctx.skip();
+    await serve({ ...x509Server(), 'verify-peer': false });
+    const caOnly = join(dir, 'ca-only');
+    mkdirSync(caOnly);
+    writeFileSync(join(caOnly, 'ca-cert.pem'), readFileSync(join(creds.clientDir, 'ca-cert.pem')));
+    expect((await run(nbdinfo, ['--size', certUri(caOnly)])).out.trim()).toBe(String(SIZE));
+  });
+
+  it('serves qemu-img with anonymous credentials', async (ctx) => {
+    const qemuImg = requireTool('qemu-img');
+    if (!qemuImg || !haveOpenssl()) return ctx.skip();
+    await serve({ 'qom-type': 'tls-creds-anon', endpoint: 'server' });
+    const r = await run(qemuImg, ['info', ...qemuOpts('tls-creds-anon,id=tls0,endpoint=client')]);
+    expect(r.out).toContain(`virtual size: 4 MiB (${SIZE} bytes)`);
+    const plain = await run(qemuImg, ['info', '--image-opts', `driver=nbd,server.type=unix,server.path=${sock},export=disk`]);
+    expect(plain.code).not.toBe(0);
+  });
+});
+
 describe('NBD server with PSK credentials', () => {
   it('serves qemu-img and nbdinfo with the right key', async (ctx) => {
     const nbdinfo = requireTool('nbdinfo');
