@@ -108,10 +108,10 @@ describe('nbd driver with tls-creds', () => {
     const addr = { type: 'unix', path: sock };
     await client.ok('object-add', x509Client());
     expect(await openError(addr)).toBe('No hostname for certificate validation');
-    expect(await openError(addr, { 'tls-hostname': 'elsewhere' })).toMatch(/^TLS handshake failed: .*elsewhere/);
+    expect(await openError(addr, { 'tls-hostname': 'elsewhere' })).toBe('Certificate does not match the hostname elsewhere');
     await client.ok('object-del', { id: 'c0' });
     await client.ok('object-add', x509Client(creds.otherClientDir));
-    expect(await openError(addr, { 'tls-hostname': 'localhost' })).toMatch(/^TLS handshake failed: /);
+    expect(await openError(addr, { 'tls-hostname': 'localhost' })).toBe("The certificate hasn't got a known issuer");
   });
 
   it('takes the host name from an inet server address (blockd TLS server on TCP)', async (ctx) => {

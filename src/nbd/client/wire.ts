@@ -38,6 +38,29 @@ export function serverProtocolError(message: string): NbdError {
   return new NbdError('NBD_SERVER_PROTOCOL', 'EPROTO', message, true);
 }
 
+/** Node's certificate verification codes, worded as QEMU (GnuTLS) words the same failure. */
+const QEMU_CERT_ERRORS: Record<string, string> = {
+  UNABLE_TO_VERIFY_LEAF_SIGNATURE: "The certificate hasn't got a known issuer",
+  UNABLE_TO_GET_ISSUER_CERT: "The certificate hasn't got a known issuer",
+  UNABLE_TO_GET_ISSUER_CERT_LOCALLY: "The certificate hasn't got a known issuer",
+  SELF_SIGNED_CERT_IN_CHAIN: "The certificate hasn't got a known issuer",
+  DEPTH_ZERO_SELF_SIGNED_CERT: "The certificate hasn't got a known issuer",
+  CERT_HAS_EXPIRED: 'The certificate has expired',
+  CERT_NOT_YET_VALID: 'The certificate is not yet activated',
+  CERT_REVOKED: 'The certificate has been revoked',
+  CERT_SIGNATURE_FAILURE: 'The certificate is not trusted',
+};
+
+/** What a failed client handshake reports: QEMU's text for certificate checks, else OpenSSL's reason. */
+function tlsFailureText(err: Error): string {
+  const e = err as Error & { code?: unknown; host?: unknown };
+  if (e.code === 'ERR_TLS_CERT_ALTNAME_INVALID' && typeof e.host === 'string') {
+    return `Certificate does not match the hostname ${e.host}`;
+  }
+  const known = typeof e.code === 'string' ? QEMU_CERT_ERRORS[e.code] : undefined;
+  return known ?? `TLS handshake failed: ${tlsReason(err)}`;
+}
+
 /** OpenSSL's reason from a Node TLS error, else its message. */
 function tlsReason(err: Error): string {
   const m = /:SSL routines:[^:]*:([^:]+):/.exec(err.message);
@@ -114,7 +137,7 @@ export class ClientWire {
         t.off('secureConnect', ok);
         t.destroy();
         plain.destroy();
-        const e = new NbdError('NBD_TLS', 'EIO', `TLS handshake failed: ${tlsReason(err)}`, true);
+        const e = new NbdError('NBD_TLS', 'EIO', tlsFailureText(err), true);
         this.fail(e);
         reject(e);
       };
