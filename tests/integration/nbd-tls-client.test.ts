@@ -159,7 +159,7 @@ describe('nbd driver with tls-creds', () => {
     await server.ok('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'n0', name: 'disk' });
     await client.ok('object-add', x509Client());
     expect(await openError({ type: 'unix', path: sock }, { 'tls-hostname': 'localhost' })).toBe(
-      'Denied by server for option 5 (starttls)\nserver reported: TLS not configured',
+      'Denied by server for option 5 (starttls)',
     );
     await client.ok('object-del', { id: 'c0' });
     await client.ok('object-add', { 'qom-type': 'tls-creds-anon', id: 'c0', endpoint: 'server' });

@@ -111,10 +111,8 @@ async function simpleOption(wire: ClientWire, option: number): Promise<boolean> 
     if (r.payload.length !== 0) throw serverProtocolError(`NBD server sent a payload with the ACK of ${optName(option)}`);
     return true;
   }
-  if (r.type & NBD_REP_FLAG_ERROR) {
-    if (r.type === NBD_REP_ERR_TLS_REQD) throw negotiationError('The NBD server requires TLS');
-    return false;
-  }
+  // Refused, TLS_REQD included: like QEMU's client, go on; NBD_OPT_GO reports TLS_REQD.
+  if (r.type & NBD_REP_FLAG_ERROR) return false;
   throw serverProtocolError(`Unexpected ${repName(r.type)} reply to ${optName(option)}`);
 }
 
@@ -134,10 +132,8 @@ async function startTls(wire: ClientWire, options: ConnectionOptions): Promise<v
     await wire.startTls(options);
     return;
   }
-  if (r.type & NBD_REP_FLAG_ERROR) {
-    const why = errorText(r);
-    throw negotiationError(`Denied by server for option 5 (starttls)${why ? `\nserver reported: ${why}` : ''}`);
-  }
+  // QEMU's text; the server's own message is only a hint there (not in QMP replies).
+  if (r.type & NBD_REP_FLAG_ERROR) throw negotiationError('Denied by server for option 5 (starttls)');
   throw serverProtocolError(`Unexpected ${repName(r.type)} reply to NBD_OPT_STARTTLS`);
 }
 
@@ -224,7 +220,7 @@ export async function negotiate(wire: ClientWire, opts: NegotiateOptions): Promi
     }
     if (r.type === NBD_REP_ERR_UNSUP) return exportNameFallback(wire, opts, noZeroes, { structured, contexts, readOnlyAcked });
     if (r.type === NBD_REP_ERR_UNKNOWN) throw negotiationError('Requested export not available');
-    if (r.type === NBD_REP_ERR_TLS_REQD) throw negotiationError('The NBD server requires TLS');
+    if (r.type === NBD_REP_ERR_TLS_REQD) throw negotiationError('TLS negotiation required before option 7 (go)');
     if (r.type === NBD_REP_ERR_POLICY) {
       const why = errorText(r);
       throw negotiationError(`The NBD server refused the export${why ? `: ${why}` : ''}`);
