@@ -89,11 +89,6 @@ export class StartTlsTransport implements NbdTransport {
     return this.stream.writableLength;
   }
 
-  /** The TLS session is up (the upgrade finished and the peer was accepted). */
-  get secure(): boolean {
-    return this.upgraded && !this.gated;
-  }
-
   attach(sink: TransportSink): void {
     this.sink = sink;
     this.listen(this.stream);
