@@ -458,6 +458,34 @@ describe('NBD TLS protocol rules (raw socket)', () => {
     expect((await run(nbdinfo, ['--size', certUri(creds.clientDir)])).out.trim()).toBe(String(SIZE));
   });
 
+  it('drops a client that stalls in the TLS handshake at handshake-max-seconds', async (ctx) => {
+    if (!haveOpenssl()) return ctx.skip();
+    await d.ok('object-add', { id: 'tls0', ...x509Server() });
+    await d.ok('nbd-server-start', {
+      addr: { type: 'unix', data: { path: sock } },
+      'tls-creds': 'tls0',
+      'handshake-max-seconds': 1,
+    });
+    const c = await RawTlsClient.connect(sock);
+    await c.handshake();
+    expect((await c.option(NBD_OPT_STARTTLS))?.type).toBe(NBD_REP_ACK);
+    // No ClientHello: the handshake deadline covers the TLS handshake too.
+    expect(await c.waitClosed()).toBe(true);
+    expect(await connectionsSettle()).toBe(0);
+  });
+
+  it('stops the server while a client is in the middle of the TLS handshake', async (ctx) => {
+    if (!haveOpenssl()) return ctx.skip();
+    await serve(x509Server());
+    const c = await RawTlsClient.connect(sock);
+    await c.handshake();
+    expect((await c.option(NBD_OPT_STARTTLS))?.type).toBe(NBD_REP_ACK);
+    c.write(Buffer.from([0x16, 0x03, 0x01]));
+    expect(await d.ok('nbd-server-stop')).toEqual({});
+    expect(await c.waitClosed()).toBe(true);
+    expect(d.svc.exports.serverClientCount).toBe(0);
+  });
+
   it('survives a client that vanishes in the middle of the TLS handshake', async (ctx) => {
     const nbdinfo = requireTool('nbdinfo');
     if (!nbdinfo || !haveOpenssl()) return ctx.skip();
