@@ -348,6 +348,40 @@ describe('NBD server with other credentials', () => {
     expect((await run(nbdinfo, ['--size', certUri(caOnly)])).out.trim()).toBe(String(SIZE));
   });
 
+  it('uses an encrypted server key with passwordid', async (ctx) => {
+    const nbdinfo = requireTool('nbdinfo');
+    if (!nbdinfo || !haveOpenssl()) return ctx.skip();
+    const enc = join(dir, 'enc');
+    mkdirSync(enc);
+    for (const f of ['ca-cert.pem', 'server-cert.pem']) writeFileSync(join(enc, f), readFileSync(join(creds.serverDir, f)));
+    await execFileP('openssl', [
+      'pkey', '-in', join(creds.serverDir, 'server-key.pem'), '-aes256', '-passout', 'pass:hunter2',
+      '-out', join(enc, 'server-key.pem'),
+    ]);
+    await d.ok('object-add', { 'qom-type': 'secret', id: 'pw', data: 'hunter2' });
+    await serve({ 'qom-type': 'tls-creds-x509', endpoint: 'server', dir: enc, passwordid: 'pw' });
+    expect((await run(nbdinfo, ['--size', certUri(creds.clientDir)])).out.trim()).toBe(String(SIZE));
+  });
+
+  it('serves a TLS client that waited behind max-connections once the slot frees', async (ctx) => {
+    const nbdinfo = requireTool('nbdinfo');
+    if (!nbdinfo || !haveOpenssl()) return ctx.skip();
+    await d.ok('object-add', { id: 'tls0', ...x509Server() });
+    await d.ok('blockdev-add', { driver: 'file', filename: img, 'node-name': 'n0' });
+    await d.ok('nbd-server-start', { addr: { type: 'unix', data: { path: sock } }, 'tls-creds': 'tls0', 'max-connections': 1 });
+    await d.ok('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'n0', name: 'disk' });
+    const first = await RawTlsClient.connect(sock);
+    await first.handshake();
+    expect((await first.option(NBD_OPT_STARTTLS))?.type).toBe(NBD_REP_ACK);
+    await first.startTls(creds.clientDir);
+    // The second client is accepted but not greeted while the first holds the only slot.
+    const second = run(nbdinfo, ['--size', certUri(creds.clientDir)]);
+    expect((await first.option(NBD_OPT_LIST))?.type).toBe(NBD_REP_SERVER);
+    expect((await first.reply())?.type).toBe(NBD_REP_ACK);
+    first.destroy();
+    expect((await second).out.trim()).toBe(String(SIZE));
+  });
+
   it('serves qemu-img with anonymous credentials', async (ctx) => {
     const qemuImg = requireTool('qemu-img');
     if (!qemuImg || !haveOpenssl()) return ctx.skip();
