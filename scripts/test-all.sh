@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-need_tools=(qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdinfo nbdsh nbdcopy)
+need_tools=(qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdinfo nbdsh nbdcopy openssl)
 missing=()
 for t in "${need_tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
 if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then missing+=(python3-libnbd); fi
@@ -13,7 +13,7 @@ if ((${#missing[@]})); then
     echo "== installing Debian test tools (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null && apt-get install -y -qq \
-      qemu-utils qemu-system-common libnbd-bin python3-libnbd >/dev/null \
+      qemu-utils qemu-system-common libnbd-bin python3-libnbd openssl >/dev/null \
       || { echo "apt-get install failed"; exit 1; }
   else
     echo "warning: missing tools (${missing[*]}); run as root to install them, tests needing them will not run"

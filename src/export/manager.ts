@@ -25,6 +25,8 @@ import { EventThrottle } from '../util/event-throttle.js';
 import { nativeAddon, nativeOps } from '../block/native.js';
 import { netIoBindingFrom } from '../nbd/native-transport.js';
 import { drainThrottleNodes } from '../block/drivers/throttle.js';
+import type { NbdTlsServerConfig } from '../nbd/tls.js';
+import { nbdServerTls, type TlsCredsMaterial } from './nbd-tls.js';
 
 /** QSD 7.2.22 (Debian) and upstream >= 9.1 default. */
 export const DEFAULT_MAX_CONNECTIONS = 100;
@@ -96,11 +98,22 @@ export function idWellFormed(id: string): boolean {
  */
 export type TlsCredsResolver = (
   id: string,
-) => { kind: 'missing' } | { kind: 'not-tls-creds' } | { kind: 'tls-creds'; endpoint: 'client' | 'server' };
+) =>
+  | { kind: 'missing' }
+  | { kind: 'not-tls-creds' }
+  | { kind: 'tls-creds'; endpoint: 'client' | 'server'; material: TlsCredsMaterial };
+
+/**
+ * `tls-authz`: may authz object `id` let `identity` in? undefined = yes, `'denied'` = no, else
+ * why the check failed (object missing or not an authz object). Answered by qmp/objects.ts.
+ */
+export type AuthzResolver = (id: string, identity: string) => string | undefined;
 
 export class ExportManager implements NbdBackend {
   /** Resolves `tls-creds` ids; without it every id is unknown. */
   tlsCredsLookup: TlsCredsResolver | undefined;
+  /** Checks `tls-authz` identities; without it every authz id is unknown. */
+  authzLookup: AuthzResolver | undefined;
   private server: NbdServer | undefined;
   private serverMax = DEFAULT_MAX_CONNECTIONS;
   private bound: NbdBoundAddress | undefined;
@@ -145,6 +158,11 @@ export class ExportManager implements NbdBackend {
     return this.server !== undefined;
   }
 
+  /** NBD clients connected to the server now, negotiating ones included. */
+  get serverClientCount(): number {
+    return this.server?.connectionCount ?? 0;
+  }
+
   /** Where the NBD server listens (with the real port for port 0), if it runs. */
   get serverAddress(): NbdBoundAddress | undefined {
     return this.server ? this.bound : undefined;
@@ -177,6 +195,9 @@ export class ExportManager implements NbdBackend {
   async startServer(opts: NbdServerStartOptions): Promise<void> {
     if (this.server) throw new QmpError('NBD server already running');
     const maxConnections = opts.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+    // QSD resolves the credentials after binding, so a bind error wins: keep the outcome.
+    const tls = opts.tlsCreds === undefined ? undefined : this.serverTls(opts.tlsCreds, opts.tlsAuthz);
+    const tlsConfig = tls instanceof QmpError ? undefined : tls;
     const server = new NbdServer({
       backend: this,
       maxConnections,
@@ -185,7 +206,9 @@ export class ExportManager implements NbdBackend {
       // A 4 MiB send buffer holds a batch of large READ replies at once (the default ~208 KiB
       // splits every 256 KiB reply over several writability wake-ups).
       tuneUnixSocket: (fd) => nativeOps().setSendBuffer?.(fd, 4 * 1024 * 1024),
-      netio: netIoBindingFrom(nativeAddon()),
+      // TLS runs on Node streams; the native socket layer serves plaintext servers only.
+      netio: tlsConfig === undefined ? netIoBindingFrom(nativeAddon()) : undefined,
+      tls: tlsConfig,
     });
     if (this.holding) server.hold();
     try {
@@ -193,25 +216,32 @@ export class ExportManager implements NbdBackend {
     } catch (err) {
       throw new QmpError(bindErrorText(opts.addr, err));
     }
-    if (opts.tlsCreds !== undefined) {
-      // QSD resolves the credentials after binding, so a bind error wins.
-      const tlsError = this.tlsCredsError(opts.tlsCreds);
+    if (tls instanceof QmpError) {
       this.bound = undefined;
       await server.close();
-      throw tlsError;
+      throw tls;
     }
     this.server = server;
     this.serverMax = maxConnections;
-    this.log.info({ addr: opts.addr, maxConnections }, 'NBD server started');
+    this.log.info({ addr: opts.addr, maxConnections, tls: opts.tlsCreds !== undefined }, 'NBD server started');
   }
 
-  /** Why `tls-creds` cannot be used: QSD's lookup errors, then "no TLS in blockd yet". */
-  private tlsCredsError(id: string): QmpError {
+  /**
+   * The server's TLS settings from `tls-creds` (and `tls-authz`), or QSD's error. The
+   * credentials are taken now: a later object-del does not affect the running server (QEMU
+   * holds a reference); the authz object is looked up per client, as QEMU does.
+   */
+  private serverTls(id: string, authzId: string | undefined): NbdTlsServerConfig | QmpError {
     const c = this.tlsCredsLookup?.(id) ?? { kind: 'missing' as const };
     if (c.kind === 'missing') return new QmpError(`No TLS credentials with id '${id}'`);
     if (c.kind === 'not-tls-creds') return new QmpError(`Object with id '${id}' is not TLS credentials`);
     if (c.endpoint !== 'server') return new QmpError('Expected TLS credentials for a server endpoint');
-    return new QmpError('TLS is not supported by blockd yet');
+    const check =
+      authzId === undefined
+        ? undefined
+        : (identity: string) =>
+            this.authzLookup ? this.authzLookup(authzId, identity) : `Cannot find QAuthZ object ID ${authzId}`;
+    return nbdServerTls(c.material, check);
   }
 
   /** nbd-server-stop: hard-delete every NBD export (events before the reply), close the listener. */

@@ -29,6 +29,9 @@ import {
 } from '../block/types.js';
 import { BlockError, DaemonError } from '../util/errors.js';
 import { NbdClient, type NbdServerAddress } from '../nbd/client/client.js';
+import type { ConnectionOptions } from 'node:tls';
+import type { TlsCredsResolver } from './manager.js';
+import { nbdClientTls } from './nbd-tls.js';
 import {
   NBD_CONTEXT_BASE_ALLOCATION,
   NBD_FLAG_READ_ONLY,
@@ -117,12 +120,16 @@ export class NbdBlockDriver implements BlockDriver {
     };
   }
 
-  static async open(ctx: DriverOpenContext, opts: Options): Promise<NbdBlockDriver> {
+  /**
+   * `tlsLookup` resolves `tls-creds` ids (the object registry, wired by the composition root);
+   * without it every id is unknown.
+   */
+  static async open(ctx: DriverOpenContext, opts: Options, tlsLookup?: TlsCredsResolver): Promise<NbdBlockDriver> {
     rejectUnknown(opts, NBD_MEMBERS);
     const address = serverAddress(opts['server']);
     const exportName = optString(opts, 'export');
     const tlsCreds = optString(opts, 'tls-creds');
-    optString(opts, 'tls-hostname');
+    const tlsHostname = optString(opts, 'tls-hostname');
     const dirtyBitmap = optString(opts, 'x-dirty-bitmap');
     const reconnectDelay = optU32(opts, 'reconnect-delay') ?? 0;
     const openTimeout = optU32(opts, 'open-timeout') ?? 0;
@@ -131,7 +138,17 @@ export class NbdBlockDriver implements BlockDriver {
     if (connections < 1 || connections > MAX_CONNECTIONS) {
       throw optError(`Parameter 'x-connections' must be between 1 and ${MAX_CONNECTIONS}`);
     }
-    if (tlsCreds !== undefined) throw optError("TLS is not supported by blockd's NBD client yet");
+    let tls: ConnectionOptions | undefined;
+    if (tlsCreds !== undefined) {
+      // QEMU's lookup errors, in its order; the hostname defaults to the server's inet host.
+      const c = tlsLookup?.(tlsCreds) ?? { kind: 'missing' as const };
+      if (c.kind === 'missing') throw optError(`No TLS credentials with id '${tlsCreds}'`);
+      if (c.kind === 'not-tls-creds') throw optError(`Object with id '${tlsCreds}' is not TLS credentials`);
+      if (c.endpoint !== 'client') throw optError('Expected TLS credentials for a client endpoint');
+      const t = nbdClientTls(c.material, tlsHostname ?? (address.type === 'inet' ? address.host : undefined));
+      if (typeof t === 'string') throw optError(t);
+      tls = t;
+    }
     const meta = dirtyBitmap !== undefined ? `qemu:dirty-bitmap:${dirtyBitmap}` : NBD_CONTEXT_BASE_ALLOCATION;
     let client: NbdClient;
     try {
@@ -145,6 +162,7 @@ export class NbdBlockDriver implements BlockDriver {
         connections,
         extendedHeaders,
         log: ctx.log.child({ component: 'nbd-client' }),
+        tls,
       });
     } catch (err) {
       if (err instanceof DaemonError) throw new BlockError('NBD_OPEN', err.errno, err.message, { cause: err });

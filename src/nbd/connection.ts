@@ -27,6 +27,7 @@ import {
 } from './protocol.js';
 import { EMPTY } from './request.js';
 import { NbdExtRequestParser } from './request-ext.js';
+import { StartTlsTransport, type NbdTlsServerConfig, type StartTlsResult } from './tls.js';
 
 export { CMD_RULES } from './request.js';
 export { normalizeExtents } from './dispatch.js';
@@ -45,6 +46,8 @@ export interface NbdConnectionOptions {
   maxInFlightBytes?: number;
   /** Called once the socket is closed and every request has settled (like `closed`, sooner). */
   onClosed?: () => void;
+  /** TLS is required (the transport must be a {@link StartTlsTransport}). */
+  tls?: NbdTlsServerConfig | undefined;
 }
 
 const OPTS_MAGIC_HI = Number(NBD_OPTS_MAGIC >> 32n);
@@ -116,6 +119,9 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
   private resolveClosed: (() => void) | undefined;
   private closedPromise: Promise<void> | undefined;
   private readonly onClosed: (() => void) | undefined;
+  private readonly tls: NbdTlsServerConfig | undefined;
+  /** Between the STARTTLS ACK and the end of the TLS handshake (for logging its failure). */
+  private tlsHandshaking = false;
 
   /** Resolves once the socket is closed and every request has settled (made on first use). */
   get closed(): Promise<void> {
@@ -132,6 +138,7 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
     this.clientAddress = opts.clientAddress;
     this.backend = opts.backend;
     this.onClosed = opts.onClosed;
+    this.tls = opts.tls;
     this.reader.volatile = socket.volatileReads;
     this.maxInFlight = Math.max(1, opts.maxInFlight ?? 64);
     this.maxInFlightBytes = Math.max(1, opts.maxInFlightBytes ?? 64 * 1024 * 1024);
@@ -139,7 +146,7 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
       id: this.id,
       clientAddress: this.clientAddress,
       disconnect: (reason: string) => this.disconnect(reason),
-    });
+    }, opts.tls !== undefined);
     const timeout = opts.handshakeTimeoutMs ?? 10_000;
     if (timeout > 0) {
       HANDSHAKE_DEADLINES.add(this, timeout);
@@ -174,6 +181,7 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
 
   /** TransportSink. */
   onError(message: string): void {
+    if (this.tlsHandshaking) return; // reported by the TLS upgrade's result
     if (this.debugOn) this.log.debug({ err: message }, 'socket error');
   }
 
@@ -312,6 +320,10 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
     for (const b of step.out) this.queue(b);
     // Handshake replies go out at once (the client waits for them); bookkeeping comes after.
     this.flush();
+    if (step.startTls === true) {
+      this.beginTls();
+      return;
+    }
     switch (step.state) {
       case 'OPTIONS':
         this.state = 'OPTION_HEADER';
@@ -352,6 +364,39 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
       default:
         return;
     }
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was ACKed (the ACK is written in clear): run the TLS handshake on the
+   * same socket. Option haggling resumes, encrypted, once the peer is accepted; a failed
+   * handshake or a refused peer closes only this connection.
+   */
+  private beginTls(): void {
+    const t = this.socket;
+    if (this.tls === undefined || !(t instanceof StartTlsTransport)) {
+      this.closeNow('TLS requested on a transport that cannot do it');
+      return;
+    }
+    this.state = 'OPTION_HEADER';
+    if (this.reader.length > 0) {
+      // The client must wait for the ACK; what it sent early cannot be handed to TLS.
+      this.closeNow('client sent data before the TLS handshake');
+      return;
+    }
+    this.tlsHandshaking = true;
+    t.startTls(this.tls, (r: StartTlsResult) => {
+      this.tlsHandshaking = false;
+      if (r.ok) {
+        if (this.infoOn) {
+          this.log.info({ peer: r.peer, protocol: r.protocol, cipher: r.cipher }, 'NBD TLS session established');
+        }
+        return;
+      }
+      // QSD: "option negotiation failed: TLS handshake failed: ..." / "... authz check ... denied".
+      this.log.warn({ client: this.clientAddress, reason: r.reason }, 'NBD TLS negotiation failed');
+      this.state = 'DISCONNECTING';
+      this.reader.clear();
+    });
   }
 
   private overWindow(): boolean {

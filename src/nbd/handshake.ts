@@ -67,6 +67,7 @@ import {
   NBD_REP_ERR_INVALID,
   NBD_REP_ERR_POLICY,
   NBD_REP_ERR_SHUTDOWN,
+  NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
@@ -110,6 +111,8 @@ export interface HandshakeStep {
   reason?: string;
   /** Set when state = TRANSMISSION. */
   negotiated?: NegotiatedExport;
+  /** NBD_OPT_STARTTLS was ACKed: the TLS handshake starts right after `out` is sent. */
+  startTls?: boolean;
 }
 
 /**
@@ -208,10 +211,17 @@ export class Handshake {
   private metaExport: string | undefined;
   private metaSelected: SelectedContext[] = [];
 
+  /** TLS is required (FORCEDTLS) and has not started: only STARTTLS and ABORT are served. */
+  private tlsPending: boolean;
+
+  /** `tls`: the server has TLS credentials (NBD spec: TLS support, FORCEDTLS mode). */
   constructor(
     private readonly backend: NbdBackend,
     private readonly conn: ConnectionFacts,
-  ) {}
+    private readonly tls = false,
+  ) {
+    this.tlsPending = tls;
+  }
 
   /** NBD spec: Newstyle negotiation; we always offer FIXED_NEWSTYLE and NO_ZEROES. */
   greeting(): Buffer {
@@ -234,6 +244,8 @@ export class Handshake {
   payloadMode(option: number, length: number): PayloadMode {
     if (length > NBD_MAX_OPTION_SIZE) return 'close';
     if (!this.fixed && option !== NBD_OPT_EXPORT_NAME) return 'close';
+    // Before TLS every payload is skipped unread (QEMU: nbd_opt_drop).
+    if (this.tlsPending) return this.fixed ? 'drain' : 'close';
     switch (option) {
       case NBD_OPT_EXPORT_NAME:
         return length > NBD_MAX_STRING_SIZE ? 'close' : 'buffer';
@@ -256,6 +268,7 @@ export class Handshake {
     if (!this.fixed && option !== NBD_OPT_EXPORT_NAME) {
       return this.close('non-fixed-newstyle client sent an option other than EXPORT_NAME');
     }
+    if (this.tlsPending) return this.beforeTls(option, length);
     if (payload === undefined && length > 0 && this.payloadMode(option, length) === 'buffer') {
       throw new Error('payload expected');
     }
@@ -280,6 +293,7 @@ export class Handshake {
         return this.optList();
       case NBD_OPT_STARTTLS:
         if (length !== 0) return this.unexpectedLength(option);
+        if (this.tls) return this.reply(repErr(option, NBD_REP_ERR_INVALID, 'TLS already enabled'));
         return this.reply(repErr(option, NBD_REP_ERR_POLICY, 'TLS not configured'));
       case NBD_OPT_READ_ONLY:
         // Experimental (docs/nbd.md): every export is read-only to this client from now on.
@@ -313,6 +327,34 @@ export class Handshake {
       default:
         // Includes PEEK_EXPORT (withdrawn).
         return this.reply(repErr(option, NBD_REP_ERR_UNSUP, `Unsupported option ${option} (<unknown>)`));
+    }
+  }
+
+  /**
+   * An option before STARTTLS on a TLS server. NBD spec (FORCEDTLS): ERR_TLS_REQD for all but
+   * STARTTLS and ABORT; EXPORT_NAME cannot fail, so it closes. QSD's messages; QSD also answers
+   * ABORT with ERR_TLS_REQD, we follow the spec (ACK) since the connection closes either way.
+   */
+  private beforeTls(option: number, length: number): HandshakeStep {
+    switch (option) {
+      case NBD_OPT_STARTTLS:
+        if (length !== 0) {
+          // QEMU drops a client that cannot even start TLS correctly.
+          return this.close('STARTTLS with a payload', [
+            repErr(option, NBD_REP_ERR_INVALID, "option 'starttls' has unexpected length"),
+          ]);
+        }
+        this.tlsPending = false;
+        return { out: [rep(option, NBD_REP_ACK)], state: this.state, startTls: true };
+      case NBD_OPT_ABORT:
+        this.state = 'CLOSED';
+        return { out: [rep(option, NBD_REP_ACK)], state: 'CLOSED', reason: 'client sent NBD_OPT_ABORT' };
+      case NBD_OPT_EXPORT_NAME:
+        return this.close('Option 0x1 not permitted before TLS');
+      default:
+        return this.reply(
+          repErr(option, NBD_REP_ERR_TLS_REQD, `Option 0x${(option >>> 0).toString(16)} not permitted before TLS`),
+        );
     }
   }
 

@@ -16,6 +16,7 @@ import type { NbdBackend } from './backend.js';
 import { NbdConnection } from './connection.js';
 import { NativeListener, listenUnixFd, type NativeTransport, type NetIoBinding } from './native-transport.js';
 import { SocketTransport, type NbdTransport } from './transport.js';
+import { StartTlsTransport, type NbdTlsServerConfig } from './tls.js';
 
 /** Where to listen (QAPI SocketAddress shapes, camelCase). */
 export type NbdListenAddress =
@@ -44,6 +45,11 @@ export interface NbdServerOptions {
    * connection than net.Socket); without it, or with BLOCKD_NET=node, on net.Socket.
    */
   netio?: NetIoBinding | undefined;
+  /**
+   * TLS required of every client (NBD_OPT_STARTTLS, FORCEDTLS mode). Such a server accepts on
+   * net.Socket (the TLS layer needs a Node stream): no native sockets, no shared read buffer.
+   */
+  tls?: NbdTlsServerConfig | undefined;
 }
 
 /**
@@ -118,7 +124,7 @@ export class NbdServer {
   /** Start listening. Rejects with a DaemonError (errno from the OS) on failure. */
   async listen(addr: NbdListenAddress): Promise<NbdBoundAddress> {
     if (this.server || this.native) throw new DaemonError('NBD_SERVER_RUNNING', 'NBD server already running');
-    const netio = process.env['BLOCKD_NET'] === 'node' ? undefined : this.opts.netio;
+    const netio = process.env['BLOCKD_NET'] === 'node' || this.opts.tls ? undefined : this.opts.netio;
     if (netio) return this.listenNative(netio, addr);
     return this.listenNode(addr);
   }
@@ -204,7 +210,7 @@ export class NbdServer {
       else server.listen(Number(addr.port), addr.host);
     });
     this.server = server;
-    this.takeOverAccept(server, addr.type === 'unix');
+    if (!this.opts.tls) this.takeOverAccept(server, addr.type === 'unix');
     if (addr.type === 'unix') {
       this.unixPath = addr.path;
       this.bound = { type: 'unix', path: addr.path };
@@ -272,7 +278,7 @@ export class NbdServer {
 
   /** A client from net.Server's 'connection' event (the fallback path). */
   private onSocket(s: net.Socket): void {
-    this.onTransport(new SocketTransport(s, false));
+    this.onTransport(this.opts.tls ? new StartTlsTransport(s) : new SocketTransport(s, false));
   }
 
   private onTransport(t: NbdTransport): void {
@@ -328,6 +334,7 @@ export class NbdServer {
       handshakeTimeoutMs: o.handshakeTimeoutMs,
       maxInFlight: o.maxInFlight,
       maxInFlightBytes: o.maxInFlightBytes,
+      tls: o.tls,
       onClosed: () => {
         this.active.delete(conn);
         if (this.waiting.length > 0) this.admitWaiting();
@@ -374,10 +381,11 @@ export class NbdServer {
 /** Queue a client unread; a net.Socket that closes meanwhile leaves the queue. */
 function park(queue: NbdTransport[], t: NbdTransport): void {
   queue.push(t);
-  if (t instanceof SocketTransport) {
+  const socket = t instanceof SocketTransport ? t.socket : t instanceof StartTlsTransport ? t.plain : undefined;
+  if (socket !== undefined) {
     // The connection adds its own error listener once the client is admitted.
-    t.socket.on('error', ignoreError);
-    t.socket.once('close', () => {
+    socket.on('error', ignoreError);
+    socket.once('close', () => {
       const i = queue.indexOf(t);
       if (i >= 0) queue.splice(i, 1);
     });

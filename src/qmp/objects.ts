@@ -13,13 +13,16 @@
  * - `iothread`, `main-loop`: properties checked and stored. blockd runs everything in one
  *   Node.js event loop, so an iothread only gives exports a name to refer to.
  * - `throttle-group`: limits checked and stored; `throttle` nodes enforce them (block/throttle-group.ts).
- * - `tls-creds-*`: credential files checked as QSD does; the NBD server has no TLS yet.
- * - `authz-simple`, `authz-list`: stored (nothing consults them without TLS).
+ * - `tls-creds-*`: credential files checked as QSD does and read into memory at creation (as
+ *   QEMU loads them into GnuTLS); the NBD server and `driver=nbd` use them (export/nbd-tls.ts).
+ * - `authz-simple`, `authz-list`: consulted by {@link ObjectRegistry.authzCheck} for each TLS
+ *   client of an NBD server started with `tls-authz`.
  */
 import { readFile, stat, access } from 'node:fs/promises';
 import { constants as fsConstants } from 'node:fs';
 import { createDecipheriv, createPrivateKey, createPublicKey, X509Certificate } from 'node:crypto';
 import type { Logger } from '../util/logger.js';
+import type { TlsCredsMaterial } from '../export/nbd-tls.js';
 import { QmpError, strerror } from '../util/errors.js';
 
 /** Object types blockd can create (what `--object help` lists). */
@@ -56,7 +59,7 @@ export type TlsEndpoint = 'client' | 'server';
 export type TlsCredsLookup =
   | { kind: 'missing' }
   | { kind: 'not-tls-creds' }
-  | { kind: 'tls-creds'; type: string; endpoint: TlsEndpoint };
+  | { kind: 'tls-creds'; type: string; endpoint: TlsEndpoint; material: TlsCredsMaterial };
 
 /** One throttle bucket (QEMU LeakyBucket settings): rate, burst rate, burst seconds. */
 export interface ThrottleBucket {
@@ -90,6 +93,8 @@ interface Entry extends UserObject {
   dataText?: string;
   /** tls-creds-*: endpoint. */
   endpoint?: TlsEndpoint;
+  /** tls-creds-*: what was loaded from `dir`. */
+  tls?: TlsCredsMaterial;
   /** throttle-group: the checked limits. */
   throttle?: ThrottleConfig;
 }
@@ -166,8 +171,35 @@ export class ObjectRegistry {
   tlsCreds(id: string): TlsCredsLookup {
     const e = this.objects.get(id);
     if (e === undefined) return { kind: 'missing' };
-    if (e.endpoint === undefined) return { kind: 'not-tls-creds' };
-    return { kind: 'tls-creds', type: e.type, endpoint: e.endpoint };
+    if (e.endpoint === undefined || e.tls === undefined) return { kind: 'not-tls-creds' };
+    // The loaded files, with the endpoint (and x509 verify-peer) as they are now: qom-set
+    // changes them for later users, as in QEMU.
+    const material: TlsCredsMaterial =
+      e.tls.type === 'x509'
+        ? { ...e.tls, endpoint: e.endpoint, verifyPeer: e.props['verify-peer'] !== false }
+        : { ...e.tls, endpoint: e.endpoint };
+    return { kind: 'tls-creds', type: e.type, endpoint: e.endpoint, material };
+  }
+
+  /**
+   * QEMU's qauthz_is_allowed_by_id: undefined when `identity` is allowed by the authz object
+   * `id`, `'denied'` when the object denies it, else why the check could not run (QEMU's
+   * wording). Consulted per TLS client, so qom-set of rules applies to later clients.
+   */
+  authzCheck(id: string, identity: string): string | undefined {
+    const e = this.objects.get(id);
+    if (e === undefined) return `Cannot find QAuthZ object ID ${id}`;
+    if (e.type === 'authz-simple') return e.props.identity === identity ? undefined : 'denied';
+    if (e.type !== 'authz-list') return `Object '${id}' is not a QAuthZ subclass`;
+    const rules = Array.isArray(e.props.rules) ? (e.props.rules as unknown[]) : [];
+    for (const r of rules) {
+      if (typeof r !== 'object' || r === null) continue;
+      const rule = r as { match?: unknown; policy?: unknown; format?: unknown };
+      if (typeof rule.match !== 'string') continue;
+      const hit = rule.format === 'glob' ? globMatch(rule.match, identity) : rule.match === identity;
+      if (hit) return rule.policy === 'allow' ? undefined : 'denied';
+    }
+    return e.props.policy === 'allow' ? undefined : 'denied';
   }
 
   /**
@@ -255,18 +287,21 @@ export class ObjectRegistry {
         break;
       case 'tls-creds-x509':
         entry.endpoint = endpointOf(props);
-        await this.loadX509(props, entry.endpoint);
+        entry.tls = await this.loadX509(props, entry.endpoint);
         break;
       case 'tls-creds-psk':
         entry.endpoint = endpointOf(props);
-        await loadPsk(props, entry.endpoint);
+        entry.tls = await loadPsk(props, entry.endpoint);
         break;
-      case 'tls-creds-anon':
+      case 'tls-creds-anon': {
         entry.endpoint = endpointOf(props);
+        let dh: string | undefined;
         if (entry.endpoint === 'server' && typeof props.dir === 'string') {
-          await credPath(props.dir, 'dh-params.pem', false);
+          dh = await credPath(props.dir, 'dh-params.pem', false);
         }
+        entry.tls = { type: 'anon', endpoint: entry.endpoint, ...(dh === undefined ? {} : { dhparam: await readCred(dh) }) };
         break;
+      }
       case 'authz-simple':
       case 'authz-list':
         break;
@@ -276,11 +311,7 @@ export class ObjectRegistry {
       throw new QmpError(`attempt to add duplicate property '${id}' to object (type 'container')`);
     }
     this.objects.set(id, entry);
-    if (t === 'tls-creds-x509' || t === 'tls-creds-psk' || t === 'tls-creds-anon') {
-      this.log.info({ id, type: t }, 'TLS credentials created (the NBD server does not speak TLS yet)');
-    } else {
-      this.log.info({ id, type: t }, 'object created');
-    }
+    this.log.info({ id, type: t }, 'object created');
   }
 
   /** object-del: QSD 7.2 lets tls-creds and iothreads in use go, not throttle groups. */
@@ -344,15 +375,15 @@ export class ObjectRegistry {
 
   // ------------------------------------------------------------------ x509
 
-  private async loadX509(props: Record<string, unknown>, endpoint: TlsEndpoint): Promise<void> {
+  private async loadX509(props: Record<string, unknown>, endpoint: TlsEndpoint): Promise<TlsCredsMaterial> {
     const dir = str(props.dir);
     if (dir === undefined) throw new QmpError("Missing 'dir' property value");
     const server = endpoint === 'server';
     const ca = await credPath(dir, 'ca-cert.pem', true);
-    await credPath(dir, 'ca-crl.pem', false);
+    const crl = await credPath(dir, 'ca-crl.pem', false);
     const cert = await credPath(dir, server ? 'server-cert.pem' : 'client-cert.pem', server);
     const key = await credPath(dir, server ? 'server-key.pem' : 'client-key.pem', server);
-    if (server) await credPath(dir, 'dh-params.pem', false);
+    const dh = server ? await credPath(dir, 'dh-params.pem', false) : undefined;
 
     if (props['sanity-check'] !== false) {
       if (ca !== undefined && pemCertificates(await readCred(ca)).length === 0) {
@@ -365,17 +396,27 @@ export class ObjectRegistry {
         }
       }
     }
+    const material: TlsCredsMaterial = {
+      type: 'x509',
+      endpoint,
+      ca: ca === undefined ? '' : await readCred(ca),
+      verifyPeer: props['verify-peer'] !== false,
+    };
+    if (crl !== undefined) material.crl = await readCred(crl);
+    if (dh !== undefined) material.dhparam = await readCred(dh);
     if (cert !== undefined && key !== undefined) {
       let passphrase: Buffer | undefined;
       const pwid = str(props.passwordid);
       if (pwid !== undefined) passphrase = this.secretValue(pwid);
       const fail = (why: string): QmpError => new QmpError(`Cannot load certificate '${cert}' & key '${key}': ${why}`);
       let pub: string;
+      let keyPem: string;
       try {
         const k = createPrivateKey(
           passphrase === undefined ? { key: await readCred(key) } : { key: await readCred(key), passphrase },
         );
         pub = createPublicKey(k).export({ type: 'spki', format: 'pem' }).toString();
+        keyPem = k.export({ type: 'pkcs8', format: 'pem' }).toString();
       } catch {
         throw fail('The requested data were not available.');
       } finally {
@@ -385,7 +426,10 @@ export class ObjectRegistry {
       if (first !== undefined && first.publicKey.export({ type: 'spki', format: 'pem' }).toString() !== pub) {
         throw fail('The certificate and the given key do not match.');
       }
+      material.cert = await readCred(cert);
+      material.key = keyPem;
     }
+    return material;
   }
 }
 
@@ -467,21 +511,44 @@ function certificateProblem(text: string): string | undefined {
   return pemCertificates(text).length === 0 ? 'ASN1 parser: Error in DER parsing.' : undefined;
 }
 
-async function loadPsk(props: Record<string, unknown>, endpoint: TlsEndpoint): Promise<void> {
+/** keys.psk: `username:hexkey` lines (GnuTLS's format); malformed lines are skipped. */
+function parsePskFile(text: string): Map<string, Buffer> {
+  const keys = new Map<string, Buffer>();
+  for (const raw of text.split('\n')) {
+    const line = raw.replace(/\r$/, '');
+    const colon = line.indexOf(':');
+    if (colon <= 0) continue;
+    const hex = line.slice(colon + 1).trim();
+    if (hex.length === 0 || hex.length % 2 !== 0 || !/^[0-9a-fA-F]+$/.test(hex)) continue;
+    const user = line.slice(0, colon);
+    if (!keys.has(user)) keys.set(user, Buffer.from(hex, 'hex'));
+  }
+  return keys;
+}
+
+/** GLib's g_pattern_match_simple: `*` any run, `?` one character, nothing else special. */
+function globMatch(pattern: string, text: string): boolean {
+  const re = pattern.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.');
+  return new RegExp(`^${re}$`, 's').test(text);
+}
+
+async function loadPsk(props: Record<string, unknown>, endpoint: TlsEndpoint): Promise<TlsCredsMaterial> {
   if (endpoint === 'server' && props.username !== undefined) {
     throw new QmpError('username should not be set when endpoint=server');
   }
   const dir = str(props.dir);
   if (dir === undefined) throw new QmpError("Missing 'dir' property value");
   const keys = await credPath(dir, 'keys.psk', true);
+  const text = keys === undefined ? '' : await readCred(keys);
   if (endpoint === 'server') {
-    await credPath(dir, 'dh-params.pem', false);
-    return;
+    const dh = await credPath(dir, 'dh-params.pem', false);
+    return { type: 'psk', endpoint, keys: parsePskFile(text), ...(dh === undefined ? {} : { dhparam: await readCred(dh) }) };
   }
   const user = str(props.username) ?? 'qemu';
-  const text = keys === undefined ? '' : await readCred(keys);
   const found = text.split('\n').some((l) => l.startsWith(`${user}:`));
   if (!found) throw new QmpError(`Username ${user} not found in PSK file ${keys ?? ''}`);
+  const own = parsePskFile(text).get(user);
+  return { type: 'psk', endpoint, username: user, keys: new Map(own === undefined ? [] : [[user, own]]) };
 }
 
 /** iothread / main-loop setters: every value must be in [0, INT64_MAX]. */

@@ -47,13 +47,14 @@ export class Services {
   constructor(readonly log: Logger) {
     this.graph = new BlockGraph(log.child({ component: 'block' }));
     this.graph.eventSink = (event, data) => this.events.emit(event, data);
-    this.graph.registerDriver('nbd', (ctx, o) => NbdBlockDriver.open(ctx, o));
+    this.graph.registerDriver('nbd', (ctx, o) => NbdBlockDriver.open(ctx, o, (id) => this.objects.tlsCreds(id)));
     this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
     this.objects = new ObjectRegistry(log);
     this.graph.throttleGroups.limitsOf = (id) => this.objects.throttleLimits(id);
     this.objects.throttleGroups = this.graph.throttleGroups;
     this.qom = new QomTree({ objects: this.objects, chardevs: () => this.qomChardevs() });
     this.exports.tlsCredsLookup = (id) => this.objects.tlsCreds(id);
+    this.exports.authzLookup = (id, identity) => this.objects.authzCheck(id, identity);
   }
 
   /**

@@ -86,11 +86,11 @@ describe('--object', () => {
     expect(r.stderr).toBe('blockd: extra: Unexpected argument\n');
   });
 
-  it('refuses --nbd-server with server TLS credentials until blockd speaks TLS', async () => {
+  it('refuses --nbd-server with client-endpoint TLS credentials', async () => {
     const dir = tempDir();
     const nbd = `addr.type=unix,addr.path=${join(dir, 'nbd.sock')},tls-creds=t0`;
-    const r = await run(['--object', 'tls-creds-anon,id=t0,endpoint=server', '--nbd-server', nbd]);
+    const r = await run(['--object', 'tls-creds-anon,id=t0,endpoint=client', '--nbd-server', nbd]);
     expect(r.code).toBe(1);
-    expect(r.stderr).toBe(`blockd: --nbd-server ${nbd}: TLS is not supported by blockd yet\n`);
+    expect(r.stderr).toBe(`blockd: --nbd-server ${nbd}: Expected TLS credentials for a server endpoint\n`);
   });
 });

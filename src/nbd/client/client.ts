@@ -15,6 +15,7 @@
  *   BLOCK_STATUS go out with 64-bit lengths, unsplit; otherwise the compact protocol as before.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import type { ConnectionOptions } from 'node:tls';
 import type { Logger } from '../../util/logger.js';
 import { NbdError } from '../../util/errors.js';
 import {
@@ -53,6 +54,8 @@ export interface NbdClientOptions {
   /** Ask for NBD_OPT_EXTENDED_HEADERS (falls back to compact headers when refused). */
   extendedHeaders: boolean;
   log: Logger;
+  /** TLS (NBD_OPT_STARTTLS) with these Node TLS client options, on every connection. */
+  tls?: ConnectionOptions | undefined;
 }
 
 /** Largest TRIM / WRITE_ZEROES length sent in one compact request (lengths are u32). */
@@ -358,6 +361,7 @@ async function connectOnce(opts: NbdClientOptions): Promise<NbdClientConnection>
       readOnlyIntent: opts.readOnly,
       metaContexts: opts.metaContexts,
       extendedHeaders: opts.extendedHeaders,
+      tls: opts.tls,
     });
     return new NbdClientConnection(wire, info);
   } catch (err) {

@@ -8,6 +8,7 @@
  * Every length the server sends is bounded before anything is buffered; a reply that breaks the
  * protocol fails the negotiation with NBD_SERVER_PROTOCOL and the caller closes the socket.
  */
+import type { ConnectionOptions } from 'node:tls';
 import { NbdError } from '../../util/errors.js';
 import {
   encodeInfoRequest,
@@ -28,6 +29,7 @@ import {
   NBD_OPT_GO,
   NBD_OPT_READ_ONLY,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_OPTS_MAGIC,
   NBD_REP_ACK,
@@ -53,6 +55,8 @@ export interface NegotiateOptions {
   metaContexts: readonly string[];
   /** Ask for NBD_OPT_EXTENDED_HEADERS (servers without it answer UNSUP: compact headers). */
   extendedHeaders: boolean;
+  /** Start TLS first (NBD_OPT_STARTTLS), with these Node TLS client options. */
+  tls?: ConnectionOptions | undefined;
 }
 
 /** What the server granted. */
@@ -114,15 +118,30 @@ async function simpleOption(wire: ClientWire, option: number): Promise<boolean> 
     if (r.payload.length !== 0) throw serverProtocolError(`NBD server sent a payload with the ACK of ${optName(option)}`);
     return true;
   }
-  if (r.type & NBD_REP_FLAG_ERROR) {
-    if (r.type === NBD_REP_ERR_TLS_REQD) throw negotiationError('The NBD server requires TLS');
-    return false;
-  }
+  // Refused, TLS_REQD included: like QEMU's client, go on; NBD_OPT_GO reports TLS_REQD.
+  if (r.type & NBD_REP_FLAG_ERROR) return false;
   throw serverProtocolError(`Unexpected ${repName(r.type)} reply to ${optName(option)}`);
 }
 
 function isPowerOfTwo(n: number): boolean {
   return n > 0 && (n & (n - 1)) === 0;
+}
+
+/**
+ * NBD spec: TLS support. STARTTLS before anything else, as QEMU's client does; any refusal is
+ * fatal (QEMU's wording), an ACK is followed by the TLS handshake on the same socket.
+ */
+async function startTls(wire: ClientWire, options: ConnectionOptions): Promise<void> {
+  wire.write(encodeOption(NBD_OPT_STARTTLS));
+  const r = await readReply(wire, NBD_OPT_STARTTLS);
+  if (r.type === NBD_REP_ACK) {
+    if (r.payload.length !== 0) throw serverProtocolError('NBD server sent a payload with the ACK of NBD_OPT_STARTTLS');
+    await wire.startTls(options);
+    return;
+  }
+  // QEMU's text; the server's own message is only a hint there (not in QMP replies).
+  if (r.type & NBD_REP_FLAG_ERROR) throw negotiationError('Denied by server for option 5 (starttls)');
+  throw serverProtocolError(`Unexpected ${repName(r.type)} reply to NBD_OPT_STARTTLS`);
 }
 
 /** Run the handshake on a freshly connected `wire`. */
@@ -137,6 +156,7 @@ export async function negotiate(wire: ClientWire, opts: NegotiateOptions): Promi
   const cflags = Buffer.allocUnsafe(4);
   cflags.writeUInt32BE(NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0), 0);
   wire.write(cflags);
+  if (opts.tls !== undefined) await startTls(wire, opts.tls);
 
   const readOnlyAcked = opts.readOnlyIntent ? await simpleOption(wire, NBD_OPT_READ_ONLY) : false;
   // Extended headers imply structured replies; a server without them (QEMU 7.2, libnbd-era
@@ -214,7 +234,7 @@ export async function negotiate(wire: ClientWire, opts: NegotiateOptions): Promi
       return exportNameFallback(wire, opts, noZeroes, { structured, extended, contexts, readOnlyAcked });
     }
     if (r.type === NBD_REP_ERR_UNKNOWN) throw negotiationError('Requested export not available');
-    if (r.type === NBD_REP_ERR_TLS_REQD) throw negotiationError('The NBD server requires TLS');
+    if (r.type === NBD_REP_ERR_TLS_REQD) throw negotiationError('TLS negotiation required before option 7 (go)');
     if (r.type === NBD_REP_ERR_POLICY) {
       const why = errorText(r);
       throw negotiationError(`The NBD server refused the export${why ? `: ${why}` : ''}`);

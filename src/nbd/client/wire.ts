@@ -5,6 +5,7 @@
  * volatile here.
  */
 import { connect, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { NbdError, strerror } from '../../util/errors.js';
 import { FrameReader } from '../frame-reader.js';
 
@@ -37,6 +38,35 @@ export function serverProtocolError(message: string): NbdError {
   return new NbdError('NBD_SERVER_PROTOCOL', 'EPROTO', message, true);
 }
 
+/** Node's certificate verification codes, worded as QEMU (GnuTLS) words the same failure. */
+const QEMU_CERT_ERRORS: Record<string, string> = {
+  UNABLE_TO_VERIFY_LEAF_SIGNATURE: "The certificate hasn't got a known issuer",
+  UNABLE_TO_GET_ISSUER_CERT: "The certificate hasn't got a known issuer",
+  UNABLE_TO_GET_ISSUER_CERT_LOCALLY: "The certificate hasn't got a known issuer",
+  SELF_SIGNED_CERT_IN_CHAIN: "The certificate hasn't got a known issuer",
+  DEPTH_ZERO_SELF_SIGNED_CERT: "The certificate hasn't got a known issuer",
+  CERT_HAS_EXPIRED: 'The certificate has expired',
+  CERT_NOT_YET_VALID: 'The certificate is not yet activated',
+  CERT_REVOKED: 'The certificate has been revoked',
+  CERT_SIGNATURE_FAILURE: 'The certificate is not trusted',
+};
+
+/** What a failed client handshake reports: QEMU's text for certificate checks, else OpenSSL's reason. */
+function tlsFailureText(err: Error): string {
+  const e = err as Error & { code?: unknown; host?: unknown };
+  if (e.code === 'ERR_TLS_CERT_ALTNAME_INVALID' && typeof e.host === 'string') {
+    return `Certificate does not match the hostname ${e.host}`;
+  }
+  const known = typeof e.code === 'string' ? QEMU_CERT_ERRORS[e.code] : undefined;
+  return known ?? `TLS handshake failed: ${tlsReason(err)}`;
+}
+
+/** OpenSSL's reason from a Node TLS error, else its message. */
+function tlsReason(err: Error): string {
+  const m = /:SSL routines:[^:]*:([^:]+):/.exec(err.message);
+  return m?.[1] ?? err.message.trim();
+}
+
 /** Open a stream socket to `addr`; rejects with QEMU's `Failed to connect to 'X': reason`. */
 export function connectSocket(addr: NbdServerAddress): Promise<Socket> {
   return new Promise((resolve, reject) => {
@@ -65,18 +95,60 @@ export class ClientWire {
   /** Called once when the socket is gone (closed by either side or failed). */
   onClose: ((err: Error) => void) | undefined;
 
-  constructor(private readonly socket: Socket) {
-    socket.on('data', (chunk: Buffer) => {
-      this.reader.push(chunk);
-      const w = this.waiter;
-      if (w && this.reader.length >= w.n) {
-        this.waiter = undefined;
-        w.resolve();
-      }
-      this.onReadable?.();
+  private readonly onData = (chunk: Buffer): void => {
+    this.reader.push(chunk);
+    const w = this.waiter;
+    if (w && this.reader.length >= w.n) {
+      this.waiter = undefined;
+      w.resolve();
+    }
+    this.onReadable?.();
+  };
+  private readonly onError = (err: Error): void =>
+    this.fail(new NbdConnectionLost(`Connection to the NBD server lost: ${strerror(err)}`));
+  private readonly onSocketClose = (): void => this.fail(new NbdConnectionLost());
+
+  constructor(private socket: Socket) {
+    this.listen(socket);
+  }
+
+  private listen(s: Socket): void {
+    s.on('data', this.onData);
+    s.on('error', this.onError);
+    s.on('close', this.onSocketClose);
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was ACKed: run the TLS handshake over the same socket; from then on every
+   * byte goes through TLS. Rejects (and closes) when the handshake fails.
+   */
+  async startTls(options: ConnectionOptions): Promise<void> {
+    if (this.failure) throw this.failure;
+    if (this.reader.length > 0) throw serverProtocolError('NBD server sent data after its STARTTLS reply');
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    plain.off('error', this.onError);
+    plain.off('close', this.onSocketClose);
+    plain.on('error', () => undefined); // surfaces again on the TLS socket
+    const t = tlsConnect({ ...options, socket: plain });
+    this.socket = t;
+    await new Promise<void>((resolve, reject) => {
+      const failed = (err: Error): void => {
+        t.off('secureConnect', ok);
+        t.destroy();
+        plain.destroy();
+        const e = new NbdError('NBD_TLS', 'EIO', tlsFailureText(err), true);
+        this.fail(e);
+        reject(e);
+      };
+      const ok = (): void => {
+        t.off('error', failed);
+        resolve();
+      };
+      t.once('secureConnect', ok);
+      t.once('error', failed);
     });
-    socket.on('error', (err) => this.fail(new NbdConnectionLost(`Connection to the NBD server lost: ${strerror(err)}`)));
-    socket.on('close', () => this.fail(new NbdConnectionLost()));
+    this.listen(t);
   }
 
   get closed(): boolean {
