@@ -129,11 +129,16 @@ export class ExportManager implements NbdBackend {
    */
   private readonly ioErrorThrottle = new EventThrottle<IoErrorEvent>((ev) => this.emitIoError(ev));
 
+  readonly log: Logger;
+
+  /** `baseLog` carries no `component`: this manager logs as `export`, its NBD server as `nbd`. */
   constructor(
     readonly graph: BlockGraph,
     readonly events: EventBus,
-    readonly log: Logger,
-  ) {}
+    private readonly baseLog: Logger,
+  ) {
+    this.log = baseLog.child({ component: 'export' });
+  }
 
   /**
    * Hold NBD clients (accepted, not greeted) until {@link releaseClients}: while the command
@@ -202,7 +207,7 @@ export class ExportManager implements NbdBackend {
       backend: this,
       maxConnections,
       handshakeTimeoutMs: (opts.handshakeMaxSeconds ?? 10) * 1000,
-      log: this.log,
+      log: this.baseLog,
       // A 4 MiB send buffer holds a batch of large READ replies at once (the default ~208 KiB
       // splits every 256 KiB reply over several writability wake-ups).
       tuneUnixSocket: (fd) => nativeOps().setSendBuffer?.(fd, 4 * 1024 * 1024),

@@ -48,7 +48,7 @@ export class Services {
     this.graph = new BlockGraph(log.child({ component: 'block' }));
     this.graph.eventSink = (event, data) => this.events.emit(event, data);
     this.graph.registerDriver('nbd', (ctx, o) => NbdBlockDriver.open(ctx, o, (id) => this.objects.tlsCreds(id)));
-    this.exports = new ExportManager(this.graph, this.events, log.child({ component: 'export' }));
+    this.exports = new ExportManager(this.graph, this.events, log);
     this.objects = new ObjectRegistry(log);
     this.graph.throttleGroups.limitsOf = (id) => this.objects.throttleLimits(id);
     this.objects.throttleGroups = this.graph.throttleGroups;
