@@ -289,5 +289,5 @@ export async function run(args: readonly string[], script: string = process.argv
   }
   services.exports.releaseClients();
   monitors.release();
-  log.info({ pid: process.pid }, 'blockd ready');
+  log.info('blockd ready');
 }
