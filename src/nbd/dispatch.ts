@@ -215,7 +215,9 @@ const FAIL_TEXT: Record<number, string> = {
  * Make backend extents wire-safe: drop empty ones, merge equal neighbours, never
  * run past the request (QEMU never does), at most `max`.
  */
-export function normalizeExtents(ext: readonly NbdExtent[], length: number, max: number): NbdExtent[] {
+export function normalizeExtents(ext: NbdExtent[], length: number, max: number): NbdExtent[] {
+  // Usually already so (the export merges and clamps): then no copy of thousands of extents.
+  if (isWireSafe(ext, length, max)) return ext;
   const out: NbdExtent[] = [];
   let total = 0;
   for (const e of ext) {
@@ -231,4 +233,18 @@ export function normalizeExtents(ext: readonly NbdExtent[], length: number, max:
     total += len;
   }
   return out;
+}
+
+function isWireSafe(ext: readonly NbdExtent[], length: number, max: number): boolean {
+  if (ext.length > max) return false;
+  let total = 0;
+  let prevFlags = -1;
+  for (const e of ext) {
+    const len = e.length;
+    if (!(len > 0) || len > 0xffffffff || e.flags !== e.flags >>> 0) return false;
+    if (e.flags === prevFlags) return false;
+    total += len;
+    prevFlags = e.flags;
+  }
+  return total <= length;
 }
