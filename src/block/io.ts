@@ -236,6 +236,17 @@ export class NodeIO implements BlockIO {
     }
   }
 
+  isZeroSync(offset: number, length: number): boolean {
+    if (this.gate || !this.driver.isZeroSync) return false;
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length <= 0) return false;
+    if (offset + length > this.driver.getLength()) return false;
+    try {
+      return this.driver.isZeroSync(offset, length);
+    } catch {
+      return false;
+    }
+  }
+
   async read(buf: Buffer, offset: number): Promise<void> {
     if (this.gate) await this.gate;
     this.checkRange(offset, buf.length, KIND_READ);

@@ -262,6 +262,13 @@ export class NbdExport implements NbdExportHandle {
     return true;
   }
 
+  tryReadZeroSync(offset: number, length: number): boolean {
+    if (!this.user.io.isZeroSync?.(offset, length)) return false;
+    this.counters.readOps++;
+    this.counters.readBytes += length;
+    return true;
+  }
+
   async read(buf: Buffer, offset: number): Promise<NbdZeroRanges | void> {
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
@@ -271,6 +278,11 @@ export class NbdExport implements NbdExportHandle {
       // Block status only where holes are possible (it costs two lseeks and a promise per read).
       if (buf.length < SPARSE_READ_MIN || io.isDataSync?.(offset, buf.length)) {
         await io.read(buf, offset);
+        // The read loaded what the driver needs to know (a qcow2 L2 table): known zeroes go out
+        // as a hole, as QSD answers and as the synchronous path does from then on.
+        if (buf.length < SPARSE_READ_MIN && io.isZeroSync?.(offset, buf.length)) {
+          return [{ offset, length: buf.length }];
+        }
         return;
       }
       const extents = await io.blockStatus(offset, buf.length);

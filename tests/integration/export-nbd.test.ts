@@ -178,6 +178,31 @@ for n in ('one', 'off'):
     expect(ours).toEqual(theirs);
   });
 
+  it('answers small reads of unallocated and zero qcow2 clusters with a hole chunk, as QSD', async () => {
+    if (!(await haveTool('qemu-img'))) return;
+    const img = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-f', 'qcow2', img, '1M']);
+    await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 64k 64k', '-c', 'write -z 128k 64k', img]);
+    await svc.graph.add({
+      driver: 'qcow2',
+      'node-name': 'q',
+      file: { driver: 'file', filename: img, 'node-name': 'q-file' },
+    });
+    svc.exports.addExport({ type: 'nbd', id: 'e', nodeName: 'q', name: 'e' });
+    // Chunk kinds of 4 KiB reads: unallocated, data, zero cluster, then unallocated with DF.
+    const out = await py(`
+import nbd
+h = nbd.NBD()
+h.connect_uri("nbd+unix:///e?socket=${sock}")
+for off, fl in ((0, 0), (65536, 0), (131072, 0), (0, nbd.CMD_FLAG_DF)):
+    kinds = []
+    buf = h.pread_structured(4096, off, lambda b, o, st, err: kinds.append('data' if st == nbd.READ_DATA else 'hole') or 0, flags=fl)
+    print(off, ','.join(kinds), sum(buf))
+h.shutdown()
+`);
+    expect(out.trim().split('\n')).toEqual(['0 hole 0', `65536 data ${4096}`, '131072 hole 0', '0 data 0']);
+  });
+
   it('refuses to delete an export in safe mode while a client is connected, and hard-deletes it', async () => {
     if (!(await haveTool('nbdinfo'))) return;
     await rawImage(1 << 20);
