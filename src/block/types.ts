@@ -136,6 +136,12 @@ export interface BlockDriver {
    * data (no hole or zero extent), so a reader needs no block status; false when not or unsure.
    */
   isDataSync?(offset: number, length: number): boolean;
+  /**
+   * Optional: true when the driver knows, without blocking, that `[offset, offset+length)` reads
+   * as zeroes (zero or unallocated clusters with nothing below), so a reader may skip the read
+   * (an NBD reply becomes a hole chunk, as QSD sends); false when not or unsure.
+   */
+  isZeroSync?(offset: number, length: number): boolean;
   write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void>;
   writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
   discard?(offset: number, length: number): Promise<void>;
@@ -218,6 +224,8 @@ export interface BlockIO {
   tryReadSync(buf: Buffer, offset: number): boolean;
   /** True when the range is known, without blocking, to be all data (see BlockDriver.isDataSync). */
   isDataSync?(offset: number, length: number): boolean;
+  /** True when the range is known, without blocking, to read as zeroes (see BlockDriver.isZeroSync). */
+  isZeroSync?(offset: number, length: number): boolean;
   write(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;
   writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
   discard(offset: number, length: number): Promise<void>;

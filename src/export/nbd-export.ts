@@ -108,9 +108,6 @@ export interface ExportCounters {
   failedOps: number;
 }
 
-/** Reads at least this long ask block status first, so holes go out as OFFSET_HOLE chunks. */
-const SPARSE_READ_MIN = 64 * 1024;
-
 /** `base:allocation` bits from block-layer extent flags (QEMU: data anywhere in the chain = 0). */
 export function baseAllocationFlags(e: BlockExtent): number {
   let f = 0;
@@ -344,11 +341,20 @@ export class NbdExport implements NbdExportHandle {
 
   tryReadSync(buf: Buffer, offset: number): boolean {
     if (this.stopped) return false;
-    // Large reads need to know they hold no hole (holes go out as OFFSET_HOLE chunks).
-    if (buf.length >= SPARSE_READ_MIN && !this.user.io.isDataSync?.(offset, buf.length)) return false;
+    // Only reads known to hold no hole: holes go out as OFFSET_HOLE chunks, as QSD sends them
+    // for reads of any size (known zeroes: tryReadZeroSync; the rest: read() asks block status).
+    if (!this.user.io.isDataSync?.(offset, buf.length)) return false;
     if (!this.user.io.tryReadSync(buf, offset)) return false;
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
+    return true;
+  }
+
+  tryReadZeroSync(offset: number, length: number): boolean {
+    if (this.stopped) return false;
+    if (!this.user.io.isZeroSync?.(offset, length)) return false;
+    this.counters.readOps++;
+    this.counters.readBytes += length;
     return true;
   }
 
@@ -365,7 +371,7 @@ export class NbdExport implements NbdExportHandle {
     try {
       const io = this.user.io;
       // Block status only where holes are possible (it costs two lseeks and a promise per read).
-      if (buf.length < SPARSE_READ_MIN || io.isDataSync?.(offset, buf.length)) {
+      if (io.isDataSync?.(offset, buf.length)) {
         await io.read(buf, offset);
         return;
       }

@@ -176,6 +176,12 @@ export interface NbdExportHandle {
    * use {@link read}. Must never block on I/O.
    */
   tryReadSync?(buf: Buffer, offset: number): boolean;
+  /**
+   * Optional fast path: true when the range is known, without blocking, to read as zeroes; the
+   * read is then counted as done and the engine answers with a hole chunk (structured replies
+   * without DF), as QSD does for zero and unallocated ranges. False (no side effects) otherwise.
+   */
+  tryReadZeroSync?(offset: number, length: number): boolean;
   /** `buf` is only valid until the promise settles: copy it if kept. */
   write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
   writeZeroes(offset: number, length: number, opts: NbdWriteZeroesOptions): Promise<void>;

@@ -51,6 +51,11 @@ export interface NbdConnectionOptions {
 }
 
 const OPTS_MAGIC_HI = Number(NBD_OPTS_MAGIC >> 32n);
+/**
+ * A WRITE payload with at least this much still to come is read straight into its buffer when
+ * the transport can (NbdTransport.readInto): below it the copy costs less than the extra call.
+ */
+const DIRECT_PAYLOAD_MIN = 16 * 1024;
 const OPTS_MAGIC_LO = Number(NBD_OPTS_MAGIC & 0xffffffffn);
 
 /**
@@ -114,6 +119,8 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
   private optRemaining = 0;
 
   private readingPaused = false;
+  /** The rest of the current WRITE payload goes straight into wBuf (transport readInto). */
+  private directArmed = false;
   private pumping = false;
   private finalized = false;
   private resolveClosed: (() => void) | undefined;
@@ -170,6 +177,18 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
     r.push(buf);
     this.pump();
     if (r.volatile) r.own();
+  }
+
+  /** TransportSink: `n` more bytes of the WRITE payload landed in wBuf (armed in pumpLoop). */
+  onDirectData(n: number): void {
+    if (this.state !== 'WRITE_PAYLOAD' || !this.directArmed) return;
+    this.wFilled += n;
+    if (this.wFilled < this.wBuf.length) return;
+    this.directArmed = false;
+    this.state = 'REQUEST';
+    this.startWrite(this.wCookie, this.wFlags, this.wOffset, this.wBuf);
+    // Nothing buffered now; this checks the in-flight window (onData follows if more came).
+    this.pump();
   }
 
   /** TransportSink: the write side has room again. */
@@ -280,7 +299,15 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
         case 'WRITE_PAYLOAD': {
           const n = r.copyOut(this.wBuf, this.wFilled, this.wBuf.length - this.wFilled);
           this.wFilled += n;
-          if (this.wFilled < this.wBuf.length) return;
+          if (this.wFilled < this.wBuf.length) {
+            const rest = this.wBuf.length - this.wFilled;
+            const into = this.socket.readInto;
+            if (into !== undefined && !this.directArmed && rest >= DIRECT_PAYLOAD_MIN) {
+              into.call(this.socket, this.wBuf, this.wFilled, rest);
+              this.directArmed = true;
+            }
+            return;
+          }
           this.state = 'REQUEST';
           this.startWrite(this.wCookie, this.wFlags, this.wOffset, this.wBuf);
           break;
@@ -465,6 +492,7 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
       this.out = [];
       this.wBuf = EMPTY;
       if (this.inFlight > 0) this.session?.onClose?.();
+      this.directArmed = false;
     }
     if (this.inFlight === 0) this.finalize();
   }

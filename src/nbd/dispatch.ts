@@ -222,7 +222,9 @@ export function normalizeExtents(
   length: number,
   max: number,
   maxLength = 0xffffffff,
-): NbdExtent[] {
+): readonly NbdExtent[] {
+  // Usually already so (the export merges and clamps): then no copy of thousands of extents.
+  if (isWireSafe(ext, length, max, maxLength)) return ext;
   const out: NbdExtent[] = [];
   let total = 0;
   for (const e of ext) {
@@ -238,4 +240,18 @@ export function normalizeExtents(
     total += len;
   }
   return out;
+}
+
+function isWireSafe(ext: readonly NbdExtent[], length: number, max: number, maxLength: number): boolean {
+  if (ext.length > max) return false;
+  let total = 0;
+  let prevFlags = -1;
+  for (const e of ext) {
+    const len = e.length;
+    if (!(len > 0) || len > maxLength || e.flags !== e.flags >>> 0) return false;
+    if (e.flags === prevFlags) return false;
+    total += len;
+    prevFlags = e.flags;
+  }
+  return total <= length;
 }

@@ -21,6 +21,8 @@ export interface NetIoBinding {
   netClose(id: number, graceful: boolean): void;
   netPeer(id: number): string;
   netOpenCount(): number;
+  /** Optional (older addons lack it): see NbdTransport.readInto. */
+  netReadInto?(id: number, buf: Buffer, offset: number, length: number): void;
 }
 
 const NETIO_FUNCTIONS = [
@@ -51,6 +53,7 @@ const EV_READ = 2;
 const EV_EOF = 3;
 const EV_ERROR = 4;
 const EV_DRAIN = 5;
+const EV_READ_DIRECT = 6;
 
 /** Every native socket reads here; a READ event's bytes are parsed before the callback returns. */
 const READ_BUFFER = Buffer.allocUnsafeSlow(256 * 1024);
@@ -66,6 +69,9 @@ function onEvent(ev: number, id: number, arg: number): void {
     switch (ev) {
       case EV_READ:
         conns[id]?.deliver(arg);
+        return;
+      case EV_READ_DIRECT:
+        conns[id]?.deliverDirect(arg);
         return;
       case EV_ACCEPT: {
         const l = listeners.get(arg);
@@ -110,11 +116,22 @@ export class NativeTransport implements NbdTransport {
   private closeReported = false;
   private drainWaiters: (() => void)[] = [];
   private waitingDrain = false;
+  /** Bytes the netReadInto target still wants (the addon counts the same way). */
+  private directLeft = 0;
+  readonly readInto: ((buf: Buffer, offset: number, length: number) => void) | undefined;
 
   constructor(
     private readonly b: NetIoBinding,
     readonly id: number,
-  ) {}
+  ) {
+    this.readInto = b.netReadInto ? this.armTarget : undefined;
+  }
+
+  private armTarget(buf: Buffer, offset: number, length: number): void {
+    if (this.closed) return;
+    this.b.netReadInto!(this.id, buf, offset, length);
+    this.directLeft = length;
+  }
 
   get destroyed(): boolean {
     return this.closed;
@@ -135,6 +152,16 @@ export class NativeTransport implements NbdTransport {
 
   deliver(n: number): void {
     this.sink?.onData(READ_BUFFER.subarray(0, n));
+  }
+
+  /** `n` bytes read: the target's share first, then the rest from the shared buffer. */
+  deliverDirect(n: number): void {
+    const k = Math.min(n, this.directLeft);
+    this.directLeft -= k;
+    const sink = this.sink;
+    if (!sink) return;
+    if (k > 0) sink.onDirectData(k);
+    if (n > k && !this.closed) sink.onData(READ_BUFFER.subarray(0, n - k));
   }
 
   drained(): void {

@@ -8,6 +8,7 @@
 import {
   CMD_TEXT,
   cmdName,
+  encodeOffsetHole,
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_CACHE,
   NBD_CMD_DISC,
@@ -137,6 +138,12 @@ export abstract class NbdRequestParser extends NbdDispatcher {
       (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) === 0 &&
       (this.structured || (flags & NBD_CMD_FLAG_DF) === 0)
     ) {
+      if (this.structured && (flags & NBD_CMD_FLAG_DF) === 0 && this.exp!.tryReadZeroSync?.(offset, length)) {
+        // Known zeroes (zero/unallocated qcow2 clusters): one hole chunk, as QSD replies.
+        this.queue(encodeOffsetHole(NBD_REPLY_FLAG_DONE, cookie, offset, length));
+        r.consume(NBD_REQUEST_SIZE);
+        return;
+      }
       const hdr = this.structured ? 28 : NBD_SIMPLE_REPLY_SIZE;
       const out = allocReplyBuffer(hdr + length);
       if (this.exp!.tryReadSync!(out.subarray(hdr), offset)) {

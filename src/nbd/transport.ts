@@ -19,6 +19,11 @@ export interface TransportSink {
   onClose(): void;
   /** A socket error (logged; onClose follows). */
   onError(message: string): void;
+  /**
+   * `n` bytes went straight into the target of {@link NbdTransport.readInto} (they come before
+   * any bytes of the onData call that may follow).
+   */
+  onDirectData(n: number): void;
 }
 
 export interface NbdTransport {
@@ -42,6 +47,12 @@ export interface NbdTransport {
   destroy(): void;
   /** `host:port` of a TCP peer, `unix` otherwise (a syscall: ask once, and not for unix listeners). */
   remoteAddress(): string;
+  /**
+   * Optional: read the next `length` bytes of the stream straight into `buf[offset..]` (a WRITE
+   * payload, saving the copy out of a shared read buffer); they are reported by onDirectData.
+   * The target stays armed until it is full or the transport closes.
+   */
+  readInto?(buf: Buffer, offset: number, length: number): void;
 }
 
 /**

@@ -8,7 +8,7 @@ import { Services } from '../../src/qmp/services.js';
 import { silentLogger } from '../../src/util/logger.js';
 import type { QmpEvent } from '../../src/util/events.js';
 import { DaemonError } from '../../src/util/errors.js';
-import { nativeLoadError } from '../../src/block/native.js';
+import { nativeLoadError, nativeOps } from '../../src/block/native.js';
 
 const run = promisify(execFile);
 const CI = process.env.CI === 'true';
@@ -161,7 +161,7 @@ for n in ('one', 'off'):
   it('reports holes and data through base:allocation like qemu-img map', async () => {
     if (!(await haveTool('nbdinfo'))) return;
     // Without the native addon there is no SEEK_DATA/SEEK_HOLE: everything is reported as data.
-    if (nativeLoadError() !== undefined) return;
+    if (nativeLoadError() !== undefined || !nativeOps().available) return;
     const img = await rawImage(4 << 20);
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 1M 64k', '-c', 'write -P 2 3M 128k', img]).catch(() => undefined);
     svc.exports.addExport({ type: 'nbd', id: 'e', nodeName: 'disk', name: 'e' });
@@ -176,6 +176,31 @@ for n in ('one', 'off'):
       e.data ? 'data' : 'hole',
     ]);
     expect(ours).toEqual(theirs);
+  });
+
+  it('answers small reads of unallocated and zero qcow2 clusters with a hole chunk, as QSD', async () => {
+    if (!(await haveTool('qemu-img'))) return;
+    const img = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-f', 'qcow2', img, '1M']);
+    await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 64k 64k', '-c', 'write -z 128k 64k', img]);
+    await svc.graph.add({
+      driver: 'qcow2',
+      'node-name': 'q',
+      file: { driver: 'file', filename: img, 'node-name': 'q-file' },
+    });
+    svc.exports.addExport({ type: 'nbd', id: 'e', nodeName: 'q', name: 'e' });
+    // Chunk kinds of 4 KiB reads: unallocated, data, zero cluster, then unallocated with DF.
+    const out = await py(`
+import nbd
+h = nbd.NBD()
+h.connect_uri("nbd+unix:///e?socket=${sock}")
+for off, fl in ((0, 0), (65536, 0), (131072, 0), (0, nbd.CMD_FLAG_DF)):
+    kinds = []
+    buf = h.pread_structured(4096, off, lambda b, o, st, err: kinds.append('data' if st == nbd.READ_DATA else 'hole') or 0, flags=fl)
+    print(off, ','.join(kinds), sum(buf))
+h.shutdown()
+`);
+    expect(out.trim().split('\n')).toEqual(['0 hole 0', `65536 data ${4096}`, '131072 hole 0', '0 data 0']);
   });
 
   it('refuses to delete an export in safe mode while a client is connected, and hard-deletes it', async () => {

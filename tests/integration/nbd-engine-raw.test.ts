@@ -25,6 +25,7 @@ import {
 import { silentLogger } from '../../src/util/logger.js';
 import { MemoryBackend } from '../helpers/nbd-memory-backend.js';
 import { RawNbdClient } from '../helpers/nbd-raw-client.js';
+import { encodeRequest } from '../../src/nbd/protocol.js';
 import { nativeAddon } from '../../src/block/native.js';
 import { netIoBindingFrom, type NetIoBinding } from '../../src/nbd/native-transport.js';
 
@@ -192,6 +193,44 @@ describe('NBD engine bad input', () => {
     c.write(Buffer.alloc(28));
     expect(RawNbdClient.errorOf(await c.reply())).toEqual({ error: 22, message: 'invalid magic (got 0x0)' });
     expect(await c.waitClosed()).toBe(true);
+    await stillServes(connect);
+  });
+
+  it('lands large WRITE payloads intact whatever the split of the stream, pipelined with reads', async () => {
+    const { connect, backend } = await setup();
+    const c = await connect();
+    await c.handshake('n');
+    // Writes of 300 KiB (large enough to be read straight into their buffer on netio) and
+    // small ones, a READ after each, sent as one stream cut into uneven pieces, so that header,
+    // payload and the next header fall on every kind of boundary.
+    const parts: Buffer[] = [];
+    const expected = Buffer.alloc(4 << 20);
+    let off = 0;
+    for (let i = 0; i < 8; i++) {
+      const len = i % 3 === 2 ? 1000 + i : 300 * 1024 + i * 7;
+      const data = Buffer.alloc(len);
+      for (let j = 0; j < len; j++) data[j] = (i * 31 + j * 7) & 0xff;
+      data.copy(expected, off);
+      parts.push(encodeRequest(NBD_CMD_WRITE, 0, BigInt(2 * i + 1), off, len), data);
+      parts.push(encodeRequest(NBD_CMD_READ, 0, BigInt(2 * i + 2), off, 16));
+      off += len;
+    }
+    const stream = Buffer.concat(parts);
+    const cuts = [5, 28, 3000, 17, 65536, 131072 + 3, 12345, 28, 200000];
+    for (let p = 0, k = 0; p < stream.length; k++) {
+      const n = Math.min(cuts[k % cuts.length]!, stream.length - p);
+      c.write(stream.subarray(p, p + n));
+      p += n;
+      if (k % 4 === 3) await new Promise((r) => setTimeout(r, 2));
+    }
+    const cookies: bigint[] = [];
+    for (let i = 0; i < 16; i++) {
+      const r = await c.reply();
+      expect(RawNbdClient.errorOf(r)?.error).toBe(0);
+      cookies.push(r!.cookie.readBigUInt64BE(0));
+    }
+    expect(cookies.sort((x, y) => Number(x - y))).toEqual(Array.from({ length: 16 }, (_, i) => BigInt(i + 1)));
+    expect(backend.get('n').data.subarray(0, off).equals(expected.subarray(0, off))).toBe(true);
     await stillServes(connect);
   });
 

@@ -214,6 +214,35 @@ describe.skipIf(!tools)('qcow2 fast paths', () => {
     expect(drv.isDataSync?.(68 * 1024, 8 * 1024)).toBe(false);
   });
 
+  it('reports a cluster as reading zeroes exactly where qemu-img map says zero', async () => {
+    const { map, node } = await fragmented();
+    await node.io.blockStatus(0, SIZE); // loads every L2 table
+    let zeroes = 0;
+    for (const r of map) {
+      for (let o = r.start; o < r.start + r.length; o += CS) {
+        expect({ o, zero: node.io.isZeroSync?.(o, CS) }).toEqual({ o, zero: r.zero && !r.data });
+        if (r.zero && !r.data) zeroes++;
+      }
+    }
+    expect(zeroes).toBeGreaterThan(0);
+    // A range is zero only when all of it is.
+    const z = map.find((r) => r.zero && !r.data)!;
+    const d = map.find((r) => r.data && r.start === z.start + z.length);
+    if (d) expect(node.io.isZeroSync?.(d.start - CS, 2 * CS)).toBe(false);
+  });
+
+  it('does not report unallocated clusters as zeroes when there is a backing file', async () => {
+    const base = join(dir, 'base.qcow2');
+    const top = join(dir, 'top.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, base, String(SIZE));
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, '-b', base, '-F', 'qcow2', top);
+    qemuIo(top, 'qcow2', 'write -z 64k 4k');
+    const node = await openQcow2(g, 'top', top);
+    await node.io.blockStatus(0, SIZE);
+    expect(node.io.isZeroSync?.(0, CS)).toBe(false);
+    expect(node.io.isZeroSync?.(64 * 1024, CS)).toBe(true); // a zero cluster hides the backing file
+  });
+
   it('zero-fills around a partial write into a reused cluster that still holds old bytes', async () => {
     const img = join(dir, 'r.qcow2');
     qemuImg('create', '-f', 'qcow2', img, String(4 * MiB));

@@ -58,6 +58,15 @@ export class NullDriver implements BlockDriver {
     return true;
   }
 
+  /** What blockStatus reports, known without waiting (the NBD export then skips block status). */
+  isDataSync(): boolean {
+    return !this.readZeroes && this.latencyMs === 0;
+  }
+
+  isZeroSync(): boolean {
+    return this.readZeroes && this.latencyMs === 0;
+  }
+
   async read(buf: Buffer): Promise<void> {
     await this.delay();
     if (this.readZeroes) buf.fill(0);

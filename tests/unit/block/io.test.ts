@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { NodeIO, ZERO_CHUNK } from '../../../src/block/io.js';
-import { EXTENT_ALLOCATED, EXTENT_DATA, type BlockDriver, type DriverCaps } from '../../../src/block/types.js';
+import { NodeIO, ZERO_CHUNK, sanitizeExtents } from '../../../src/block/io.js';
+import { EXTENT_ALLOCATED, EXTENT_DATA, EXTENT_ZERO, type BlockDriver, type DriverCaps } from '../../../src/block/types.js';
 import { DaemonError } from '../../../src/util/errors.js';
 
 class FakeDriver implements BlockDriver {
@@ -198,5 +198,31 @@ describe('NodeIO detect-zeroes', () => {
     await io.write(Buffer.alloc(512), 0);
     expect(zeroCalls).toBe(1);
     expect(drv.writes).toHaveLength(0);
+  });
+});
+
+describe('sanitizeExtents', () => {
+  const D = EXTENT_DATA | EXTENT_ALLOCATED;
+  it('hands on a list that is already contiguous, inside the request and merged, as it is', () => {
+    const ext = [
+      { offset: 100, length: 10, flags: D, depth: 1 },
+      { offset: 110, length: 5, flags: EXTENT_ZERO, depth: 0 },
+    ];
+    expect(sanitizeExtents(ext, 100, 20)).toBe(ext);
+  });
+
+  it('merges equal neighbours, clamps to the request and stops at a gap', () => {
+    const ext = [
+      { offset: 0, length: 10, flags: D, depth: 1 },
+      { offset: 10, length: 10, flags: D, depth: 1 },
+      { offset: 20, length: 30, flags: EXTENT_ZERO, depth: 0 },
+      { offset: 60, length: 10, flags: D, depth: 1 },
+    ];
+    expect(sanitizeExtents(ext, 0, 40)).toEqual([
+      { offset: 0, length: 20, flags: D, depth: 1 },
+      { offset: 20, length: 20, flags: EXTENT_ZERO, depth: 0 },
+    ]);
+    expect(sanitizeExtents([{ offset: 5, length: 10, flags: D, depth: 1 }], 0, 40)).toBeUndefined();
+    expect(sanitizeExtents([], 0, 40)).toBeUndefined();
   });
 });

@@ -329,6 +329,18 @@ describe('normalizeExtents', () => {
     ]);
   });
 
+  it('hands on a list that is already wire-safe without copying it', () => {
+    const ext = [
+      { length: 10, flags: 1 },
+      { length: 5, flags: 0 },
+    ];
+    expect(normalizeExtents(ext, 20, 10)).toBe(ext);
+    expect(normalizeExtents(ext, 12, 10)).toEqual([
+      { length: 10, flags: 1 },
+      { length: 2, flags: 0 },
+    ]);
+  });
+
   it('returns at most max extents', () => {
     expect(normalizeExtents([{ length: 1, flags: 1 }, { length: 1, flags: 0 }], 2, 1)).toEqual([{ length: 1, flags: 1 }]);
   });

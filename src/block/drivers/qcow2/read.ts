@@ -113,6 +113,29 @@ export abstract class Qcow2Reader extends Qcow2ClusterMap {
     return true;
   }
 
+  /**
+   * True when every cluster of the range is a zero cluster, or unallocated with no backing file,
+   * and its L2 table is cached (what QSD's block status reports as BDRV_BLOCK_ZERO).
+   */
+  isZeroSync(offset: number, length: number): boolean {
+    if (this.extL2 || this.closed || this.broken) return false;
+    const cs = this.clusterSize;
+    const end = offset + length;
+    let backingChecked = false;
+    for (let g = Math.floor(offset / cs); g * cs < end; g++) {
+      const t = this.cachedL2(Math.floor(g / this.l2Entries));
+      if (t === null) return false;
+      const k = t === undefined ? K_UNALLOC : this.kindOf(t, g % this.l2Entries);
+      if (k === K_ZERO) continue;
+      if (k !== K_UNALLOC) return false;
+      if (!backingChecked) {
+        if (this.backing() !== undefined) return false;
+        backingChecked = true;
+      }
+    }
+    return true;
+  }
+
   async read(buf: Buffer, offset: number): Promise<void> {
     // Page-cache hits on cached metadata need no promise chain at all.
     if (this.tryReadSync(buf, offset)) return;
