@@ -23,6 +23,7 @@ import { permsOf, type BlockNodeImpl } from './node.js';
 import { BACKING_ROLE, backingBlocker, backingOf, detachBackingBlocker } from './drivers/qcow2/backing.js';
 import { setBackingFile } from './drivers/qcow2/header-write.js';
 import { STREAM_CHUNK, type StreamGraph } from './stream.js';
+import { JobFilter, type JobFilterSpec } from './job-filter.js';
 import {
   EXTENT_ZERO,
   PERM_ALL,
@@ -48,6 +49,8 @@ export interface IntermediateCommitOptions {
   graph: CommitGraph;
   /** The base was reopened read-write for the job: made read-only again in `clean`. */
   baseWasReadOnly?: boolean;
+  /** The commit_top filter above top while the job runs (filter-node-name). */
+  filter?: JobFilterSpec;
 }
 
 export class IntermediateCommitJob implements JobDriver {
@@ -57,6 +60,7 @@ export class IntermediateCommitJob implements JobDriver {
   private dst: BlockUser | undefined;
   private loop: CopyLoop | undefined;
   private readonly blocker = jobBlocker('commit');
+  private filter: JobFilter | undefined;
   /** top and the layers between it and base. */
   private readonly committed: BlockNode[] = [];
 
@@ -74,6 +78,17 @@ export class IntermediateCommitJob implements JobDriver {
   }
 
   attach(): void {
+    if (this.o.filter) {
+      // QEMU's commit_top (read-only, top as its backing); the overlay keeps its edge to top.
+      this.filter = JobFilter.insert({
+        ...this.o.filter,
+        child: this.o.top,
+        driverName: 'commit_top',
+        role: 'backing',
+        moveUsers: false,
+        readOnly: true,
+      });
+    }
     this.src = this.o.top.attach({
       name: `node '#commit'`,
       role: 'file',
@@ -92,6 +107,7 @@ export class IntermediateCommitJob implements JobDriver {
     } catch (err) {
       this.src.detach();
       this.src = undefined;
+      this.filter?.remove();
       throw err;
     }
     for (const n of this.committed) n.blockers.add(this.blocker);
@@ -194,10 +210,12 @@ export class IntermediateCommitJob implements JobDriver {
     for (const n of this.committed) n.blockers.delete(this.blocker);
     this.src?.detach();
     this.src = undefined;
+    this.filter?.remove();
     for (const n of this.committed) await graph.releaseUnused(n);
   }
 
   clean(): void {
+    this.filter?.remove();
     for (const n of this.committed) n.blockers.delete(this.blocker);
     this.src?.detach();
     this.dst?.detach();

@@ -80,6 +80,7 @@ export interface MirrorOptions {
 /** The `mirror_top` filter: forwards to the source and reports completed writes. */
 export class MirrorTopDriver implements BlockDriver {
   readonly name = 'mirror_top';
+  readonly filteredRole = 'backing';
   readonly caps: DriverCaps;
   /** Called after a write-like request completed on the source. */
   onWritten: ((offset: number, length: number) => void) | undefined;
