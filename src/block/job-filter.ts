@@ -36,6 +36,8 @@ class ForwardingFilterDriver implements BlockDriver {
     readonly filteredRole: 'file' | 'backing',
     private readonly child: () => BlockIO,
     private readonly childNode: BlockNode,
+    /** Named automatically (QEMU marks such filters implicit). */
+    private readonly implicit: boolean,
   ) {
     const c = childNode.driver.caps;
     this.caps = {
@@ -81,9 +83,12 @@ class ForwardingFilterDriver implements BlockDriver {
     // Nothing of its own: the child belongs to whoever opened it.
   }
 
-  /** QSD: copy-on-read shows a `json:` filename, the other two the child's file name. */
+  /**
+   * QSD: a named copy-on-read filter shows a `json:` filename; the others, and an implicit one
+   * (no filter-node-name), show the child's file name.
+   */
   describeFilename(): string {
-    if (this.name !== 'copy-on-read') return this.childNode.driver.describeFilename();
+    if (this.name !== 'copy-on-read' || this.implicit) return this.childNode.driver.describeFilename();
     return `json:${qemuJson({ driver: this.name, file: nodeJson(this.childNode) })}`;
   }
 
@@ -199,7 +204,7 @@ function adopt(o: JobFilterOptions, child: BlockNodeImpl, io: () => BlockIO): Bl
     (name) =>
       new BlockNodeImpl({
         name,
-        driver: new ForwardingFilterDriver(o.driverName, o.role, io, child),
+        driver: new ForwardingFilterDriver(o.driverName, o.role, io, child, o.name === undefined),
         readOnly: o.readOnly,
         monitorOwned: false,
         options: child.options,

@@ -461,6 +461,15 @@ export class JobManager {
     this.remove(job);
   }
 
+  /**
+   * Take a job made by `create` away after its setup failed (QEMU's job_early_fail): only `null`
+   * follows `created`. The driver's `clean` is not called.
+   */
+  discardCreated(job: Job): void {
+    if (job.status !== 'created') return;
+    this.remove(job);
+  }
+
   /** The second half of `start`: run a job made by `create`. */
   launch(job: Job, opts: JobOptions = {}): Job {
     const driver = job.driver;

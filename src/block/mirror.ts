@@ -235,6 +235,8 @@ export class MirrorJob implements JobDriver {
       throw err;
     }
     target.blockers.add(this.blocker);
+    // QSD: no other job may start on the filter (`Node 'F' is busy: ...`).
+    this.filter?.blockers.add(this.blocker);
   }
 
   /** The filter node (what the source's users now use). */

@@ -409,9 +409,7 @@ async function intermediateCommit(
   if (!overlay) throw new QmpError(`Could not find overlay image for ${top.driver.describeFilename()}:`);
   const id = a['job-id'] ?? '';
   jobs.checkId(id);
-  // As QEMU: a read-only base is reopened read-write for the job, and read-only again after it.
   const baseWasReadOnly = base.readOnly;
-  if (baseWasReadOnly) await graph.setReadOnly(base, false);
   const driver = new IntermediateCommitJob({
     overlay,
     top,
@@ -422,23 +420,24 @@ async function intermediateCommit(
     baseWasReadOnly,
     filter: { graph, name: a['filter-node-name'] },
   });
+  const opts = {
+    autoFinalize: a['auto-finalize'] ?? true,
+    autoDismiss: a['auto-dismiss'] ?? true,
+    speed: a.speed ?? 0,
+  };
+  // QEMU's commit_start: the job exists (`created`) before the base is reopened and the
+  // commit_top filter is inserted; a failure there ends it with `null` (job_early_fail).
+  const job = jobs.create(id, driver, opts);
   try {
+    // As QEMU: a read-only base is reopened read-write for the job, and read-only again after it.
+    if (baseWasReadOnly) await graph.setReadOnly(base, false);
     driver.attach();
   } catch (err) {
-    if (baseWasReadOnly) await graph.setReadOnly(base, true);
+    if (baseWasReadOnly && !base.readOnly) await graph.setReadOnly(base, true);
+    jobs.discardCreated(job);
     throw err;
   }
-  let job;
-  try {
-    job = jobs.start(id, driver, {
-      autoFinalize: a['auto-finalize'] ?? true,
-      autoDismiss: a['auto-dismiss'] ?? true,
-      speed: a.speed ?? 0,
-    });
-  } catch (err) {
-    driver.clean();
-    throw err;
-  }
+  jobs.launch(job, opts);
   await job.firstYield;
 }
 
