@@ -117,6 +117,7 @@ export class BackupJob implements JobDriver {
         readOnly: source.readOnly,
         blocker: this.blocker,
         errorPrefix: 'Could not create node: ',
+        target,
       });
     }
     // Both users stand for the copy-before-write filter's edges (file and target).

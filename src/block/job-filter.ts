@@ -12,17 +12,18 @@
  * bdrv_replace_node; without (commit_top) the overlay keeps its backing edge.
  */
 import { BlockError } from '../util/errors.js';
-import { BlockNodeImpl, BlockUserImpl, filterChildPerms } from './node.js';
+import { BlockNodeImpl, BlockUserImpl, filterChildPerms, type ChildPermFn } from './node.js';
 import { qemuJson } from './drivers/common.js';
 import type { ImplicitNodes } from './mirror.js';
-import type {
-  BlockDriver,
-  BlockExtent,
-  BlockIO,
-  BlockNode,
-  DriverCaps,
-  WriteFlags,
-  ZeroFlags,
+import {
+  PERM_ALL,
+  type BlockDriver,
+  type BlockExtent,
+  type BlockIO,
+  type BlockNode,
+  type DriverCaps,
+  type WriteFlags,
+  type ZeroFlags,
 } from './types.js';
 
 export type JobFilterDriverName = 'copy-before-write' | 'copy-on-read' | 'commit_top';
@@ -130,6 +131,11 @@ export interface JobFilterOptions {
   blocker?: string;
   /** Put before a name error (QSD: `Could not create node: ` for backup and stream). */
   errorPrefix?: string;
+  /**
+   * copy-before-write: the backup target as the filter's `target` child, as in QSD's graph. The
+   * edge takes no permissions (the job holds the target through its own user).
+   */
+  target?: BlockNode;
 }
 
 /** A job's filter node in the graph; `remove` takes it out again (idempotent). */
@@ -162,6 +168,7 @@ export class JobFilter {
     const f = new JobFilter(o, node);
     try {
       edge = node.addChild(o.role, child);
+      if (o.target) node.addChild('target', o.target as BlockNodeImpl);
       for (const u of parents) {
         relink(u, node);
         f.moved.push(u);
@@ -199,6 +206,10 @@ export class JobFilter {
   }
 }
 
+/** The filtered child gets the filter's users' permissions; a `target` edge none. */
+const jobFilterChildPerms: ChildPermFn = (role, perm, shared) =>
+  role === 'target' ? { perm: 0, shared: PERM_ALL } : filterChildPerms(role, perm, shared);
+
 function adopt(o: JobFilterOptions, child: BlockNodeImpl, io: () => BlockIO): BlockNodeImpl {
   return o.graph.adoptImplicit(
     (name) =>
@@ -208,7 +219,7 @@ function adopt(o: JobFilterOptions, child: BlockNodeImpl, io: () => BlockIO): Bl
         readOnly: o.readOnly,
         monitorOwned: false,
         options: child.options,
-        childPerms: filterChildPerms,
+        childPerms: jobFilterChildPerms,
       }),
     o.name,
   );
