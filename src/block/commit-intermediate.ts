@@ -49,6 +49,8 @@ export interface IntermediateCommitOptions {
   graph: CommitGraph;
   /** The base was reopened read-write for the job: made read-only again in `clean`. */
   baseWasReadOnly?: boolean;
+  /** The node the job was started on (QEMU's "main node"): blocked for other jobs while it runs. */
+  device?: BlockNode;
   /** The commit_top filter above top while the job runs (filter-node-name). */
   filter?: JobFilterSpec;
 }
@@ -79,15 +81,22 @@ export class IntermediateCommitJob implements JobDriver {
 
   attach(): void {
     if (this.o.filter) {
-      // QEMU's commit_top (read-only, top as its backing); the overlay keeps its edge to top.
+      // QEMU's commit_top (read-only, top as its backing) becomes the overlay's backing node;
+      // the backing op blocker moves along with the overlay's edge.
+      const overlay = this.o.overlay;
       this.filter = JobFilter.insert({
         ...this.o.filter,
         child: this.o.top,
         driverName: 'commit_top',
         role: 'backing',
-        moveUsers: false,
+        moveUsers: true,
+        moveUser: (u) => u.spec.kind === 'node' && u.spec.parent === overlay && u.spec.role === BACKING_ROLE,
         readOnly: true,
       });
+      if (this.filter.node.parents.length > 0) {
+        detachBackingBlocker(overlay, this.o.top as BlockNodeImpl);
+        this.filter.node.blockers.add(backingBlocker(overlay));
+      }
     }
     this.src = this.o.top.attach({
       name: `node '#commit'`,
@@ -107,10 +116,11 @@ export class IntermediateCommitJob implements JobDriver {
     } catch (err) {
       this.src.detach();
       this.src = undefined;
-      this.filter?.remove();
+      this.removeFilter();
       throw err;
     }
     for (const n of this.committed) n.blockers.add(this.blocker);
+    this.o.device?.blockers.add(this.blocker);
   }
 
   private users(): { src: BlockIO; dst: BlockIO } {
@@ -189,6 +199,8 @@ export class IntermediateCommitJob implements JobDriver {
    */
   async prepare(): Promise<void> {
     const { overlay, base, top, graph } = this.o;
+    // The overlay's backing edge goes back from the filter to top before it moves to the base.
+    this.removeFilter();
     const name = this.o.backingFile ?? base.driver.describeFilename();
     if (overlay.driverName === 'qcow2') {
       const ro = overlay.readOnly;
@@ -210,12 +222,24 @@ export class IntermediateCommitJob implements JobDriver {
     for (const n of this.committed) n.blockers.delete(this.blocker);
     this.src?.detach();
     this.src = undefined;
-    this.filter?.remove();
     for (const n of this.committed) await graph.releaseUnused(n);
   }
 
+  /** Take the commit_top filter out: the overlay's backing edge (and its blocker) back on top. */
+  private removeFilter(): void {
+    const f = this.filter;
+    if (!f) return;
+    this.filter = undefined;
+    f.remove();
+    const ov = this.o.overlay as BlockNodeImpl;
+    if (ov.childEdges.some((e) => e.name === BACKING_ROLE && e.user.node === this.o.top)) {
+      this.o.top.blockers.add(backingBlocker(ov));
+    }
+  }
+
   clean(): void {
-    this.filter?.remove();
+    this.removeFilter();
+    this.o.device?.blockers.delete(this.blocker);
     for (const n of this.committed) n.blockers.delete(this.blocker);
     this.src?.detach();
     this.dst?.detach();

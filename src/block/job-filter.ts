@@ -124,8 +124,9 @@ export interface JobFilterOptions {
   role: 'file' | 'backing';
   /** `filter-node-name`; absent: an automatic name. */
   name: string | undefined;
-  /** Move the child's parents onto the filter while it exists. */
+  /** Move the child's parents (those `moveUser` accepts, default all) onto the filter while it exists. */
   moveUsers: boolean;
+  moveUser?: (u: BlockUserImpl) => boolean;
   readOnly: boolean;
   /** Op blocker put on the filter (QSD: the job's, so other jobs cannot start on it). */
   blocker?: string;
@@ -151,7 +152,8 @@ export class JobFilter {
   /** Register the filter node, link it to the child and move the child's users onto it. */
   static insert(o: JobFilterOptions): JobFilter {
     const child = o.child as BlockNodeImpl;
-    const parents = o.moveUsers ? [...child.parents] : [];
+    const accept = o.moveUser ?? ((): boolean => true);
+    const parents = o.moveUsers ? child.parents.filter(accept) : [];
     let edge: BlockUserImpl | undefined;
     let node: BlockNodeImpl;
     try {

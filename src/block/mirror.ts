@@ -235,8 +235,9 @@ export class MirrorJob implements JobDriver {
       throw err;
     }
     target.blockers.add(this.blocker);
-    // QSD: no other job may start on the filter (`Node 'F' is busy: ...`).
+    // QSD: no other job may start on the filter or the source (`Node 'X' is busy: ...`).
     this.filter?.blockers.add(this.blocker);
+    source.blockers.add(this.blocker);
   }
 
   /** The filter node (what the source's users now use). */
@@ -396,6 +397,7 @@ export class MirrorJob implements JobDriver {
   clean(): void {
     const source = this.o.source as BlockNodeImpl;
     this.o.target.blockers.delete(this.blocker);
+    this.o.source.blockers.delete(this.blocker);
     this.dstUser?.detach();
     this.dstUser = undefined;
     for (const u of this.moved.splice(0)) {

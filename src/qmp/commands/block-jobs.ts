@@ -400,6 +400,7 @@ function byFilename(chain: BlockNode[], name: string): BlockNode | undefined {
 async function intermediateCommit(
   a: CommitArgs,
   ctx: CommandContext,
+  device: BlockNode,
   chain: BlockNode[],
   top: BlockNode,
   base: BlockNode,
@@ -418,6 +419,7 @@ async function intermediateCommit(
     onError: a['on-error'] ?? 'report',
     graph,
     baseWasReadOnly,
+    device,
     filter: { graph, name: a['filter-node-name'] },
   });
   const opts = {
@@ -473,7 +475,7 @@ async function blockCommit(a: CommitArgs, ctx: CommandContext): Promise<void> {
   if (baseDepth <= 0) throw new QmpError(`'${base.name}' is not in this backing file chain`);
   if (device.parents.some((u) => u.spec.kind === 'node')) throw new QmpError('Need a root block node');
   if (top !== device) {
-    await intermediateCommit(a, ctx, chain, top, base);
+    await intermediateCommit(a, ctx, device, chain, top, base);
     return;
   }
   if (a['backing-file'] !== undefined) {
