@@ -22,7 +22,7 @@ import { CopyLoop, copyExtents } from './job-copy.js';
 import { errorAction, jobClusterSize, type OnError } from './block-job.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import type { NamedBitmap } from './dirty-bitmap-set.js';
-import type { Job, JobDriver } from './jobs.js';
+import type { Job, JobDebugEdge, JobDriver } from './jobs.js';
 import { permsOf } from './node.js';
 import { JobFilter, type JobFilterSpec } from './job-filter.js';
 import {
@@ -254,6 +254,14 @@ export class BackupJob implements JobDriver {
       i = end;
     }
     if (this.successor) bm.bits.merge(this.successor);
+  }
+
+  /** QSD's backup job vertex: main node (the filter) and target, no permissions of their own. */
+  debugEdges(): JobDebugEdge[] {
+    return [
+      { name: 'main node', node: this.filter?.node ?? this.o.source, perm: 0, shared: PERM_ALL },
+      { name: 'target', node: this.o.target, perm: 0, shared: PERM_ALL },
+    ];
   }
 
   clean(): void {

@@ -18,7 +18,7 @@ import { CopyError, CopyLoop } from './job-copy.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { errorAction, type OnError } from './block-job.js';
 import { jobBlocker } from './backup.js';
-import type { Job, JobDriver } from './jobs.js';
+import type { Job, JobDebugEdge, JobDriver } from './jobs.js';
 import { permsOf, type BlockNodeImpl } from './node.js';
 import { BACKING_ROLE, backingBlocker, backingOf, detachBackingBlocker } from './drivers/qcow2/backing.js';
 import { setBackingFile } from './drivers/qcow2/header-write.js';
@@ -28,6 +28,7 @@ import {
   EXTENT_ZERO,
   PERM_ALL,
   PERM_CONSISTENT_READ,
+  PERM_WRITE,
   PERM_WRITE_UNCHANGED,
   type BlockIO,
   type BlockNode,
@@ -235,6 +236,20 @@ export class IntermediateCommitJob implements JobDriver {
     if (ov.childEdges.some((e) => e.name === BACKING_ROLE && e.user.node === this.o.top)) {
       this.o.top.blockers.add(backingBlocker(ov));
     }
+  }
+
+  /** QSD's commit job vertex: main node (the device), the committed layers and the base. */
+  debugEdges(): JobDebugEdge[] {
+    return [
+      { name: 'main node', node: this.o.device ?? this.o.overlay, perm: 0, shared: PERM_ALL },
+      ...this.committed.map((node) => ({
+        name: 'intermediate node',
+        node,
+        perm: 0,
+        shared: PERM_WRITE_UNCHANGED | PERM_WRITE,
+      })),
+      { name: 'base', node: this.o.base, perm: 0, shared: PERM_ALL },
+    ];
   }
 
   clean(): void {

@@ -31,7 +31,7 @@ import {
   storePersistentBitmaps,
 } from './dirty-bitmap-set.js';
 import { BlockNodeImpl, filterChildPerms, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
-import { debugBlockGraph, type XDbgGraph } from './graph-debug.js';
+import { debugBlockGraph, type XDbgGraph, type XDbgJob } from './graph-debug.js';
 import { applyReadOnly, inheritingChildren, planReopen } from './reopen.js';
 import type { BlockDriver, BlockIO, BlockNode } from './types.js';
 
@@ -568,9 +568,9 @@ export class BlockGraph {
     };
   }
 
-  /** x-debug-query-block-graph. */
-  debugGraph(): XDbgGraph {
-    return debugBlockGraph(this.order);
+  /** x-debug-query-block-graph (with a vertex for each of `jobs`). */
+  debugGraph(jobs: readonly XDbgJob[] = []): XDbgGraph {
+    return debugBlockGraph(this.order, jobs);
   }
 
   /**

@@ -17,7 +17,7 @@ import { CopyError, CopyLoop } from './job-copy.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { errorAction, type OnError } from './block-job.js';
 import { jobBlocker } from './backup.js';
-import type { Job, JobDriver } from './jobs.js';
+import type { Job, JobDebugEdge, JobDriver } from './jobs.js';
 import { permsOf, type BlockNodeImpl } from './node.js';
 import { JobFilter, type JobFilterSpec } from './job-filter.js';
 import { BACKING_ROLE, backingBlocker, backingOf, detachBackingBlocker } from './drivers/qcow2/backing.js';
@@ -224,6 +224,16 @@ export class StreamJob implements JobDriver {
     // monitor added them or something else still uses them.
     for (const n of this.intermediates) n.blockers.delete(this.blocker);
     for (const n of this.intermediates) await this.o.graph.releaseUnused(n);
+  }
+
+  /** QSD's stream job vertex: main node (the filter), the active node and the layers streamed. */
+  debugEdges(): JobDebugEdge[] {
+    const below = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED;
+    return [
+      { name: 'main node', node: this.filter?.node ?? this.o.top, perm: 0, shared: PERM_ALL },
+      { name: 'active node', node: this.o.top, perm: 0, shared: below | PERM_WRITE },
+      ...this.intermediates.map((node) => ({ name: 'intermediate node', node, perm: 0, shared: below })),
+    ];
   }
 
   clean(): void {
