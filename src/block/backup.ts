@@ -22,8 +22,9 @@ import { CopyLoop, copyExtents } from './job-copy.js';
 import { errorAction, jobClusterSize, type OnError } from './block-job.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import type { NamedBitmap } from './dirty-bitmap-set.js';
-import type { Job, JobDriver } from './jobs.js';
+import type { Job, JobDebugEdge, JobDriver } from './jobs.js';
 import { permsOf } from './node.js';
+import { JobFilter, type JobFilterSpec } from './job-filter.js';
 import {
   PERM_ALL,
   PERM_CONSISTENT_READ,
@@ -50,6 +51,8 @@ export interface BackupOptions {
   maxChunk?: number;
   /** Called at the end of `clean` (drive-backup closes the target it opened). */
   onClean?: () => void;
+  /** The copy-before-write filter above the source while the job runs (filter-node-name). */
+  filter?: JobFilterSpec;
 }
 
 /** Default copy request size and parallelism of the background copy. */
@@ -76,6 +79,7 @@ export class BackupJob implements JobDriver {
   private unhookSuccessor: (() => void) | undefined;
   private successor: DirtyBitmap | undefined;
   private readonly blocker: string;
+  private filter: JobFilter | undefined;
 
   constructor(
     private readonly o: BackupOptions,
@@ -101,7 +105,22 @@ export class BackupJob implements JobDriver {
     } else {
       work.fill();
     }
-    // Both users stand for QEMU's copy-before-write filter node (a parent node of each).
+    if (this.o.filter) {
+      // QEMU's copy-before-write filter node: the source's users move onto it. The copy before
+      // write itself stays a hook on the source's write path, which the filter forwards to.
+      this.filter = JobFilter.insert({
+        ...this.o.filter,
+        child: source,
+        driverName: 'copy-before-write',
+        role: 'file',
+        moveUsers: true,
+        readOnly: source.readOnly,
+        blocker: this.blocker,
+        errorPrefix: 'Could not create node: ',
+        target,
+      });
+    }
+    // Both users stand for the copy-before-write filter's edges (file and target).
     this.srcUser = source.attach({
       name: `node '#backup'`,
       role: 'file',
@@ -120,6 +139,7 @@ export class BackupJob implements JobDriver {
     } catch (err) {
       this.srcUser.detach();
       this.srcUser = undefined;
+      this.filter?.remove();
       throw err;
     }
     target.blockers.add(this.blocker);
@@ -236,7 +256,16 @@ export class BackupJob implements JobDriver {
     if (this.successor) bm.bits.merge(this.successor);
   }
 
+  /** QSD's backup job vertex: main node (the filter) and target, no permissions of their own. */
+  debugEdges(): JobDebugEdge[] {
+    return [
+      { name: 'main node', node: this.filter?.node ?? this.o.source, perm: 0, shared: PERM_ALL },
+      { name: 'target', node: this.o.target, perm: 0, shared: PERM_ALL },
+    ];
+  }
+
   clean(): void {
+    this.filter?.remove();
     this.unhook?.();
     this.unhookSuccessor?.();
     this.o.bitmap?.setBusy(false);

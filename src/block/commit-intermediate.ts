@@ -18,15 +18,17 @@ import { CopyError, CopyLoop } from './job-copy.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { errorAction, type OnError } from './block-job.js';
 import { jobBlocker } from './backup.js';
-import type { Job, JobDriver } from './jobs.js';
+import type { Job, JobDebugEdge, JobDriver } from './jobs.js';
 import { permsOf, type BlockNodeImpl } from './node.js';
 import { BACKING_ROLE, backingBlocker, backingOf, detachBackingBlocker } from './drivers/qcow2/backing.js';
 import { setBackingFile } from './drivers/qcow2/header-write.js';
 import { STREAM_CHUNK, type StreamGraph } from './stream.js';
+import { JobFilter, type JobFilterSpec } from './job-filter.js';
 import {
   EXTENT_ZERO,
   PERM_ALL,
   PERM_CONSISTENT_READ,
+  PERM_WRITE,
   PERM_WRITE_UNCHANGED,
   type BlockIO,
   type BlockNode,
@@ -48,6 +50,10 @@ export interface IntermediateCommitOptions {
   graph: CommitGraph;
   /** The base was reopened read-write for the job: made read-only again in `clean`. */
   baseWasReadOnly?: boolean;
+  /** The node the job was started on (QEMU's "main node"): blocked for other jobs while it runs. */
+  device?: BlockNode;
+  /** The commit_top filter above top while the job runs (filter-node-name). */
+  filter?: JobFilterSpec;
 }
 
 export class IntermediateCommitJob implements JobDriver {
@@ -57,6 +63,7 @@ export class IntermediateCommitJob implements JobDriver {
   private dst: BlockUser | undefined;
   private loop: CopyLoop | undefined;
   private readonly blocker = jobBlocker('commit');
+  private filter: JobFilter | undefined;
   /** top and the layers between it and base. */
   private readonly committed: BlockNode[] = [];
 
@@ -74,6 +81,24 @@ export class IntermediateCommitJob implements JobDriver {
   }
 
   attach(): void {
+    if (this.o.filter) {
+      // QEMU's commit_top (read-only, top as its backing) becomes the overlay's backing node;
+      // the backing op blocker moves along with the overlay's edge.
+      const overlay = this.o.overlay;
+      this.filter = JobFilter.insert({
+        ...this.o.filter,
+        child: this.o.top,
+        driverName: 'commit_top',
+        role: 'backing',
+        moveUsers: true,
+        moveUser: (u) => u.spec.kind === 'node' && u.spec.parent === overlay && u.spec.role === BACKING_ROLE,
+        readOnly: true,
+      });
+      if (this.filter.node.parents.length > 0) {
+        detachBackingBlocker(overlay, this.o.top as BlockNodeImpl);
+        this.filter.node.blockers.add(backingBlocker(overlay));
+      }
+    }
     this.src = this.o.top.attach({
       name: `node '#commit'`,
       role: 'file',
@@ -92,9 +117,11 @@ export class IntermediateCommitJob implements JobDriver {
     } catch (err) {
       this.src.detach();
       this.src = undefined;
+      this.removeFilter();
       throw err;
     }
     for (const n of this.committed) n.blockers.add(this.blocker);
+    this.o.device?.blockers.add(this.blocker);
   }
 
   private users(): { src: BlockIO; dst: BlockIO } {
@@ -173,6 +200,8 @@ export class IntermediateCommitJob implements JobDriver {
    */
   async prepare(): Promise<void> {
     const { overlay, base, top, graph } = this.o;
+    // The overlay's backing edge goes back from the filter to top before it moves to the base.
+    this.removeFilter();
     const name = this.o.backingFile ?? base.driver.describeFilename();
     if (overlay.driverName === 'qcow2') {
       const ro = overlay.readOnly;
@@ -197,7 +226,35 @@ export class IntermediateCommitJob implements JobDriver {
     for (const n of this.committed) await graph.releaseUnused(n);
   }
 
+  /** Take the commit_top filter out: the overlay's backing edge (and its blocker) back on top. */
+  private removeFilter(): void {
+    const f = this.filter;
+    if (!f) return;
+    this.filter = undefined;
+    f.remove();
+    const ov = this.o.overlay as BlockNodeImpl;
+    if (ov.childEdges.some((e) => e.name === BACKING_ROLE && e.user.node === this.o.top)) {
+      this.o.top.blockers.add(backingBlocker(ov));
+    }
+  }
+
+  /** QSD's commit job vertex: main node (the device), the committed layers and the base. */
+  debugEdges(): JobDebugEdge[] {
+    return [
+      { name: 'main node', node: this.o.device ?? this.o.overlay, perm: 0, shared: PERM_ALL },
+      ...this.committed.map((node) => ({
+        name: 'intermediate node',
+        node,
+        perm: 0,
+        shared: PERM_WRITE_UNCHANGED | PERM_WRITE,
+      })),
+      { name: 'base', node: this.o.base, perm: 0, shared: PERM_ALL },
+    ];
+  }
+
   clean(): void {
+    this.removeFilter();
+    this.o.device?.blockers.delete(this.blocker);
     for (const n of this.committed) n.blockers.delete(this.blocker);
     this.src?.detach();
     this.dst?.detach();

@@ -7,6 +7,7 @@
  * permission list is written from the highest bit down.
  */
 import type { BlockNodeImpl, BlockUserImpl } from './node.js';
+import type { JobDebugEdge } from './jobs.js';
 import { PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED } from './types.js';
 
 export type XDbgNodeType = 'block-backend' | 'block-job' | 'block-driver';
@@ -44,8 +45,14 @@ function permList(bits: number): string[] {
     .reverse();
 }
 
-/** Build the graph from the nodes in creation order. */
-export function debugBlockGraph(nodesOldestFirst: readonly BlockNodeImpl[]): XDbgGraph {
+/** A block job's vertex: its id and its edges in the order the job took them. */
+export interface XDbgJob {
+  id: string;
+  edges: JobDebugEdge[];
+}
+
+/** Build the graph from the nodes in creation order and the block jobs (QEMU's job list order). */
+export function debugBlockGraph(nodesOldestFirst: readonly BlockNodeImpl[], jobs: readonly XDbgJob[] = []): XDbgGraph {
   const ids = new Map<object, number>();
   const idOf = (o: object): number => {
     let id = ids.get(o);
@@ -75,6 +82,19 @@ export function debugBlockGraph(nodesOldestFirst: readonly BlockNodeImpl[]): XDb
   for (const u of backends) {
     nodes.push({ id: idOf(u), type: 'block-backend', name: '' });
     edge(u, u, 'root');
+  }
+  // QEMU walks the block jobs after the backends; a job's node list is newest first.
+  for (const j of jobs) {
+    nodes.push({ id: idOf(j), type: 'block-job', name: j.id });
+    for (const e of [...j.edges].reverse()) {
+      edges.push({
+        parent: idOf(j),
+        child: idOf(e.node),
+        name: e.name,
+        perm: permList(e.perm),
+        'shared-perm': permList(e.shared),
+      });
+    }
   }
   for (const n of nodesOldestFirst) {
     nodes.push({ id: idOf(n), type: 'block-driver', name: n.name });

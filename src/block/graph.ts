@@ -16,7 +16,6 @@ import { Qcow2Driver } from './drivers/qcow2/qcow2.js';
 import {
   BACKING_ROLE,
   attachBacking,
-  backingDepth,
   backingOf,
   detachBackingBlocker,
   probeFormat,
@@ -32,7 +31,7 @@ import {
   storePersistentBitmaps,
 } from './dirty-bitmap-set.js';
 import { BlockNodeImpl, filterChildPerms, formatChildPerms, type ChildPermFn, type NodeOptionsInfo } from './node.js';
-import { debugBlockGraph, type XDbgGraph } from './graph-debug.js';
+import { debugBlockGraph, type XDbgGraph, type XDbgJob } from './graph-debug.js';
 import { applyReadOnly, inheritingChildren, planReopen } from './reopen.js';
 import type { BlockDriver, BlockIO, BlockNode } from './types.js';
 
@@ -216,7 +215,8 @@ export class BlockGraph {
     const pending = this.releasing.get(node);
     if (pending) return pending;
     const n = this.nodes.get(node.name);
-    if (!n || n !== node || n.monitorOwned || n.parents.length > 0) return;
+    // A job's filter node goes with its job, not with its last user.
+    if (!n || n !== node || n.monitorOwned || n.parents.length > 0 || n.driver.filteredRole) return;
     const p = this.destroy(n).finally(() => this.releasing.delete(node));
     this.releasing.set(node, p);
     return p;
@@ -464,7 +464,7 @@ export class BlockGraph {
       const child = e.user.node;
       if (e.name === BACKING_ROLE) detachBackingBlocker(node, child);
       e.user.detach();
-      if (!child.monitorOwned && child.parents.length === 0) await this.destroy(child);
+      if (!child.monitorOwned && child.parents.length === 0 && !child.driver.filteredRole) await this.destroy(child);
     }
     this.log.debug({ node: node.name }, 'block node closed');
   }
@@ -568,9 +568,9 @@ export class BlockGraph {
     };
   }
 
-  /** x-debug-query-block-graph. */
-  debugGraph(): XDbgGraph {
-    return debugBlockGraph(this.order);
+  /** x-debug-query-block-graph (with a vertex for each of `jobs`). */
+  debugGraph(jobs: readonly XDbgJob[] = []): XDbgGraph {
+    return debugBlockGraph(this.order, jobs);
   }
 
   /**
@@ -615,7 +615,7 @@ export class BlockGraph {
     const n = node as BlockNodeImpl;
     const filename = n.driver.describeFilename();
     const image = await this.imageInfo(n, flat);
-    const backing = backingOf(n);
+    const backing = n.driver.filteredRole ? undefined : backingOf(n);
     return {
       'iops_rd': 0,
       'detect_zeroes': n.options.detectZeroes,
@@ -624,7 +624,7 @@ export class BlockGraph {
       ro: n.readOnly,
       'node-name': n.name,
       // QEMU 7.2 counts the depth while nesting backing images, so flat output reports 0.
-      'backing_file_depth': flat ? 0 : backingDepth(n),
+      'backing_file_depth': flat ? 0 : filterOrCowDepth(n),
       drv: n.driverName,
       iops: 0,
       'bps_wr': 0,
@@ -648,7 +648,7 @@ export class BlockGraph {
       format: n.driverName,
       ...Object.fromEntries(Object.entries(extra).filter(([, v]) => v !== undefined)),
     };
-    const backing = backingOf(n);
+    const backing = filterOrCow(n);
     if (backing && !flat && depth < 64) all['backing-image'] = await this.imageInfo(backing, false, depth + 1);
     const order = IMAGE_INFO_ORDER;
     const keys = Object.keys(all).sort((a, b) => {
@@ -686,4 +686,22 @@ const IMAGE_INFO_ORDER = [
 function bitmapMember(node: BlockNode): { 'dirty-bitmaps'?: unknown[] } {
   const b = describeBitmaps(node);
   return b ? { 'dirty-bitmaps': b } : {};
+}
+
+/** The node below `n` in its chain: a job filter's filtered child, else the backing node. */
+function filterOrCow(n: BlockNode): BlockNode | undefined {
+  const role = n.driver.filteredRole;
+  if (role) return n.children.find((c) => c.name === role)?.user.node;
+  return backingOf(n);
+}
+
+/** backing_file_depth counted through job filters, as QEMU's bdrv_filter_or_cow_bs walk. */
+function filterOrCowDepth(n: BlockNode): number {
+  let depth = 0;
+  const seen = new Set<BlockNode>([n]);
+  for (let cur = filterOrCow(n); cur && !seen.has(cur); cur = filterOrCow(cur)) {
+    seen.add(cur);
+    depth++;
+  }
+  return depth;
 }

@@ -14,6 +14,7 @@
  * also appear in query-block-jobs and send BLOCK_JOB_* events.
  */
 import { BlockError } from '../util/errors.js';
+import type { BlockNode } from './types.js';
 
 export type JobStatus =
   | 'undefined'
@@ -105,6 +106,19 @@ export interface JobDriver {
   commit?(job: Job): void;
   abort?(job: Job): void;
   clean?(job: Job): void;
+  /**
+   * The job's edges in x-debug-query-block-graph (QEMU's job->nodes), in the order the job took
+   * them (QEMU's "main node" first). Absent: the job has no vertex (create jobs).
+   */
+  debugEdges?(): JobDebugEdge[];
+}
+
+/** One edge of a block-job vertex in x-debug-query-block-graph. */
+export interface JobDebugEdge {
+  name: string;
+  node: BlockNode;
+  perm: number;
+  shared: number;
 }
 
 export interface JobOptions {
@@ -458,6 +472,15 @@ export class JobManager {
     if (job.status !== 'created') return;
     job.transition('aborting');
     job.transition('concluded');
+    this.remove(job);
+  }
+
+  /**
+   * Take a job made by `create` away after its setup failed (QEMU's job_early_fail): only `null`
+   * follows `created`. The driver's `clean` is not called.
+   */
+  discardCreated(job: Job): void {
+    if (job.status !== 'created') return;
     this.remove(job);
   }
 

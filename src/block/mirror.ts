@@ -21,9 +21,10 @@ import { BlockError } from '../util/errors.js';
 import { CopyLoop, copyExtents } from './job-copy.js';
 import { errorAction, type OnError } from './block-job.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
-import type { Job, JobDriver } from './jobs.js';
+import type { Job, JobDebugEdge, JobDriver } from './jobs.js';
 import { BlockNodeImpl, BlockUserImpl, filterChildPerms, permsOf } from './node.js';
 import { jobBlocker } from './backup.js';
+import { backingOf } from './drivers/qcow2/backing.js';
 import {
   PERM_ALL,
   PERM_CONSISTENT_READ,
@@ -80,6 +81,7 @@ export interface MirrorOptions {
 /** The `mirror_top` filter: forwards to the source and reports completed writes. */
 export class MirrorTopDriver implements BlockDriver {
   readonly name = 'mirror_top';
+  readonly filteredRole = 'backing';
   readonly caps: DriverCaps;
   /** Called after a write-like request completed on the source. */
   onWritten: ((offset: number, length: number) => void) | undefined;
@@ -234,6 +236,31 @@ export class MirrorJob implements JobDriver {
       throw err;
     }
     target.blockers.add(this.blocker);
+    // QSD: no other job may start on the filter or the source (`Node 'X' is busy: ...`).
+    this.filter?.blockers.add(this.blocker);
+    source.blockers.add(this.blocker);
+  }
+
+  /**
+   * QSD's mirror (and active commit) job vertex: main node (the filter), source, target and, for
+   * a commit, the layers between the source and the base.
+   */
+  debugEdges(): JobDebugEdge[] {
+    const { source, target } = this.o;
+    const rw = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED | PERM_WRITE;
+    const out: JobDebugEdge[] = [
+      { name: 'main node', node: this.filter ?? source, perm: PERM_CONSISTENT_READ, shared: rw },
+      { name: 'source', node: source, perm: 0, shared: rw },
+      { name: 'target', node: target, perm: 0, shared: PERM_ALL },
+    ];
+    if (this.o.commitBaseDepth !== undefined) {
+      const seen = new Set<BlockNode>([source]);
+      for (let n = backingOf(source); n && n !== target && !seen.has(n); n = backingOf(n)) {
+        seen.add(n);
+        out.push({ name: 'intermediate node', node: n, perm: 0, shared: PERM_WRITE_UNCHANGED | PERM_WRITE });
+      }
+    }
+    return out;
   }
 
   /** The filter node (what the source's users now use). */
@@ -393,6 +420,7 @@ export class MirrorJob implements JobDriver {
   clean(): void {
     const source = this.o.source as BlockNodeImpl;
     this.o.target.blockers.delete(this.blocker);
+    this.o.source.blockers.delete(this.blocker);
     this.dstUser?.detach();
     this.dstUser = undefined;
     for (const u of this.moved.splice(0)) {

@@ -17,8 +17,9 @@ import { CopyError, CopyLoop } from './job-copy.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { errorAction, type OnError } from './block-job.js';
 import { jobBlocker } from './backup.js';
-import type { Job, JobDriver } from './jobs.js';
+import type { Job, JobDebugEdge, JobDriver } from './jobs.js';
 import { permsOf, type BlockNodeImpl } from './node.js';
+import { JobFilter, type JobFilterSpec } from './job-filter.js';
 import { BACKING_ROLE, backingBlocker, backingOf, detachBackingBlocker } from './drivers/qcow2/backing.js';
 import { setBackingFile } from './drivers/qcow2/header-write.js';
 import {
@@ -49,6 +50,8 @@ export interface StreamOptions {
   backingFile: string | undefined;
   onError: OnError;
   graph: StreamGraph;
+  /** The copy-on-read filter above top while the job runs (filter-node-name). */
+  filter?: JobFilterSpec;
 }
 
 export class StreamJob implements JobDriver {
@@ -60,6 +63,7 @@ export class StreamJob implements JobDriver {
   /** The copy in flight (at most one), for guest writes that overlap it. */
   private inflight: { offset: number; end: number; done: Promise<void> } | undefined;
   private readonly blocker = jobBlocker('stream');
+  private filter: JobFilter | undefined;
   /** The job's own writes to the top (offset:length), which must not wait for themselves. */
   private readonly selfWrites = new Set<string>();
   /** The nodes between top and base (top's backing first). */
@@ -78,6 +82,19 @@ export class StreamJob implements JobDriver {
 
   /** Take the top's permissions and put the job's blocker on top and the intermediate nodes. */
   attach(): void {
+    if (this.o.filter) {
+      // QEMU's copy-on-read filter: top's users (exports, parent nodes) move onto it.
+      this.filter = JobFilter.insert({
+        ...this.o.filter,
+        child: this.o.top,
+        driverName: 'copy-on-read',
+        role: 'file',
+        moveUsers: true,
+        readOnly: this.o.top.readOnly,
+        blocker: this.blocker,
+        errorPrefix: 'Could not create node: ',
+      });
+    }
     this.user = this.o.top.attach({
       name: `node '#stream'`,
       role: 'file',
@@ -209,9 +226,20 @@ export class StreamJob implements JobDriver {
     for (const n of this.intermediates) await this.o.graph.releaseUnused(n);
   }
 
+  /** QSD's stream job vertex: main node (the filter), the active node and the layers streamed. */
+  debugEdges(): JobDebugEdge[] {
+    const below = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED;
+    return [
+      { name: 'main node', node: this.filter?.node ?? this.o.top, perm: 0, shared: PERM_ALL },
+      { name: 'active node', node: this.o.top, perm: 0, shared: below | PERM_WRITE },
+      ...this.intermediates.map((node) => ({ name: 'intermediate node', node, perm: 0, shared: below })),
+    ];
+  }
+
   clean(): void {
     this.unhook?.();
     this.unhook = undefined;
+    this.filter?.remove();
     for (const n of [this.o.top, ...this.intermediates]) n.blockers.delete(this.blocker);
     this.user?.detach();
     this.user = undefined;

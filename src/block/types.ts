@@ -122,6 +122,12 @@ export interface BlockDriver {
   /** Driver name as in BlockdevDriver (`file`, `raw`, `null-co`, ...). */
   readonly name: string;
   readonly caps: DriverCaps;
+  /**
+   * A job's filter driver (mirror_top, copy-before-write, ...): the role of the child it filters.
+   * Queries then show that child's chain below it (QEMU's bdrv_filter_or_cow_bs) and no
+   * `backing_file` (a filter has no backing file name of its own).
+   */
+  readonly filteredRole?: 'file' | 'backing';
   /** Current virtual size in bytes. */
   getLength(): number;
   /** Fill `buf` (all of it) from `offset`. */

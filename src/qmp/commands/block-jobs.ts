@@ -85,6 +85,9 @@ async function prepareBackup(a: BackupArgs, ctx: CommandContext, onClean?: () =>
   }
   if (bitmap && sync === 'none') throw new QmpError("sync mode 'none' does not produce meaningful bitmap outputs");
   if (source.size() !== target.size()) throw new QmpError('Source and target image have different sizes');
+  // QEMU's BLOCK_OP_TYPE_BACKUP_SOURCE, then _TARGET (e.g. another job's filter node as source).
+  const srcBlocked = targetBlocker(source);
+  if (srcBlocked) throw new BlockError('BUSY', 'EBUSY', `Node '${source.name}' is busy: ${srcBlocked}`);
   const blocked = targetBlocker(target);
   if (blocked) throw new BlockError('BUSY', 'EBUSY', `Node '${target.name}' is busy: ${blocked}`);
   if (a.compress) throw new QmpError(`Compression is not supported for this drive ${target.name}`);
@@ -97,9 +100,6 @@ async function prepareBackup(a: BackupArgs, ctx: CommandContext, onClean?: () =>
   const maxChunk = perf['max-chunk'];
   if (maxChunk !== undefined && (maxChunk < 0 || (maxChunk > 0 && maxChunk < cluster))) {
     throw new QmpError(`Required max-chunk (${maxChunk}) is less than backup cluster size (${cluster})`);
-  }
-  if (a['filter-node-name'] !== undefined) {
-    throw new QmpError("Parameter 'filter-node-name' is not supported by blockd");
   }
   const id = a['job-id'] ?? '';
   jobs.checkId(id);
@@ -115,6 +115,7 @@ async function prepareBackup(a: BackupArgs, ctx: CommandContext, onClean?: () =>
       ...(workers !== undefined ? { maxWorkers: workers } : {}),
       ...(maxChunk !== undefined ? { maxChunk } : {}),
       ...(onClean ? { onClean } : {}),
+      filter: { graph, name: a['filter-node-name'] },
     },
     cluster,
   );
@@ -399,6 +400,7 @@ function byFilename(chain: BlockNode[], name: string): BlockNode | undefined {
 async function intermediateCommit(
   a: CommitArgs,
   ctx: CommandContext,
+  device: BlockNode,
   chain: BlockNode[],
   top: BlockNode,
   base: BlockNode,
@@ -406,14 +408,9 @@ async function intermediateCommit(
   const { graph, jobs } = ctx.services;
   const overlay = chain.find((n) => backingOf(n) === top);
   if (!overlay) throw new QmpError(`Could not find overlay image for ${top.driver.describeFilename()}:`);
-  if (a['filter-node-name'] !== undefined) {
-    throw new QmpError("Parameter 'filter-node-name' is not supported by blockd for an intermediate commit");
-  }
   const id = a['job-id'] ?? '';
   jobs.checkId(id);
-  // As QEMU: a read-only base is reopened read-write for the job, and read-only again after it.
   const baseWasReadOnly = base.readOnly;
-  if (baseWasReadOnly) await graph.setReadOnly(base, false);
   const driver = new IntermediateCommitJob({
     overlay,
     top,
@@ -422,24 +419,27 @@ async function intermediateCommit(
     onError: a['on-error'] ?? 'report',
     graph,
     baseWasReadOnly,
+    device,
+    filter: { graph, name: a['filter-node-name'] },
   });
+  const opts = {
+    autoFinalize: a['auto-finalize'] ?? true,
+    autoDismiss: a['auto-dismiss'] ?? true,
+    speed: a.speed ?? 0,
+  };
+  // QEMU's commit_start: the job exists (`created`) before the base is reopened and the
+  // commit_top filter is inserted; a failure there ends it with `null` (job_early_fail).
+  const job = jobs.create(id, driver, opts);
   try {
+    // As QEMU: a read-only base is reopened read-write for the job, and read-only again after it.
+    if (baseWasReadOnly) await graph.setReadOnly(base, false);
     driver.attach();
   } catch (err) {
-    if (baseWasReadOnly) await graph.setReadOnly(base, true);
+    if (baseWasReadOnly && !base.readOnly) await graph.setReadOnly(base, true);
+    jobs.discardCreated(job);
     throw err;
   }
-  let job;
-  try {
-    job = jobs.start(id, driver, {
-      autoFinalize: a['auto-finalize'] ?? true,
-      autoDismiss: a['auto-dismiss'] ?? true,
-      speed: a.speed ?? 0,
-    });
-  } catch (err) {
-    driver.clean();
-    throw err;
-  }
+  jobs.launch(job, opts);
   await job.firstYield;
 }
 
@@ -475,7 +475,7 @@ async function blockCommit(a: CommitArgs, ctx: CommandContext): Promise<void> {
   if (baseDepth <= 0) throw new QmpError(`'${base.name}' is not in this backing file chain`);
   if (device.parents.some((u) => u.spec.kind === 'node')) throw new QmpError('Need a root block node');
   if (top !== device) {
-    await intermediateCommit(a, ctx, chain, top, base);
+    await intermediateCommit(a, ctx, device, chain, top, base);
     return;
   }
   if (a['backing-file'] !== undefined) {
@@ -575,13 +575,17 @@ async function blockStream(a: StreamArgs, ctx: CommandContext): Promise<void> {
     if (!base || a.bottom !== undefined) throw new QmpError('backing file specified, but streaming the entire chain');
     backingFile = a['backing-file'];
   }
-  if (a['filter-node-name'] !== undefined) {
-    throw new QmpError("Parameter 'filter-node-name' is not supported by blockd");
-  }
   if (top.readOnly) throw new BlockError('READ_ONLY', 'EPERM', 'Block node is read-only');
   const id = a['job-id'] ?? '';
   jobs.checkId(id);
-  const driver = new StreamJob({ top, base, backingFile, onError: a['on-error'] ?? 'report', graph });
+  const driver = new StreamJob({
+    top,
+    base,
+    backingFile,
+    onError: a['on-error'] ?? 'report',
+    graph,
+    filter: { graph, name: a['filter-node-name'] },
+  });
   driver.attach();
   let job;
   try {

@@ -21,7 +21,14 @@ interface ReopenArgs {
 }
 
 export const graphCommands: readonly CommandDef[] = [
-  defineCommand('x-debug-query-block-graph', (_args, ctx) => ctx.services.graph.debugGraph()),
+  defineCommand('x-debug-query-block-graph', (_args, ctx) => {
+    // QEMU lists the block jobs oldest first after the backends (block_job_next).
+    const jobs = [...ctx.services.jobs.listBlockJobs()].reverse().flatMap((j) => {
+      const edges = j.driver.debugEdges?.();
+      return edges ? [{ id: j.id, edges }] : [];
+    });
+    return ctx.services.graph.debugGraph(jobs);
+  }),
   // QEMU's qmp_x_blockdev_change; only quorum implements bdrv_add_child/bdrv_del_child.
   defineCommand<ChangeArgs>('x-blockdev-change', (a, ctx) => {
     const graph = ctx.services.graph;
