@@ -63,12 +63,40 @@ let bound: NetIoBinding | undefined;
 const conns: (NativeTransport | undefined)[] = [];
 const listeners = new Map<number, NativeListener>();
 
+/**
+ * Adaptive polling, as QEMU's iothread `poll-max-ns` (default 32 µs): for this long after the
+ * last request bytes arrived, the event loop keeps polling the sockets (a pending immediate
+ * makes libuv's poll phase non-blocking) instead of sleeping in epoll_wait, so the next request
+ * of a client waiting on its reply is picked up without a thread wake-up. Costs CPU only while
+ * requests keep coming. `BLOCKD_NBD_POLL_US` sets it (0 turns it off); see docs/nbd.md.
+ */
+const POLL_MS = pollWindowMs(process.env.BLOCKD_NBD_POLL_US);
+let lastRead = 0;
+let polling = false;
+
+export function pollWindowMs(env: string | undefined): number {
+  const us = env === undefined || env === '' ? 32 : Number(env);
+  return Number.isFinite(us) && us > 0 ? Math.min(us, 1_000_000) / 1000 : 0;
+}
+
+function pollTick(): void {
+  if (performance.now() - lastRead < POLL_MS) setImmediate(pollTick);
+  else polling = false;
+}
+
 function onEvent(ev: number, id: number, arg: number): void {
   // An exception here would reach napi_fatal_exception: contain it to this connection.
   try {
     switch (ev) {
       case EV_READ:
         conns[id]?.deliver(arg);
+        if (POLL_MS > 0) {
+          lastRead = performance.now();
+          if (!polling) {
+            polling = true;
+            setImmediate(pollTick);
+          }
+        }
         return;
       case EV_READ_DIRECT:
         conns[id]?.deliverDirect(arg);
