@@ -11,7 +11,7 @@
  */
 import net from 'node:net';
 import tls from 'node:tls';
-import type { NbdTransport, TransportSink } from './transport.js';
+import { writeBuffers, type NbdTransport, type TransportSink } from './transport.js';
 
 /** Who the peer proved to be during the TLS handshake. */
 export interface NbdTlsPeer {
@@ -205,15 +205,7 @@ export class StartTlsTransport implements NbdTransport {
   }
 
   write(bufs: readonly Buffer[], done?: () => void): boolean {
-    const s = this.stream;
-    const cb = done === undefined ? undefined : (err?: Error | null) => void (err || done());
-    if (bufs.length === 1) return s.write(bufs[0]!, cb);
-    s.cork();
-    const last = bufs.length - 1;
-    for (let i = 0; i < last; i++) s.write(bufs[i]!);
-    s.write(bufs[last]!, cb);
-    s.uncork();
-    return !s.writableNeedDrain;
+    return writeBuffers(this.stream, bufs, done);
   }
 
   pause(): void {

@@ -59,6 +59,21 @@ export interface NbdTransport {
  * A net.Socket as a transport. With `userBuffer`, the socket was built with `onread` (one shared
  * read buffer, see server.ts) and its reads arrive through {@link SocketTransport.onRead}.
  */
+/**
+ * {@link NbdTransport.write} over a Node stream socket (plain or TLS): several buffers go out
+ * corked as one write; `done` runs once the last one is flushed without error.
+ */
+export function writeBuffers(s: Socket, bufs: readonly Buffer[], done?: () => void): boolean {
+  const cb = done === undefined ? undefined : (err?: Error | null) => void (err || done());
+  if (bufs.length === 1) return s.write(bufs[0]!, cb);
+  s.cork();
+  const last = bufs.length - 1;
+  for (let i = 0; i < last; i++) s.write(bufs[i]!);
+  s.write(bufs[last]!, cb);
+  s.uncork();
+  return !s.writableNeedDrain;
+}
+
 export class SocketTransport implements NbdTransport {
   private sink: TransportSink | undefined;
   private paused = true;
@@ -97,15 +112,7 @@ export class SocketTransport implements NbdTransport {
   }
 
   write(bufs: readonly Buffer[], done?: () => void): boolean {
-    const s = this.socket;
-    const cb = done === undefined ? undefined : (err?: Error | null) => void (err || done());
-    if (bufs.length === 1) return s.write(bufs[0]!, cb);
-    s.cork();
-    const last = bufs.length - 1;
-    for (let i = 0; i < last; i++) s.write(bufs[i]!);
-    s.write(bufs[last]!, cb);
-    s.uncork();
-    return !s.writableNeedDrain;
+    return writeBuffers(this.socket, bufs, done);
   }
 
   pause(): void {
