@@ -14,7 +14,7 @@
 import { BlockError } from '../util/errors.js';
 import { BlockNodeImpl, BlockUserImpl, filterChildPerms, type ChildPermFn } from './node.js';
 import { qemuJson } from './drivers/common.js';
-import type { ImplicitNodes } from './mirror.js';
+import { filterImageInfo, type ImplicitNodes } from './mirror.js';
 import {
   PERM_ALL,
   type BlockDriver,
@@ -93,9 +93,8 @@ class ForwardingFilterDriver implements BlockDriver {
     return `json:${qemuJson({ driver: this.name, file: nodeJson(this.childNode) })}`;
   }
 
-  async queryImage(): Promise<Record<string, unknown>> {
-    const info = (await this.childNode.driver.queryImage?.()) ?? {};
-    return { 'actual-size': info['actual-size'], 'cluster-size': info['cluster-size'], 'dirty-flag': info['dirty-flag'] };
+  queryImage(): Promise<Record<string, unknown>> {
+    return filterImageInfo(this.childNode.driver);
   }
 }
 

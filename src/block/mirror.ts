@@ -149,10 +149,15 @@ export class MirrorTopDriver implements BlockDriver {
     return this.sourceDriver.describeFilename();
   }
 
-  async queryImage(): Promise<Record<string, unknown>> {
-    const info = (await this.sourceDriver.queryImage?.()) ?? {};
-    return { 'actual-size': info['actual-size'], 'cluster-size': info['cluster-size'], 'dirty-flag': info['dirty-flag'] };
+  queryImage(): Promise<Record<string, unknown>> {
+    return filterImageInfo(this.sourceDriver);
   }
+}
+
+/** What QSD shows as the image of a job's filter node: three members of its child's image. */
+export async function filterImageInfo(child: BlockDriver): Promise<Record<string, unknown>> {
+  const info = (await child.queryImage?.()) ?? {};
+  return { 'actual-size': info['actual-size'], 'cluster-size': info['cluster-size'], 'dirty-flag': info['dirty-flag'] };
 }
 
 /** Move user `u` from its node onto `to`, dropping its permissions on the old node first. */
