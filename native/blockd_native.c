@@ -21,6 +21,7 @@
 #include <unistd.h>
 #include <dlfcn.h>
 #include <linux/falloc.h>
+#include "cachestat.h"
 #include "errno_error.h"
 #include "netio.h"
 
@@ -109,6 +110,21 @@ static napi_value pread_nowait(napi_env env, napi_callback_info info) {
     return blockd_throw_errno(env, errno, "preadv2");
   }
   return num(env, (double)r);
+}
+
+/*
+ * cachedRange(fd, offset, length): 1 when the whole range is in the page cache, 0 when not,
+ * -1 when the kernel cannot tell (no cachestat(2): Linux < 6.5). One syscall, no data touched.
+ */
+static napi_value cached_range(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd, off, len;
+  if (get_args(env, info, 3, argv) || get_i64(env, argv[0], &fd) || get_i64(env, argv[1], &off) ||
+      get_i64(env, argv[2], &len)) {
+    return NULL;
+  }
+  if (len == 0 || fd > 0x7fffffff) return num(env, -1);
+  return num(env, blockd_range_cached((int)fd, (uint64_t)off, (uint64_t)len));
 }
 
 /*
@@ -1020,6 +1036,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL },
     { "zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL },
     { "preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "cachedRange", NULL, cached_range, NULL, NULL, NULL, napi_enumerable, NULL },
     { "ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL },
     { "ofdTest", NULL, ofd_test, NULL, NULL, NULL, napi_enumerable, NULL },
     { "allocAligned", NULL, alloc_aligned, NULL, NULL, NULL, napi_enumerable, NULL },

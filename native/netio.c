@@ -25,6 +25,9 @@
  *   netPeer(id) -> string               "host:port" for TCP peers, "unix" otherwise
  *   netReadInto(id, buf, off, len)      the next `len` bytes read go straight into buf[off..]
  *                                       (a WRITE payload), not into readBuffer; see below
+ *   netWriteFile(id, buf | buf[], fd, off, len) -> n
+ *                                       as netWrite, then `len` bytes of file `fd` from `off`
+ *                                       with sendfile(); see "File segments" below
  *   netOpenCount() -> n                 connections whose socket is still open
  * Events: 1 ACCEPT (id = new connection, arg = listener id), 2 READ (arg = bytes now at the start
  * of readBuffer; the callback must consume or copy them before it returns), 3 EOF, 4 ERROR
@@ -38,6 +41,28 @@
  * of the target plus a short tail of readBuffer (DIRECT_TAIL: room for the next request header,
  * so a stream of large writes lands almost entirely in the targets). The target is kept (and
  * its Buffer referenced) until it is full or the connection closes.
+ *
+ * File segments (netWriteFile): a large READ reply of a raw file export whose range is all in
+ * the page cache goes out as the reply header (queued like any netWrite) followed by a file
+ * range sent with sendfile(). Since Linux 6.5 a unix stream socket takes the page-cache pages
+ * by reference (MSG_SPLICE_PAGES) and TCP does the same, so the server copies nothing; before,
+ * the bytes were copied into a reply buffer (preadv2) and again into the socket (sendmsg).
+ * - Order: a file segment is one more entry of the connection's write queue, so it leaves
+ *   after everything queued before it and before everything queued after it.
+ * - Never blocking on the disk: the caller checks with cachestat() that the range is cached
+ *   right before the call (a send at once needs no further check). A segment that has to wait
+ *   for the socket is checked again before each later sendfile(); when some of it was evicted
+ *   meanwhile, the rest is read on a thread-pool thread into a buffer of its own (the queue
+ *   waits, in order), which is then sent like any buffer.
+ * - The file may be closed (node reopened or deleted) while a segment waits: a waiting segment
+ *   holds its own dup() of the descriptor, so it always reads the file the request was for. A
+ *   file that shrank meanwhile ends the segment with zeroes, as the file driver's reads do.
+ * - A segment the socket takes at once costs no dup(); a read error (EIO) in sendfile() or on
+ *   the thread fails the connection (the header is already out, so no error reply can follow).
+ * - The bytes are read from the page cache when they are sent, not when the request arrived:
+ *   a write to the same range that completes meanwhile may be seen. NBD leaves the result of
+ *   a read overlapping a concurrent write undefined, and the client only learns that the read
+ *   is done once the last byte arrives, so either content is correct (docs/nbd.md).
  */
 #define _GNU_SOURCE
 #include <node_api.h>
@@ -52,10 +77,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
+#include "cachestat.h"
 #include "errno_error.h"
 #include "netio.h"
 
@@ -79,13 +106,39 @@
 #define ACCEPT_BURST 1
 /* readBuffer bytes read after a netReadInto target (the next header and a little payload). */
 #define DIRECT_TAIL 512
+/* sendfile() moves at most this much per call (Linux: MAX_RW_COUNT). */
+#define SENDFILE_MAX 0x7ffff000
+
+/* Kinds of write-queue entries. */
+#define Q_BUF 0   /* a JavaScript Buffer, referenced until sent */
+#define Q_OWNED 1 /* malloc'd bytes (a loaded file segment, zeroes past EOF), freed when sent */
+#define Q_FILE 2  /* a file range, sent with sendfile() */
 
 typedef struct {
-  napi_ref ref; /* keeps the Buffer alive until it is sent */
+  napi_ref ref; /* Q_BUF: keeps the Buffer alive until it is sent */
   const char *base;
   size_t len;
-  size_t off;
+  size_t off;   /* bytes of the entry already sent */
+  char *owned;  /* Q_OWNED: the memory behind base */
+  int64_t foff; /* Q_FILE: file offset of the entry's first byte */
+  int ffd;      /* Q_FILE: the file (a dup of the caller's fd unless borrowed) */
+  uint8_t kind;
+  bool borrowed; /* Q_FILE: ffd is the caller's own fd (only during netWriteFile) */
+  bool fresh;    /* Q_FILE: checked as cached by the caller just now */
 } pending_buf;
+
+struct conn;
+
+/* A thread-pool read of the rest of a file segment that is no longer all cached. */
+typedef struct {
+  uv_work_t req;
+  struct conn *c; /* NULL once the connection is gone: the read's result is then dropped */
+  int fd;         /* owned: the segment's dup */
+  int64_t off;
+  size_t len;
+  char *buf;
+  int err;
+} file_load;
 
 typedef struct conn {
   uv_poll_t poll;
@@ -104,6 +157,7 @@ typedef struct conn {
   pending_buf *q;    /* write queue (FIFO, q_head .. q_len) */
   int q_head, q_len, q_cap;
   size_t q_bytes;
+  file_load *load;   /* the head file segment is being read on a thread: the queue waits */
 } conn;
 
 typedef struct {
@@ -210,9 +264,22 @@ static void release_target(conn *c) {
   c->dleft = 0;
 }
 
+static void release_entry(pending_buf *p) {
+  if (p->kind == Q_BUF) napi_delete_reference(g_env, p->ref);
+  else if (p->kind == Q_OWNED) free(p->owned);
+  else if (p->ffd >= 0 && !p->borrowed) close(p->ffd);
+  p->ref = NULL;
+  p->owned = NULL;
+  p->ffd = -1;
+}
+
 static void release_queue(conn *c) {
   release_target(c);
-  for (int i = c->q_head; i < c->q_len; i++) napi_delete_reference(g_env, c->q[i].ref);
+  if (c->load) {
+    c->load->c = NULL; /* the thread's read finishes on its own and is dropped */
+    c->load = NULL;
+  }
+  for (int i = c->q_head; i < c->q_len; i++) release_entry(&c->q[i]);
   free(c->q);
   c->q = NULL;
   c->q_head = c->q_len = c->q_cap = 0;
@@ -239,17 +306,122 @@ static void conn_close_now(conn *c) {
   g_open--;
 }
 
-/* Send what is queued; returns 0 (all sent or still blocked) or an errno. */
+static void on_load_work(uv_work_t *req);
+static void on_load_done(uv_work_t *req, int status);
+
+/*
+ * The head entry is a file segment that is no longer known to be cached: read the rest on a
+ * thread-pool thread (the queue waits for it). Returns 0 or an errno.
+ */
+static int start_load(conn *c, pending_buf *p) {
+  if (p->borrowed) {
+    /* Still inside netWriteFile: the caller's fd is not ours to hand to a thread. */
+    int d = fcntl(p->ffd, F_DUPFD_CLOEXEC, 3);
+    if (d < 0) return errno;
+    p->ffd = d;
+    p->borrowed = false;
+  }
+  file_load *l = calloc(1, sizeof *l);
+  size_t left = p->len - p->off;
+  char *buf = l ? malloc(left) : NULL;
+  if (!buf) {
+    free(l);
+    return ENOMEM;
+  }
+  l->req.data = l;
+  l->c = c;
+  l->fd = p->ffd; /* the load owns the descriptor now */
+  l->off = p->foff + (int64_t)p->off;
+  l->len = left;
+  l->buf = buf;
+  p->ffd = -1;
+  if (uv_queue_work(g_loop, &l->req, on_load_work, on_load_done) != 0) {
+    p->ffd = l->fd;
+    free(buf);
+    free(l);
+    return EIO;
+  }
+  c->load = l;
+  return 0;
+}
+
+/* The file ended before the segment did (it shrank since the request): zeroes for the rest. */
+static int zero_rest(pending_buf *p) {
+  size_t left = p->len - p->off;
+  char *z = calloc(1, left);
+  if (!z) return ENOMEM;
+  if (p->ffd >= 0 && !p->borrowed) close(p->ffd);
+  p->ffd = -1;
+  p->kind = Q_OWNED;
+  p->owned = z;
+  p->base = z;
+  p->len = left;
+  p->off = 0;
+  return 0;
+}
+
+/*
+ * Send some of the head file segment. Returns 0 when it is all sent, EAGAIN when the socket is
+ * full, EINPROGRESS when a thread-pool read was started, -1 when the entry became a buffer
+ * (zeroes past EOF), or another errno (the connection has failed).
+ */
+static int send_file_entry(conn *c, pending_buf *p) {
+  if (!p->fresh) {
+    /* Waited for the socket: the pages may have been evicted since the caller looked. */
+    if (blockd_range_cached(p->ffd, (uint64_t)(p->foff + (int64_t)p->off), p->len - p->off) != 1) {
+      int e = start_load(c, p);
+      return e ? e : EINPROGRESS;
+    }
+  }
+  p->fresh = false;
+  while (p->off < p->len) {
+    size_t left = p->len - p->off;
+    off_t fo = (off_t)(p->foff + (int64_t)p->off);
+    ssize_t n = sendfile(c->fd, p->ffd, &fo, left < SENDFILE_MAX ? left : SENDFILE_MAX);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return EAGAIN;
+      return errno;
+    }
+    if (n == 0) {
+      int e = zero_rest(p);
+      return e ? e : -1;
+    }
+    p->off += (size_t)n;
+    c->q_bytes -= (size_t)n;
+  }
+  return 0;
+}
+
+/* Send what is queued; returns 0 (all sent, still blocked, or waiting for a load) or an errno. */
 static int flush_queue(conn *c) {
   while (c->q_head < c->q_len) {
+    if (c->load) return 0;
+    pending_buf *head = &c->q[c->q_head];
+    if (head->kind == Q_FILE) {
+      int e = send_file_entry(c, head);
+      if (e == 0) {
+        release_entry(head);
+        c->q_head++;
+        continue;
+      }
+      if (e == -1) continue; /* now a buffer entry */
+      if (e == EAGAIN || e == EINPROGRESS) return 0;
+      return e;
+    }
     struct iovec iov[MAX_IOV];
     int n = 0;
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT;
     for (int i = c->q_head; i < c->q_len && n < MAX_IOV; i++, n++) {
+      if (c->q[i].kind == Q_FILE) {
+        flags |= MSG_MORE; /* TCP: the header leaves in one segment with the file's bytes */
+        break;
+      }
       iov[n].iov_base = (char *)c->q[i].base + c->q[i].off;
       iov[n].iov_len = c->q[i].len - c->q[i].off;
     }
     struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)n };
-    ssize_t w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t w = sendmsg(c->fd, &m, flags);
     if (w < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
@@ -262,16 +434,93 @@ static int flush_queue(conn *c) {
       size_t rest = p->len - p->off;
       if (left >= rest) {
         left -= rest;
-        napi_delete_reference(g_env, p->ref);
+        release_entry(p);
         c->q_head++;
       } else {
         p->off += left;
         left = 0;
       }
     }
+    if ((size_t)w == 0) return 0;
   }
   c->q_head = c->q_len = 0;
   return 0;
+}
+
+/*
+ * After a flush on writability (or a finished load): report the queue's state. Returns true
+ * when the connection must not be touched any more (closed, or failed and reported).
+ */
+static bool after_flush(conn *c, int e) {
+  if (e && c->close_after) {
+    conn_close_now(c);
+    return true;
+  }
+  if (e) {
+    c->reading = false;
+    release_queue(c);
+    conn_update_poll(c);
+    emit(EV_ERROR, c->id, e);
+    return true;
+  }
+  if (c->q_head == c->q_len) {
+    if (c->close_after) {
+      conn_close_now(c);
+      return true;
+    }
+    conn_update_poll(c);
+    emit(EV_DRAIN, c->id, 0);
+    if (c->closing) return true;
+  } else {
+    conn_update_poll(c);
+  }
+  return false;
+}
+
+static void on_load_work(uv_work_t *req) {
+  file_load *l = (file_load *)req->data;
+  size_t done = 0;
+  while (done < l->len) {
+    ssize_t n = pread(l->fd, l->buf + done, l->len - done, (off_t)(l->off + (int64_t)done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      l->err = errno;
+      return;
+    }
+    if (n == 0) {
+      memset(l->buf + done, 0, l->len - done); /* the file shrank: zeroes, as file reads do */
+      return;
+    }
+    done += (size_t)n;
+  }
+}
+
+static void on_load_done(uv_work_t *req, int status) {
+  file_load *l = (file_load *)req->data;
+  close(l->fd);
+  conn *c = l->c;
+  if (!c) {
+    free(l->buf);
+    free(l);
+    return;
+  }
+  c->load = NULL;
+  int e = status < 0 ? EIO : l->err;
+  if (e) {
+    free(l->buf);
+    free(l);
+    after_flush(c, e);
+    return;
+  }
+  /* The head entry is still the segment (the queue waited for it): it becomes a buffer. */
+  pending_buf *p = &c->q[c->q_head];
+  p->kind = Q_OWNED;
+  p->owned = l->buf;
+  p->base = l->buf;
+  p->len = l->len;
+  p->off = 0;
+  free(l);
+  after_flush(c, flush_queue(c));
 }
 
 static void on_conn_io(uv_poll_t *h, int status, int events) {
@@ -288,28 +537,8 @@ static void on_conn_io(uv_poll_t *h, int status, int events) {
     emit(EV_ERROR, c->id, -status);
     return;
   }
-  if (events & UV_WRITABLE) {
-    int e = flush_queue(c);
-    if (e && c->close_after) {
-      conn_close_now(c);
-      return;
-    }
-    if (e) {
-      c->reading = false;
-      release_queue(c);
-      conn_update_poll(c);
-      emit(EV_ERROR, c->id, e);
-      return;
-    }
-    if (c->q_head == c->q_len) {
-      if (c->close_after) {
-        conn_close_now(c);
-        return;
-      }
-      conn_update_poll(c);
-      emit(EV_DRAIN, c->id, 0);
-      if (c->closing) return;
-    }
+  if ((events & UV_WRITABLE) && !c->load) {
+    if (after_flush(c, flush_queue(c))) return;
   }
   if ((events & (UV_READABLE | UV_DISCONNECT)) && c->reading) {
     ssize_t n;
@@ -350,7 +579,7 @@ static void conn_update_poll(conn *c) {
   if (c->closing) return;
   int ev = 0;
   if (c->reading) ev |= UV_READABLE;
-  if (c->q_head < c->q_len) ev |= UV_WRITABLE;
+  if (c->q_head < c->q_len && !c->load) ev |= UV_WRITABLE;
   if (ev == c->events) return;
   c->events = ev;
   if (ev) uv_poll_start(&c->poll, ev, on_conn_io);
@@ -536,7 +765,8 @@ static napi_value set_reading(napi_env env, napi_callback_info info, bool on) {
 static napi_value net_resume(napi_env env, napi_callback_info info) { return set_reading(env, info, true); }
 static napi_value net_pause(napi_env env, napi_callback_info info) { return set_reading(env, info, false); }
 
-static bool queue_push(conn *c, napi_env env, napi_value buf, const char *base, size_t len, size_t off) {
+/* A new zeroed entry at the tail of the write queue (NULL: out of memory). */
+static pending_buf *queue_slot(conn *c) {
   if (c->q_len == c->q_cap) {
     if (c->q_head > 0) {
       memmove(c->q, c->q + c->q_head, sizeof *c->q * (size_t)(c->q_len - c->q_head));
@@ -546,13 +776,22 @@ static bool queue_push(conn *c, napi_env env, napi_value buf, const char *base, 
     if (c->q_len == c->q_cap) {
       int cap = c->q_cap ? c->q_cap * 2 : 16;
       pending_buf *n = realloc(c->q, sizeof *n * (size_t)cap);
-      if (!n) return false;
+      if (!n) return NULL;
       c->q = n;
       c->q_cap = cap;
     }
   }
   pending_buf *p = &c->q[c->q_len];
+  memset(p, 0, sizeof *p);
+  p->ffd = -1;
+  return p;
+}
+
+static bool queue_push(conn *c, napi_env env, napi_value buf, const char *base, size_t len, size_t off) {
+  pending_buf *p = queue_slot(c);
+  if (!p) return false;
   if (napi_create_reference(env, buf, 1, &p->ref) != napi_ok) return false;
+  p->kind = Q_BUF;
   p->base = base;
   p->len = len;
   p->off = off;
@@ -629,6 +868,78 @@ static napi_value net_write(napi_env env, napi_callback_info info) {
   if (!blocked) return nv_int(env, 1);
   /* The bigger buffer may already have room: try once more before waiting for writability. */
   int e = flush_queue(c);
+  if (e) return nv_int(env, -e);
+  if (c->q_head == c->q_len) return nv_int(env, 1);
+  conn_update_poll(c);
+  return nv_int(env, 0);
+}
+
+/*
+ * netWriteFile(id, buf | buf[], fd, offset, length): queue the Buffers, then `length` bytes of
+ * the file `fd` from `offset` (the caller has just checked them cached: see "File segments"),
+ * and send what the socket takes now. `fd` is only used during the call; a segment that has to
+ * wait keeps a dup() of it. Returns as netWrite.
+ */
+static napi_value net_write_file(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  conn *c = arg_conn(env, info, 5, argv);
+  if (!c || c->closing) return nv_int(env, -EPIPE);
+  int fd;
+  int64_t off, len;
+  if (!get_int(env, argv[2], &fd)) return NULL;
+  if (napi_get_value_int64(env, argv[3], &off) != napi_ok || napi_get_value_int64(env, argv[4], &len) != napi_ok ||
+      fd < 0 || off < 0 || len <= 0 || off > INT64_MAX - len) {
+    return nv_throw(env, "netWriteFile(id, buffers, fd, offset, length): bad file range");
+  }
+  bool isarr;
+  napi_is_array(env, argv[1], &isarr);
+  uint32_t count = 1;
+  if (isarr) napi_get_array_length(env, argv[1], &count);
+  bool was_empty = c->q_head == c->q_len;
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value b = argv[1];
+    if (isarr) napi_get_element(env, argv[1], i, &b);
+    void *data;
+    size_t blen;
+    bool isbuf = false;
+    napi_is_buffer(env, b, &isbuf);
+    if (!isbuf || napi_get_buffer_info(env, b, &data, &blen) != napi_ok) {
+      return nv_throw(env, "netWriteFile: expected Buffers");
+    }
+    if (blen > 0 && !queue_push(c, env, b, data, blen, 0)) return nv_int(env, -ENOMEM);
+  }
+  pending_buf *fe = queue_slot(c);
+  if (!fe) return nv_int(env, -ENOMEM);
+  c->q_len++;
+  c->q_bytes += (size_t)len;
+  fe->len = (size_t)len;
+  fe->kind = Q_FILE;
+  fe->ffd = fd;
+  fe->foff = off;
+  fe->borrowed = true;
+  fe->fresh = was_empty;
+  int e = 0;
+  if (was_empty) {
+    e = flush_queue(c);
+    if (!e && c->q_head < c->q_len && !c->big_sndbuf && !c->inet) {
+      /* As netWrite: only connections that fill the socket pay for a bigger buffer. */
+      int v = BIG_SNDBUF;
+      setsockopt(c->fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+      c->big_sndbuf = true;
+      e = flush_queue(c);
+    }
+  }
+  /* Whatever is still queued of the segment must not depend on the caller's fd any more. */
+  if (c->q_head < c->q_len) {
+    pending_buf *last = &c->q[c->q_len - 1];
+    if (last->kind == Q_FILE && last->borrowed) {
+      int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+      last->borrowed = false;
+      last->fresh = false;
+      last->ffd = d;
+      if (d < 0 && !e) e = errno;
+    }
+  }
   if (e) return nv_int(env, -e);
   if (c->q_head == c->q_len) return nv_int(env, 1);
   conn_update_poll(c);
@@ -751,6 +1062,7 @@ void netio_register(napi_env env, napi_value exports) {
     { "netPeer", NULL, net_peer, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netOpenCount", NULL, net_open_count, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netReadInto", NULL, net_read_into, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netWriteFile", NULL, net_write_file, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }

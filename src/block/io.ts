@@ -15,6 +15,7 @@ import {
   type BlockExtent,
   type BlockIO,
   type BlockStats,
+  type FileRange,
   type WriteFlags,
   type WriteHook,
   type WriteThresholdListener,
@@ -223,6 +224,26 @@ export class NodeIO implements BlockIO {
       this.stats.readBytes += length;
     }
     return ok;
+  }
+
+  fileRangeSync(offset: number, length: number): FileRange | undefined {
+    if (this.gate || !this.driver.fileRangeSync) return undefined;
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length <= 0) {
+      return undefined;
+    }
+    if (offset + length > this.driver.getLength()) return undefined;
+    let r: FileRange | undefined;
+    try {
+      r = this.driver.fileRangeSync(offset, length);
+    } catch {
+      return undefined;
+    }
+    if (r) {
+      // The read is done as far as blockstats go: counted as tryReadSync counts it.
+      this.stats.readOps++;
+      this.stats.readBytes += length;
+    }
+    return r;
   }
 
   isDataSync(offset: number, length: number): boolean {

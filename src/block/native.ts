@@ -25,6 +25,11 @@ export interface NativeOps {
   zeroRange(fd: number, offset: number, length: number): void;
   /** preadv2(RWF_NOWAIT): bytes read, or -1 when it would block / is unsupported. */
   preadNowait(fd: number, buf: Buffer, offset: number): number;
+  /**
+   * cachestat(2): 1 when every page of the range is in the page cache, 0 when not, -1 when the
+   * kernel cannot tell (Linux < 6.5). `length` > 0. Undefined without the addon.
+   */
+  readonly cachedRange?: (fd: number, offset: number, length: number) => number;
   /** OFD byte-range lock: type 0 unlock, 1 shared, 2 exclusive. Throws EAGAIN/EACCES on conflict. */
   ofdLock(fd: number, start: number, length: number, type: 0 | 1 | 2): void;
   /** Whether taking a lock of `type` on the range would conflict with another open file description. */
@@ -94,6 +99,7 @@ interface RawAddon {
   punchHole(fd: number, offset: number, length: number): void;
   zeroRange(fd: number, offset: number, length: number): void;
   preadNowait(fd: number, buf: Buffer, offset: number): number;
+  cachedRange?(fd: number, offset: number, length: number): number;
   ofdLock(fd: number, start: number, length: number, type: number): void;
   ofdTest(fd: number, start: number, length: number, type: number): boolean;
   allocAligned(size: number, align: number): Buffer;
@@ -197,6 +203,7 @@ export function nativeOps(): NativeOps {
       allocAligned: (n, al) => a.allocAligned(n, al),
       O_DIRECT: a.oDirect(),
       ...(typeof a.ioBatch === 'function' && { ioBatch: a.ioBatch.bind(a) }),
+      ...(typeof a.cachedRange === 'function' && { cachedRange: a.cachedRange.bind(a) }),
       ...(typeof a.setSendBuffer === 'function' && { setSendBuffer: a.setSendBuffer.bind(a) }),
       ...(a.laneCreate && a.laneSubmit && a.laneClose && {
         writeLane: { create: a.laneCreate.bind(a), submit: a.laneSubmit.bind(a), close: a.laneClose.bind(a) },

@@ -114,6 +114,12 @@ export interface DriverCaps {
   zeroInit?: boolean;
 }
 
+/** A range of an open file (BlockDriver.fileRangeSync): `fd` is valid only synchronously. */
+export interface FileRange {
+  fd: number;
+  offset: number;
+}
+
 /**
  * A driver instance bound to one node. All ranges it receives are already checked by io.ts
  * (inside [0, length], integers); buffers may have any alignment.
@@ -148,6 +154,14 @@ export interface BlockDriver {
    * (an NBD reply becomes a hole chunk, as QSD sends); false when not or unsure.
    */
   isZeroSync?(offset: number, length: number): boolean;
+  /**
+   * Optional: when the node's bytes `[offset, offset+length)` are exactly bytes of one open file
+   * and all of them are in the page cache right now (checked without blocking), that file range;
+   * else undefined. Only drivers whose data is a plain window of their child implement it
+   * (file, raw), so any other node in between (format, filter, throttle) ends the path. The fd
+   * is only valid until the caller returns to the event loop. Counts nothing: io.ts does.
+   */
+  fileRangeSync?(offset: number, length: number): FileRange | undefined;
   write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void>;
   writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
   discard?(offset: number, length: number): Promise<void>;
@@ -230,6 +244,11 @@ export interface BlockIO {
   tryReadSync(buf: Buffer, offset: number): boolean;
   /** True when the range is known, without blocking, to be all data (see BlockDriver.isDataSync). */
   isDataSync?(offset: number, length: number): boolean;
+  /**
+   * The cached file range behind `[offset, offset+length)` (see BlockDriver.fileRangeSync), or
+   * undefined. A range returned counts as a read done (blockstats), as tryReadSync's do.
+   */
+  fileRangeSync?(offset: number, length: number): FileRange | undefined;
   /** True when the range is known, without blocking, to read as zeroes (see BlockDriver.isZeroSync). */
   isZeroSync?(offset: number, length: number): boolean;
   write(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;

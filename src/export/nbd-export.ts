@@ -13,6 +13,7 @@ import type {
   NbdMetaContextProvider,
   NbdSession,
   NbdWriteZeroesOptions,
+  NbdFileRange,
   NbdZeroRanges,
   NbdBlockSizes,
   NbdExtent,
@@ -348,6 +349,18 @@ export class NbdExport implements NbdExportHandle {
     this.counters.readOps++;
     this.counters.readBytes += buf.length;
     return true;
+  }
+
+  tryReadFileSync(offset: number, length: number): NbdFileRange | undefined {
+    if (this.stopped) return undefined;
+    // As tryReadSync: only ranges known to hold no hole (holes go out as OFFSET_HOLE chunks).
+    const io = this.user.io;
+    if (!io.fileRangeSync || !io.isDataSync?.(offset, length)) return undefined;
+    const r = io.fileRangeSync(offset, length);
+    if (!r) return undefined;
+    this.counters.readOps++;
+    this.counters.readBytes += length;
+    return r;
   }
 
   tryReadZeroSync(offset: number, length: number): boolean {
@@ -726,6 +739,9 @@ class ExportConnection implements NbdExportHandle {
   }
   tryReadSync(buf: Buffer, offset: number): boolean {
     return this.exp.tryReadSync(buf, offset);
+  }
+  tryReadFileSync(offset: number, length: number): NbdFileRange | undefined {
+    return this.exp.tryReadFileSync(offset, length);
   }
   read(buf: Buffer, offset: number): Promise<NbdZeroRanges | void> {
     return this.exp.read(buf, offset, this.conn);

@@ -182,6 +182,14 @@ export interface NbdExportHandle {
    * without DF), as QSD does for zero and unallocated ranges. False (no side effects) otherwise.
    */
   tryReadZeroSync?(offset: number, length: number): boolean;
+  /**
+   * Optional fast path for large reads: when the export's bytes `[offset, offset+length)` are
+   * exactly a range of one open file, hold no hole, and are all in the page cache right now
+   * (checked without blocking), that file range, and the read counts as done; else undefined
+   * (no side effects). The engine then sends the range with sendfile() if its transport can.
+   * The fd is only valid until the engine returns to the event loop.
+   */
+  tryReadFileSync?(offset: number, length: number): NbdFileRange | undefined;
   /** `buf` is only valid until the promise settles: copy it if kept. */
   write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
   writeZeroes(offset: number, length: number, opts: NbdWriteZeroesOptions): Promise<void>;
@@ -190,6 +198,12 @@ export interface NbdExportHandle {
   flush(): Promise<void>;
   /** Prefetch hint; may be a no-op. */
   cache(offset: number, length: number): Promise<void>;
+}
+
+/** A range of an open file ({@link NbdExportHandle.tryReadFileSync}). */
+export interface NbdFileRange {
+  fd: number;
+  offset: number;
 }
 
 /** Everything the engine needs from the layer above it. */

@@ -373,6 +373,13 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
         this.readOnlyError = neg.readOnlyIntent && !neg.exp.readOnly ? NBD_EPERM : NBD_EINVAL;
         this.size = neg.exp.size;
         this.hasSyncRead = typeof neg.exp.tryReadSync === 'function';
+        // sendfile for large cached reads: only where the transport can (native sockets) and the
+        // export can name a file range (a raw export straight over a file node).
+        const fileMin = this.socket.fileWriteMin ?? 0;
+        this.fileReadMin =
+          this.hasSyncRead && this.socket.writeFile && fileMin > 0 && typeof this.exp.tryReadFileSync === 'function'
+            ? fileMin
+            : Infinity;
         this.state = neg.extended ? 'EXT_REQUEST' : 'REQUEST';
         if (!this.infoOn) return;
         this.log.info(

@@ -23,6 +23,8 @@ export interface NetIoBinding {
   netOpenCount(): number;
   /** Optional (older addons lack it): see NbdTransport.readInto. */
   netReadInto?(id: number, buf: Buffer, offset: number, length: number): void;
+  /** Optional (older addons lack it): see NbdTransport.writeFile. */
+  netWriteFile?(id: number, bufs: Buffer | readonly Buffer[], fd: number, offset: number, length: number): number;
 }
 
 const NETIO_FUNCTIONS = [
@@ -73,6 +75,19 @@ const listeners = new Map<number, NativeListener>();
 const POLL_MS = pollWindowMs(process.env.BLOCKD_NBD_POLL_US);
 let lastRead = 0;
 let polling = false;
+
+/**
+ * Reads of at least this many bytes whose range is cached in one file go out with sendfile()
+ * (netWriteFile) instead of being copied into a reply buffer; below it the copy is cheaper than
+ * the extra syscalls (cachestat, a second send). `BLOCKD_NBD_SENDFILE_MIN` sets it in bytes
+ * (0 turns it off); see docs/nbd.md and docs/performance.md for the measurement behind it.
+ */
+const SENDFILE_MIN = sendfileMinBytes(process.env.BLOCKD_NBD_SENDFILE_MIN);
+
+export function sendfileMinBytes(env: string | undefined): number {
+  const n = env === undefined || env === '' ? 64 * 1024 : Number(env);
+  return Number.isSafeInteger(n) && n > 0 ? n : 0;
+}
 
 export function pollWindowMs(env: string | undefined): number {
   const us = env === undefined || env === '' ? 32 : Number(env);
@@ -147,12 +162,23 @@ export class NativeTransport implements NbdTransport {
   /** Bytes the netReadInto target still wants (the addon counts the same way). */
   private directLeft = 0;
   readonly readInto: ((buf: Buffer, offset: number, length: number) => void) | undefined;
+  readonly writeFile:
+    | ((bufs: readonly Buffer[], fd: number, offset: number, length: number, done?: () => void) => boolean)
+    | undefined;
+  readonly fileWriteMin: number;
 
   constructor(
     private readonly b: NetIoBinding,
     readonly id: number,
   ) {
     this.readInto = b.netReadInto ? this.armTarget : undefined;
+    this.writeFile = b.netWriteFile && SENDFILE_MIN > 0 ? this.sendFile : undefined;
+    this.fileWriteMin = SENDFILE_MIN;
+  }
+
+  private sendFile(bufs: readonly Buffer[], fd: number, offset: number, length: number, done?: () => void): boolean {
+    if (this.closed) return true;
+    return this.settleWrite(this.b.netWriteFile!(this.id, bufs.length === 1 ? bufs[0]! : bufs, fd, offset, length), done);
   }
 
   private armTarget(buf: Buffer, offset: number, length: number): void {
@@ -210,7 +236,11 @@ export class NativeTransport implements NbdTransport {
 
   write(bufs: readonly Buffer[], done?: () => void): boolean {
     if (this.closed) return true;
-    const r = this.b.netWrite(this.id, bufs.length === 1 ? bufs[0]! : bufs);
+    return this.settleWrite(this.b.netWrite(this.id, bufs.length === 1 ? bufs[0]! : bufs), done);
+  }
+
+  /** A netWrite/netWriteFile result: 1 sent, 0 queued (DRAIN follows), -errno failed. */
+  private settleWrite(r: number, done: (() => void) | undefined): boolean {
     if (r === 1) {
       if (done) done();
       return !this.waitingDrain;

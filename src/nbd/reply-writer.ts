@@ -9,7 +9,7 @@
  * lifecycle, handshake, input state machine, flow control, close).
  */
 import type { Logger } from '../util/logger.js';
-import type { NbdZeroRanges } from './backend.js';
+import type { NbdFileRange, NbdZeroRanges } from './backend.js';
 import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
 import type { NbdTransport } from './transport.js';
 import {
@@ -134,8 +134,23 @@ export abstract class NbdReplyWriter {
     if (this.outBytes >= EAGER_FLUSH_BYTES) this.flush();
   }
 
-  /** Write everything queued in this event-loop turn at once. */
-  protected flush(): void {
+  /**
+   * Queue a READ reply whose data is a cached file range: the header now, then the file's bytes
+   * sent by the transport with sendfile() (everything queued before goes first, so replies keep
+   * their order). The bytes are read from the page cache when they are sent, not now: a write
+   * to the same range finishing meanwhile may be seen, which NBD allows (the result of a read
+   * overlapping an in-flight write is undefined, and the read is not done until its last byte
+   * is received). See native/netio.c, "File segments".
+   */
+  protected queueFile(hdr: Buffer, range: NbdFileRange, length: number): void {
+    if (this.state === 'CLOSED' || this.ending) return;
+    this.out.push(hdr);
+    this.outBytes += hdr.length;
+    this.flush(range, length);
+  }
+
+  /** Write everything queued in this event-loop turn at once (then the file range, if any). */
+  protected flush(file?: NbdFileRange, fileLength = 0): void {
     this.flushScheduled = false;
     const out = this.out;
     if (out.length === 0) return;
@@ -163,7 +178,11 @@ export abstract class NbdReplyWriter {
         : () => {
             for (const b of recycle) releaseReplyBuffer(b);
           };
-    const ok = this.socket.write(merged !== undefined ? [merged] : out, done);
+    const bufs = merged !== undefined ? [merged] : out;
+    const ok =
+      file !== undefined
+        ? this.socket.writeFile!(bufs, file.fd, file.offset, fileLength, done)
+        : this.socket.write(bufs, done);
     if (!ok && !this.writeBlocked) {
       this.writeBlocked = true;
       this.pauseReading();

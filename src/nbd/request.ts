@@ -86,6 +86,8 @@ export abstract class NbdRequestParser extends NbdDispatcher {
   protected readOnlyError = NBD_EINVAL;
   protected size = 0;
   protected hasSyncRead = false;
+  /** Reads of at least this size may go out as a file range (sendfile); Infinity: never. */
+  protected fileReadMin = Infinity;
 
   // WRITE payload being received / drained
   protected wCookie: Buffer = ZERO_COOKIE;
@@ -145,6 +147,18 @@ export abstract class NbdRequestParser extends NbdDispatcher {
         return;
       }
       const hdr = this.structured ? 28 : NBD_SIMPLE_REPLY_SIZE;
+      if (length >= this.fileReadMin) {
+        // Large and cached in one file: the header now, the data with sendfile (no copy).
+        const range = this.exp!.tryReadFileSync!(offset, length);
+        if (range !== undefined) {
+          const h = allocReplyBuffer(hdr);
+          if (this.structured) writeOffsetDataHeader(h, 0, NBD_REPLY_FLAG_DONE, cookie, offset, length);
+          else writeSimpleReply(h, 0, 0, cookie);
+          r.consume(NBD_REQUEST_SIZE);
+          this.queueFile(h, range, length);
+          return;
+        }
+      }
       const out = allocReplyBuffer(hdr + length);
       if (this.exp!.tryReadSync!(out.subarray(hdr), offset)) {
         if (this.structured) writeOffsetDataHeader(out, 0, NBD_REPLY_FLAG_DONE, cookie, offset, length);

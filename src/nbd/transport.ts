@@ -53,6 +53,15 @@ export interface NbdTransport {
    * The target stays armed until it is full or the transport closes.
    */
   readInto?(buf: Buffer, offset: number, length: number): void;
+  /**
+   * Optional: write `bufs`, then `length` bytes of the file `fd` from `offset` (sendfile, no
+   * copy in the server), in order with every other write; returns and calls `done` as
+   * {@link write}. The caller has just checked the range is in the page cache; `fd` only has to
+   * stay open during the call (a segment that waits keeps its own duplicate).
+   */
+  writeFile?(bufs: readonly Buffer[], fd: number, offset: number, length: number, done?: () => void): boolean;
+  /** With {@link writeFile}: reads shorter than this are cheaper copied (0: never use it). */
+  readonly fileWriteMin?: number;
 }
 
 /**

@@ -13,7 +13,7 @@ import { constants as fsc, fstat, fsync, fdatasync, ftruncate, open, read, write
 import { getSystemErrorName, promisify } from 'node:util';
 import { BlockError, strerror } from '../../util/errors.js';
 import { nativeOps, type NativeOps, type WriteLaneOps } from '../native.js';
-import { PERM_ALL } from '../types.js';
+import { PERM_ALL, type FileRange } from '../types.js';
 import {
   EXTENT_ALLOCATED,
   EXTENT_DATA,
@@ -389,6 +389,17 @@ export class FileDriver implements BlockDriver {
   private forgetData(): void {
     this.dataStart = 0;
     this.dataEnd = 0;
+  }
+
+  /**
+   * The range itself when all of it is in the page cache (cachestat: one syscall, no data
+   * touched), so a caller may send it with sendfile() without waiting for the disk. Not for
+   * O_DIRECT (the page cache is not the file's truth there) or without cachestat.
+   */
+  fileRangeSync(offset: number, length: number): FileRange | undefined {
+    const cached = this.native.cachedRange;
+    if (this.direct || this.closed || !cached || offset + length > this.length) return undefined;
+    return cached(this.fd, offset, length) === 1 ? { fd: this.fd, offset } : undefined;
   }
 
   tryReadSync(buf: Buffer, offset: number): boolean {

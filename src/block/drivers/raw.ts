@@ -3,7 +3,7 @@
  * Without `size` the window follows the child's length.
  */
 import { BlockError } from '../../util/errors.js';
-import type { BlockDriver, BlockExtent, DriverCaps, WriteFlags, ZeroFlags } from '../types.js';
+import type { BlockDriver, BlockExtent, DriverCaps, FileRange, WriteFlags, ZeroFlags } from '../types.js';
 import {
   BASE_MEMBERS,
   optError,
@@ -71,6 +71,11 @@ export class RawDriver implements BlockDriver {
 
   isDataSync(offset: number, length: number): boolean {
     return this.child.isDataSync?.(offset + this.offset, length) ?? false;
+  }
+
+  /** raw is a plain window of its file child: the child's range, shifted by `offset`. */
+  fileRangeSync(offset: number, length: number): FileRange | undefined {
+    return this.child.fileRangeSync?.(offset + this.offset, length);
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
