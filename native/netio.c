@@ -29,6 +29,9 @@
  *                                       as netWrite, then `len` bytes of file `fd` from `off`
  *                                       with sendfile(); see "File segments" below
  *   netOpenCount() -> n                 connections whose socket is still open
+ *   netFileStats() -> [sent, waited, loaded, zeroed]
+ *                                       file segments: all sent, had to wait for the socket
+ *                                       (dup), were read on a thread (evicted), hit EOF
  * Events: 1 ACCEPT (id = new connection, arg = listener id), 2 READ (arg = bytes now at the start
  * of readBuffer; the callback must consume or copy them before it returns), 3 EOF, 4 ERROR
  * (arg = errno; reading has stopped, the caller closes), 5 DRAIN (the write queue is empty),
@@ -186,6 +189,9 @@ static uv_timer_t g_linger_timer;
 
 static listener *g_listeners[64];
 
+/* File segments (netFileStats): tests and diagnosis see which way they went. */
+static double g_file_sent, g_file_waited, g_file_loaded, g_file_zeroed;
+
 /* ---- small helpers ---------------------------------------------------------------------- */
 
 static napi_value nv_throw(napi_env env, const char *msg) {
@@ -342,6 +348,7 @@ static int start_load(conn *c, pending_buf *p) {
     return EIO;
   }
   c->load = l;
+  g_file_loaded++;
   return 0;
 }
 
@@ -357,6 +364,7 @@ static int zero_rest(pending_buf *p) {
   p->base = z;
   p->len = left;
   p->off = 0;
+  g_file_zeroed++;
   return 0;
 }
 
@@ -403,6 +411,7 @@ static int flush_queue(conn *c) {
       if (e == 0) {
         release_entry(head);
         c->q_head++;
+        g_file_sent++;
         continue;
       }
       if (e == -1) continue; /* now a buffer entry */
@@ -934,6 +943,7 @@ static napi_value net_write_file(napi_env env, napi_callback_info info) {
     pending_buf *last = &c->q[c->q_len - 1];
     if (last->kind == Q_FILE && last->borrowed) {
       int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+      g_file_waited++;
       last->borrowed = false;
       last->fresh = false;
       last->ffd = d;
@@ -1046,6 +1056,19 @@ static napi_value net_open_count(napi_env env, napi_callback_info info) {
   return nv_int(env, g_open);
 }
 
+static napi_value net_file_stats(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value arr;
+  napi_create_array_with_length(env, 4, &arr);
+  double v[4] = { g_file_sent, g_file_waited, g_file_loaded, g_file_zeroed };
+  for (uint32_t i = 0; i < 4; i++) {
+    napi_value x;
+    napi_create_double(env, v[i], &x);
+    napi_set_element(env, arr, i, x);
+  }
+  return arr;
+}
+
 /* Called from the module's init (blockd_native.c). */
 void netio_register(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
@@ -1063,6 +1086,7 @@ void netio_register(napi_env env, napi_value exports) {
     { "netOpenCount", NULL, net_open_count, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netReadInto", NULL, net_read_into, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netWriteFile", NULL, net_write_file, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netFileStats", NULL, net_file_stats, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }

@@ -25,6 +25,8 @@ export interface NetIoBinding {
   netReadInto?(id: number, buf: Buffer, offset: number, length: number): void;
   /** Optional (older addons lack it): see NbdTransport.writeFile. */
   netWriteFile?(id: number, bufs: Buffer | readonly Buffer[], fd: number, offset: number, length: number): number;
+  /** File segments so far: [all sent, waited for the socket, read on a thread, hit EOF]. */
+  netFileStats?(): number[];
 }
 
 const NETIO_FUNCTIONS = [

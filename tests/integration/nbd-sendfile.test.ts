@@ -1,0 +1,363 @@
+/**
+ * Large cached reads of a raw file export sent with sendfile() (netWriteFile in native/netio.c):
+ * the bytes, the reply order with everything else queued, partial sends to a slow reader, ranges
+ * that end at an EOF that is not page-aligned, the file closed / truncated / evicted from the
+ * page cache while segments wait, blockstats, and the fallbacks (no addon, small reads).
+ * netFileStats() shows which way the segments went, so every test fails if the path is not taken.
+ */
+import { execFileSync } from 'node:child_process';
+import { closeSync, fsyncSync, ftruncateSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import net from 'node:net';
+import { randomBytes } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { Services } from '../../src/qmp/services.js';
+import { silentLogger } from '../../src/util/logger.js';
+import { nativeAddon, nativeOps } from '../../src/block/native.js';
+import {
+  listenUnixFd,
+  NativeListener,
+  netIoBindingFrom,
+  type NativeTransport,
+} from '../../src/nbd/native-transport.js';
+import { NBD_CMD_READ, NBD_CMD_FLAG_DF } from '../../src/nbd/protocol.js';
+import { RawNbdClient, type RawReply } from '../helpers/nbd-raw-client.js';
+import { withoutAddon } from '../helpers/native.js';
+
+const netio = netIoBindingFrom(nativeAddon());
+const MiB = 1 << 20;
+/** Not a multiple of the page size: reads that end at EOF end inside a page. */
+const SIZE = 24 * MiB + 3000;
+
+/** Whether this kernel and addon can take the path at all (cachestat needs Linux >= 6.5). */
+function pathAvailable(): boolean {
+  const cached = nativeOps().cachedRange;
+  if (!netio?.netWriteFile || !netio.netFileStats || !cached) return false;
+  const fd = openSync('/proc/self/exe', 'r');
+  try {
+    return cached(fd, 0, 4096) !== -1;
+  } finally {
+    closeSync(fd);
+  }
+}
+const AVAILABLE = pathAvailable();
+
+function fileStats(): { sent: number; waited: number; loaded: number; zeroed: number } {
+  const [sent = 0, waited = 0, loaded = 0, zeroed = 0] = netio?.netFileStats?.() ?? [];
+  return { sent, waited, loaded, zeroed };
+}
+
+/** Drop the file's clean pages from the page cache (POSIX_FADV_DONTNEED; Node has no binding). */
+function evict(path: string): void {
+  execFileSync('/usr/bin/python3', [
+    '-c',
+    'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)',
+    path,
+  ]);
+}
+
+/** An image of random bytes, written, synced and read once (so it is clean and cached). */
+function makeImage(dir: string, size = SIZE): { path: string; data: Buffer } {
+  const path = join(dir, 'disk.raw');
+  const data = randomBytes(size);
+  const fd = openSync(path, 'w');
+  writeSync(fd, data);
+  fsyncSync(fd);
+  closeSync(fd);
+  readFileSync(path);
+  return { path, data };
+}
+
+/** The data of one READ reply (simple or one OFFSET_DATA chunk), checked against `want`. */
+async function readData(c: RawNbdClient, length: number, structured: boolean): Promise<{ cookie: bigint; data: Buffer }> {
+  const r: RawReply | undefined = await c.reply();
+  if (!r) throw new Error('connection closed');
+  if (r.kind === 'simple') {
+    expect(structured).toBe(false);
+    expect(r.error).toBe(0);
+    const data = await c.read(length);
+    if (!data) throw new Error('connection closed in the data');
+    return { cookie: r.cookie.readBigUInt64BE(0), data: Buffer.from(data) };
+  }
+  expect(r.kind).toBe('chunk');
+  if (r.kind !== 'chunk') throw new Error('unexpected reply');
+  expect(r.type).toBe(1); // NBD_REPLY_TYPE_OFFSET_DATA
+  expect(r.flags & 1).toBe(1); // DONE: one chunk
+  return { cookie: r.cookie.readBigUInt64BE(0), data: Buffer.from(r.payload.subarray(8)) };
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+describe.skipIf(!AVAILABLE)('sendfile for large cached reads of a raw file export', () => {
+  let dir: string;
+  let svc: Services;
+  let sock: string;
+  let img: { path: string; data: Buffer };
+
+  beforeEach(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'blockd-sendfile-'));
+    sock = join(dir, 'nbd.sock');
+    svc = new Services(silentLogger());
+    await svc.exports.startServer({ addr: { type: 'unix', path: sock } });
+    img = makeImage(dir);
+    await svc.graph.add({
+      driver: 'raw',
+      'node-name': 'disk',
+      file: { driver: 'file', filename: img.path, 'node-name': 'disk-file' },
+    });
+    svc.exports.addExport({ type: 'nbd', id: 'e0', nodeName: 'disk', writable: false, name: 'disk' });
+  });
+
+  afterEach(async () => {
+    await svc.shutdown();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function client(structured: boolean): Promise<RawNbdClient> {
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('disk', { structured });
+    return c;
+  }
+
+  for (const structured of [false, true]) {
+    it(`sends large reads as file segments with the image's bytes (${structured ? 'structured' : 'simple'} replies)`, async () => {
+      const c = await client(structured);
+      const ranges: Array<[number, number]> = [
+        [0, 64 * 1024],
+        [4097, MiB + 3], // unaligned start and length
+        [SIZE - 200_000, 200_000], // ends at EOF, inside a page
+        [SIZE - 65_536, 65_536],
+        [3 * MiB, 20 * MiB], // large: several sendfile calls
+      ];
+      const before = fileStats();
+      let cookie = 1n;
+      for (const [off, len] of ranges) {
+        c.request(NBD_CMD_READ, off, len, structured ? NBD_CMD_FLAG_DF : 0, cookie++);
+        const r = await readData(c, len, structured);
+        expect(r.cookie).toBe(cookie - 1n);
+        expect(r.data.equals(img.data.subarray(off, off + len))).toBe(true);
+      }
+      expect(fileStats().sent - before.sent).toBe(ranges.length);
+      c.close();
+    });
+  }
+
+  it('counts the reads in blockstats exactly as copied reads', async () => {
+    const io = svc.graph.get('disk')!.io;
+    const fileIo = svc.graph.get('disk-file')!.io;
+    const ops0 = io.stats.readOps;
+    const bytes0 = io.stats.readBytes;
+    const fops0 = fileIo.stats.readOps;
+    const before = fileStats();
+    const c = await client(true);
+    for (let i = 0; i < 4; i++) {
+      c.request(NBD_CMD_READ, i * MiB, 256 * 1024, 0, BigInt(i + 1));
+      await readData(c, 256 * 1024, true);
+    }
+    c.request(NBD_CMD_READ, 0, 4096, 0, 9n); // small: the copied path
+    await readData(c, 4096, true);
+    expect(fileStats().sent - before.sent).toBe(4);
+    expect(io.stats.readOps - ops0).toBe(5);
+    expect(io.stats.readBytes - bytes0).toBe(4 * 256 * 1024 + 4096);
+    expect(fileIo.stats.readOps - fops0).toBe(5);
+    c.close();
+  });
+
+  it('keeps replies in order and intact for a reader slower than the socket (partial sends)', async () => {
+    const c = await client(true);
+    const before = fileStats();
+    c.sock.pause();
+    // Large (file segments) and small (copied) reads interleaved: far more than the socket holds.
+    const reqs: Array<[number, number]> = [];
+    for (let i = 0; i < 12; i++) {
+      reqs.push([(i * 1_900_001) % (SIZE - 3 * MiB), 2 * MiB + i]);
+      reqs.push([i * 4096 + 7, 4096]);
+    }
+    reqs.forEach(([off, len], i) => c.request(NBD_CMD_READ, off, len, 0, BigInt(i + 1)));
+    await sleep(100);
+    c.sock.resume();
+    for (let i = 0; i < reqs.length; i++) {
+      const [off, len] = reqs[i]!;
+      const r = await readData(c, len, true);
+      // The server answers synchronously served reads in request order.
+      expect(r.cookie).toBe(BigInt(i + 1));
+      expect(r.data.equals(img.data.subarray(off, off + len))).toBe(true);
+    }
+    const after = fileStats();
+    expect(after.sent - before.sent).toBe(12);
+    expect(after.waited - before.waited).toBeGreaterThan(0);
+    c.close();
+  });
+
+  it('still sends the right bytes when the file node is reopened while segments wait', async () => {
+    const c = await client(false);
+    const before = fileStats();
+    c.sock.pause();
+    for (let i = 0; i < 6; i++) c.request(NBD_CMD_READ, i * 3 * MiB, 3 * MiB, 0, BigInt(i + 1));
+    await sleep(50);
+    // A new descriptor for the file node; the old one is retired.
+    await svc.graph.reopen([{ driver: 'file', 'node-name': 'disk-file', filename: img.path, 'read-only': true }]);
+    c.sock.resume();
+    for (let i = 0; i < 6; i++) {
+      const r = await readData(c, 3 * MiB, false);
+      expect(r.data.equals(img.data.subarray(i * 3 * MiB, (i + 1) * 3 * MiB))).toBe(true);
+    }
+    expect(fileStats().waited - before.waited).toBeGreaterThan(0);
+    c.close();
+  });
+
+  it('answers a read whose range is not cached through the copied path', async () => {
+    evict(img.path);
+    const fd = openSync(img.path, 'r');
+    expect(nativeOps().cachedRange!(fd, 8 * MiB, MiB)).toBe(0);
+    closeSync(fd);
+    const before = fileStats();
+    const c = await client(true);
+    c.request(NBD_CMD_READ, 8 * MiB, MiB, 0, 1n);
+    const r = await readData(c, MiB, true);
+    expect(r.data.equals(img.data.subarray(8 * MiB, 9 * MiB))).toBe(true);
+    expect(fileStats().sent - before.sent).toBe(0);
+    c.close();
+  });
+});
+
+describe.skipIf(!AVAILABLE)('netio file segments', () => {
+  let dir: string;
+  let listener: NativeListener | undefined;
+  let transport: NativeTransport | undefined;
+  let peer: net.Socket | undefined;
+
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'blockd-netfile-'));
+  });
+
+  afterEach(() => {
+    peer?.destroy();
+    transport?.destroy();
+    listener?.close();
+    peer = transport = listener = undefined;
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** A native server transport and a paused client socket connected to it. */
+  async function pair(): Promise<{ t: NativeTransport; c: net.Socket; drained: () => number }> {
+    const path = join(dir, 's.sock');
+    let drains = 0;
+    const accepted = new Promise<NativeTransport>((resolve) => {
+      listener = new NativeListener(netio!, listenUnixFd(netio!, path), (t) => {
+        t.attach({
+          onData: () => undefined,
+          onDrain: () => void drains++,
+          onClose: () => undefined,
+          onError: () => undefined,
+          onDirectData: () => undefined,
+        });
+        resolve(t);
+      });
+    });
+    const c = net.createConnection(path);
+    c.pause();
+    peer = c;
+    transport = await accepted;
+    return { t: transport, c, drained: () => drains };
+  }
+
+  /** Read exactly n bytes from the client socket. */
+  async function readAll(c: net.Socket, n: number): Promise<Buffer> {
+    const parts: Buffer[] = [];
+    let got = 0;
+    c.resume();
+    await new Promise<void>((resolve, reject) => {
+      const onData = (d: Buffer) => {
+        parts.push(d);
+        got += d.length;
+        if (got >= n) {
+          c.off('data', onData);
+          resolve();
+        }
+      };
+      c.on('data', onData);
+      c.once('close', () => (got < n ? reject(new Error(`closed after ${got} of ${n} bytes`)) : undefined));
+    });
+    return Buffer.concat(parts).subarray(0, n);
+  }
+
+  it('sends a waiting segment from its own descriptor after the caller closed the file', async () => {
+    const img = makeImage(dir, 16 * MiB);
+    const { t, c } = await pair();
+    const before = fileStats();
+    const fd = openSync(img.path, 'r');
+    const hdr = Buffer.from('header--');
+    const ok = t.writeFile!([hdr], fd, 1000, 12 * MiB);
+    closeSync(fd); // e.g. the node was closed: the waiting rest must not depend on this fd
+    expect(ok).toBe(false); // more than the socket holds: it waits
+    t.write([Buffer.from('trailer')]);
+    const got = await readAll(c, 8 + 12 * MiB + 7);
+    expect(got.subarray(0, 8).equals(hdr)).toBe(true);
+    expect(got.subarray(8, 8 + 12 * MiB).equals(img.data.subarray(1000, 1000 + 12 * MiB))).toBe(true);
+    expect(got.subarray(8 + 12 * MiB).toString()).toBe('trailer');
+    const after = fileStats();
+    expect(after.waited - before.waited).toBe(1);
+    expect(after.sent - before.sent).toBe(1);
+  });
+
+  it('reads a waiting segment on the thread pool once its pages were evicted', async () => {
+    const img = makeImage(dir, 16 * MiB);
+    const { t, c } = await pair();
+    const before = fileStats();
+    const fd = openSync(img.path, 'r');
+    expect(t.writeFile!([Buffer.from('h')], fd, 0, 14 * MiB)).toBe(false);
+    closeSync(fd);
+    evict(img.path);
+    const got = await readAll(c, 1 + 14 * MiB);
+    expect(got.subarray(1).equals(img.data.subarray(0, 14 * MiB))).toBe(true);
+    expect(fileStats().loaded - before.loaded).toBe(1);
+  });
+
+  it('ends a waiting segment with zeroes when the file shrank meanwhile', async () => {
+    const img = makeImage(dir, 16 * MiB);
+    const { t, c } = await pair();
+    const fd = openSync(img.path, 'r+');
+    expect(t.writeFile!([], fd, 0, 12 * MiB)).toBe(false);
+    ftruncateSync(fd, 10 * MiB);
+    closeSync(fd);
+    const got = await readAll(c, 12 * MiB);
+    // Whatever was sent before the truncation is the old data; past the new EOF only zeroes.
+    expect(got.subarray(0, 10 * MiB).equals(img.data.subarray(0, 10 * MiB))).toBe(true);
+    expect(got.subarray(10 * MiB).every((b) => b === 0)).toBe(true);
+  });
+});
+
+describe('large reads without the addon (pure-JS fallback)', () => {
+  withoutAddon();
+  let dir: string;
+  let svc: Services;
+
+  afterEach(async () => {
+    await svc.shutdown();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('serves the same bytes and sends no file segment', async () => {
+    dir = mkdtempSync(join(tmpdir(), 'blockd-sendfile-noaddon-'));
+    const sock = join(dir, 'nbd.sock');
+    svc = new Services(silentLogger());
+    await svc.exports.startServer({ addr: { type: 'unix', path: sock } });
+    const img = makeImage(dir, 4 * MiB + 5);
+    await svc.graph.add({
+      driver: 'raw',
+      'node-name': 'disk',
+      file: { driver: 'file', filename: img.path, 'node-name': 'disk-file' },
+    });
+    svc.exports.addExport({ type: 'nbd', id: 'e0', nodeName: 'disk', name: 'disk' });
+    const before = fileStats();
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('disk', { structured: true });
+    c.request(NBD_CMD_READ, 3, 4 * MiB + 2, 0, 1n);
+    const r = await readData(c, 4 * MiB + 2, true);
+    expect(r.data.equals(img.data.subarray(3))).toBe(true);
+    expect(fileStats().sent).toBe(before.sent);
+    c.close();
+  });
+});
