@@ -143,6 +143,23 @@ describe.skipIf(!AVAILABLE)('sendfile for large cached reads of a raw file expor
     });
   }
 
+  it('sends large reads as file segments to clients with extended headers', async () => {
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('disk', { extended: true });
+    const before = fileStats();
+    const [off, len] = [SIZE - MiB - 1, MiB + 1];
+    c.extRequest(NBD_CMD_READ, off, len, 0, 7n);
+    const r = await c.reply();
+    expect(r?.kind).toBe('ext');
+    if (r?.kind !== 'ext') return;
+    expect(r.type).toBe(1); // NBD_REPLY_TYPE_OFFSET_DATA
+    expect(r.cookie.readBigUInt64BE(0)).toBe(7n);
+    expect(r.payload.readBigUInt64BE(0)).toBe(BigInt(off));
+    expect(r.payload.subarray(8).equals(img.data.subarray(off))).toBe(true);
+    expect(fileStats().sent - before.sent).toBe(1);
+    c.close();
+  });
+
   it('counts the reads in blockstats exactly as copied reads', async () => {
     const io = svc.graph.get('disk')!.io;
     const fileIo = svc.graph.get('disk-file')!.io;
