@@ -77,6 +77,15 @@ const listeners = new Map<number, NativeListener>();
 const POLL_MS = pollWindowMs(process.env.BLOCKD_NBD_POLL_US);
 let lastRead = 0;
 let polling = false;
+/**
+ * Request bytes whose handling wrote at least this much (large read replies sent at once) do
+ * not (re)start polling: that client first has to take in the replies, which on two shared
+ * cores takes longer than the window, so spinning for its next request only takes CPU from it.
+ * Measured on seqread (256 KiB, QD16): polling then cost 15 µs of server CPU per request.
+ */
+const POLL_SKIP_BYTES = 64 * 1024;
+/** Bytes handed to netWrite/netWriteFile so far (only differences are used). */
+let written = 0;
 
 /**
  * Reads of at least this many bytes whose range is cached in one file go out with sendfile()
@@ -105,9 +114,10 @@ function onEvent(ev: number, id: number, arg: number): void {
   // An exception here would reach napi_fatal_exception: contain it to this connection.
   try {
     switch (ev) {
-      case EV_READ:
+      case EV_READ: {
+        const before = written;
         conns[id]?.deliver(arg);
-        if (POLL_MS > 0) {
+        if (POLL_MS > 0 && written - before < POLL_SKIP_BYTES) {
           lastRead = performance.now();
           if (!polling) {
             polling = true;
@@ -115,6 +125,7 @@ function onEvent(ev: number, id: number, arg: number): void {
           }
         }
         return;
+      }
       case EV_READ_DIRECT:
         conns[id]?.deliverDirect(arg);
         return;
@@ -180,6 +191,7 @@ export class NativeTransport implements NbdTransport {
 
   private sendFile(bufs: readonly Buffer[], fd: number, offset: number, length: number, done?: () => void): boolean {
     if (this.closed) return true;
+    written += length;
     return this.settleWrite(this.b.netWriteFile!(this.id, bufs.length === 1 ? bufs[0]! : bufs, fd, offset, length), done);
   }
 
@@ -238,6 +250,8 @@ export class NativeTransport implements NbdTransport {
 
   write(bufs: readonly Buffer[], done?: () => void): boolean {
     if (this.closed) return true;
+    if (bufs.length === 1) written += bufs[0]!.length;
+    else for (const b of bufs) written += b.length;
     return this.settleWrite(this.b.netWrite(this.id, bufs.length === 1 ? bufs[0]! : bufs), done);
   }
 
