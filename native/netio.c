@@ -904,18 +904,23 @@ static napi_value net_write_file(napi_env env, napi_callback_info info) {
   napi_is_array(env, argv[1], &isarr);
   uint32_t count = 1;
   if (isarr) napi_get_array_length(env, argv[1], &count);
-  bool was_empty = c->q_head == c->q_len;
+  if (count > MAX_IOV) return nv_throw(env, "netWriteFile: too many Buffers");
+  napi_value bv[MAX_IOV];
+  void *bdata[MAX_IOV];
+  size_t blen[MAX_IOV];
+  /* All checked before anything is queued: a header must never go out without its data. */
   for (uint32_t i = 0; i < count; i++) {
-    napi_value b = argv[1];
-    if (isarr) napi_get_element(env, argv[1], i, &b);
-    void *data;
-    size_t blen;
+    bv[i] = argv[1];
+    if (isarr) napi_get_element(env, argv[1], i, &bv[i]);
     bool isbuf = false;
-    napi_is_buffer(env, b, &isbuf);
-    if (!isbuf || napi_get_buffer_info(env, b, &data, &blen) != napi_ok) {
+    napi_is_buffer(env, bv[i], &isbuf);
+    if (!isbuf || napi_get_buffer_info(env, bv[i], &bdata[i], &blen[i]) != napi_ok) {
       return nv_throw(env, "netWriteFile: expected Buffers");
     }
-    if (blen > 0 && !queue_push(c, env, b, data, blen, 0)) return nv_int(env, -ENOMEM);
+  }
+  bool was_empty = c->q_head == c->q_len;
+  for (uint32_t i = 0; i < count; i++) {
+    if (blen[i] > 0 && !queue_push(c, env, bv[i], bdata[i], blen[i], 0)) return nv_int(env, -ENOMEM);
   }
   pending_buf *fe = queue_slot(c);
   if (!fe) return nv_int(env, -ENOMEM);

@@ -224,6 +224,21 @@ describe.skipIf(!AVAILABLE)('sendfile for large cached reads of a raw file expor
     c.close();
   });
 
+  it('does not take the path through a filter node between the export and the file', async () => {
+    // A throttle filter with limits far above what the test reads.
+    await svc.objects.add({ 'qom-type': 'throttle-group', id: 'tg', limits: { 'bps-total': 1 << 30 } });
+    await svc.graph.add({ driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'disk' });
+    svc.exports.addExport({ type: 'nbd', id: 'e1', nodeName: 'thr', name: 'thr' });
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('thr', { structured: true });
+    const before = fileStats();
+    c.request(NBD_CMD_READ, 12345, 2 * MiB, 0, 1n);
+    const r = await readData(c, 2 * MiB, true);
+    expect(r.data.equals(img.data.subarray(12345, 12345 + 2 * MiB))).toBe(true);
+    expect(fileStats().sent - before.sent).toBe(0);
+    c.close();
+  });
+
   it('answers a read whose range is not cached through the copied path', async () => {
     evict(img.path);
     const fd = openSync(img.path, 'r');
