@@ -30,9 +30,13 @@ const MiB = 1 << 20;
 /** Not a multiple of the page size: reads that end at EOF end inside a page. */
 const SIZE = 24 * MiB + 3000;
 
-/** Whether this kernel and addon can take the path at all (cachestat needs Linux >= 6.5). */
+/**
+ * Whether this kernel and addon can take the path at all (cachestat needs Linux >= 6.5), and the
+ * server uses the native socket layer (BLOCKD_NET=node serves with net.Socket: no sendfile).
+ */
 function pathAvailable(): boolean {
   const cached = nativeOps().cachedRange;
+  if (process.env['BLOCKD_NET'] === 'node') return false;
   if (!netio?.netWriteFile || !netio.netFileStats || !cached) return false;
   const fd = openSync('/proc/self/exe', 'r');
   try {
