@@ -155,8 +155,9 @@ export interface BlockDriver {
    */
   isZeroSync?(offset: number, length: number): boolean;
   /**
-   * Optional: when the node's bytes `[offset, offset+length)` are exactly bytes of one open file
-   * and all of them are in the page cache right now (checked without blocking), that file range;
+   * Optional: when the node's bytes `[offset, offset+length)` are exactly bytes of one open file,
+   * hold no hole (as isDataSync), and are all in the page cache right now (checked without
+   * blocking), that file range;
    * else undefined. Only drivers whose data is a plain window of their child implement it
    * (file, raw), so any other node in between (format, filter, throttle) ends the path. The fd
    * is only valid until the caller returns to the event loop. Counts nothing: io.ts does.

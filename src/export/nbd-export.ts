@@ -353,10 +353,9 @@ export class NbdExport implements NbdExportHandle {
 
   tryReadFileSync(offset: number, length: number): NbdFileRange | undefined {
     if (this.stopped) return undefined;
-    // As tryReadSync: only ranges known to hold no hole (holes go out as OFFSET_HOLE chunks).
-    const io = this.user.io;
-    if (!io.fileRangeSync || !io.isDataSync?.(offset, length)) return undefined;
-    const r = io.fileRangeSync(offset, length);
+    // Only ranges known to hold no hole, as tryReadSync (holes go out as OFFSET_HOLE chunks):
+    // the file driver checks that itself, so nodes without the path (qcow2) cost one call here.
+    const r = this.user.io.fileRangeSync?.(offset, length);
     if (!r) return undefined;
     this.counters.readOps++;
     this.counters.readBytes += length;

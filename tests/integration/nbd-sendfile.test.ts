@@ -243,6 +243,40 @@ describe.skipIf(!AVAILABLE)('sendfile for large cached reads of a raw file expor
     c.close();
   });
 
+  it('keeps sending holes as OFFSET_HOLE chunks (a range with a hole takes the copying path)', async () => {
+    const sparse = join(dir, 'sparse.raw');
+    const fd = openSync(sparse, 'w');
+    writeSync(fd, img.data.subarray(0, MiB));
+    ftruncateSync(fd, 4 * MiB); // 3 MiB hole at the end
+    fsyncSync(fd);
+    closeSync(fd);
+    readFileSync(sparse);
+    await svc.graph.add({
+      driver: 'raw',
+      'node-name': 'sp',
+      file: { driver: 'file', filename: sparse, 'node-name': 'sp-file' },
+    });
+    svc.exports.addExport({ type: 'nbd', id: 'e2', nodeName: 'sp', name: 'sp' });
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('sp', { structured: true });
+    const before = fileStats();
+    c.request(NBD_CMD_READ, 0, 4 * MiB, 0, 1n);
+    const first = await c.reply();
+    const second = await c.reply();
+    expect(first?.kind === 'chunk' && first.type).toBe(1); // OFFSET_DATA for the first MiB
+    expect(second?.kind === 'chunk' && second.type).toBe(2); // OFFSET_HOLE for the rest
+    if (first?.kind !== 'chunk' || second?.kind !== 'chunk') return;
+    expect(first.payload.subarray(8).equals(img.data.subarray(0, MiB))).toBe(true);
+    expect(second.payload.readBigUInt64BE(0)).toBe(BigInt(MiB));
+    expect(second.payload.readUInt32BE(8)).toBe(3 * MiB);
+    // The data-only first MiB alone is a file segment.
+    c.request(NBD_CMD_READ, 0, MiB, 0, 2n);
+    const r = await readData(c, MiB, true);
+    expect(r.data.equals(img.data.subarray(0, MiB))).toBe(true);
+    expect(fileStats().sent - before.sent).toBe(1);
+    c.close();
+  });
+
   it('answers a read whose range is not cached through the copied path', async () => {
     evict(img.path);
     const fd = openSync(img.path, 'r');

@@ -392,13 +392,15 @@ export class FileDriver implements BlockDriver {
   }
 
   /**
-   * The range itself when all of it is in the page cache (cachestat: one syscall, no data
-   * touched), so a caller may send it with sendfile() without waiting for the disk. Not for
-   * O_DIRECT (the page cache is not the file's truth there) or without cachestat.
+   * The range itself when it holds no hole (isDataSync: a reader sends holes as such) and all
+   * of it is in the page cache (cachestat: one syscall, no data touched), so a caller may send it
+   * with sendfile() without waiting for the disk. Not for O_DIRECT (the page cache is not the
+   * file's truth there) or without cachestat.
    */
   fileRangeSync(offset: number, length: number): FileRange | undefined {
     const cached = this.native.cachedRange;
     if (this.direct || this.closed || !cached || offset + length > this.length) return undefined;
+    if (!this.isDataSync(offset, length)) return undefined;
     return cached(this.fd, offset, length) === 1 ? { fd: this.fd, offset } : undefined;
   }
 
