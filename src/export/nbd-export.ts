@@ -742,6 +742,9 @@ class ExportConnection implements NbdExportHandle {
   tryReadFileSync(offset: number, length: number): NbdFileRange | undefined {
     return this.exp.tryReadFileSync(offset, length);
   }
+  tryReadZeroSync(offset: number, length: number): boolean {
+    return this.exp.tryReadZeroSync(offset, length);
+  }
   read(buf: Buffer, offset: number): Promise<NbdZeroRanges | void> {
     return this.exp.read(buf, offset, this.conn);
   }
