@@ -311,6 +311,13 @@ typedef struct {
  * no CPU while it waits; the spin trades CPU for the wake-up and is off by default (2 cores).
  */
 #define LANE_SPIN_US_DEFAULT 0
+/*
+ * Parked workers keep their pool thread: at most this many at a time in the whole process, so
+ * that lanes of many files written now and then cannot take the pool from everything else
+ * (reads, other lanes' first runs). The others return to the pool when they run dry, as before.
+ */
+#define LANE_MAX_PARKED 2
+static int lanes_parked;
 #define LANE_PARK_US_DEFAULT 2000
 #define LANE_WAIT_US_MAX 60000000 /* 60 s */
 
@@ -333,6 +340,13 @@ static int64_t mono_ns(void) {
  * Worker, lock held: the next job, waiting for one (spin, then park) when the queue is empty.
  * NULL means the worker leaves the lane (active is cleared; the lock is still held).
  */
+/* Take one of the LANE_MAX_PARKED slots; 0 when all are taken. */
+static int lane_park_slot(void) {
+  if (__atomic_add_fetch(&lanes_parked, 1, __ATOMIC_ACQ_REL) <= LANE_MAX_PARKED) return 1;
+  __atomic_sub_fetch(&lanes_parked, 1, __ATOMIC_ACQ_REL);
+  return 0;
+}
+
 static lane_job *lane_next(write_lane *l) {
   if (!l->head && !l->closing && l->spin_ns > 0) {
     pthread_mutex_unlock(&l->mu);
@@ -346,7 +360,7 @@ static lane_job *lane_next(write_lane *l) {
     }
     pthread_mutex_lock(&l->mu);
   }
-  if (!l->head && !l->closing && l->park_ns > 0) {
+  if (!l->head && !l->closing && l->park_ns > 0 && lane_park_slot()) {
     int64_t until = mono_ns() + l->park_ns;
     struct timespec ts = { .tv_sec = (time_t)(until / 1000000000), .tv_nsec = (long)(until % 1000000000) };
     l->parked = 1;
@@ -354,6 +368,7 @@ static lane_job *lane_next(write_lane *l) {
       if (pthread_cond_timedwait(&l->work, &l->mu, &ts) == ETIMEDOUT) break;
     }
     l->parked = 0;
+    __atomic_sub_fetch(&lanes_parked, 1, __ATOMIC_ACQ_REL);
   }
   lane_job *j = l->head;
   if (!j) {

@@ -93,6 +93,24 @@ describe.skipIf(!lane)('native write lane', () => {
     lane!.close(m);
   });
 
+  it('parks at most two workers, so lanes of many files cannot take the whole thread pool', async () => {
+    // More lanes than pool threads (UV_THREADPOOL_SIZE, 4 by default in the test process), each
+    // with a 60 s park: if every worker parked, the later lanes' first runs and the read below
+    // would wait for a pool thread for a minute (the test times out).
+    const lanes = Array.from({ length: 12 }, () => withLane(0, 60_000_000));
+    for (const [i, l] of lanes.entries()) {
+      expect(await submit(lane!, l, fd, [Buffer.alloc(512, i + 1)], [i * 512])).toEqual([512]);
+    }
+    const read = await new Promise<number[]>((resolve) => {
+      const results = new Float64Array(1);
+      nativeOps().ioBatch!(fd, false, [Buffer.alloc(512)], [0], results, () => resolve(Array.from(results)));
+    });
+    expect(read).toEqual([512]);
+    for (const l of lanes) lane!.close(l);
+    const got = readFileSync(join(dir, 'f'));
+    for (let i = 0; i < 12; i++) expect(got[i * 512]).toBe(i + 1);
+  });
+
   it('reports errno per write (EBADF on a closed descriptor) and keeps the lane usable', async () => {
     const l = withLane(0, 60_000_000);
     const bad = openSync(join(dir, 'g'), 'w');
