@@ -14,7 +14,13 @@ if (process.env['CI'] === 'true' && process.env['BLOCKD_NO_ADDON'] !== '1' && !l
   throw new Error('write lane tests need the native addon under CI');
 }
 
-function submit(ops: WriteLaneOps, l: object, fd: number, bufs: Buffer[], offsets: number[]): Promise<number[]> {
+function submit(
+  ops: WriteLaneOps,
+  l: object,
+  fd: number,
+  bufs: Buffer[],
+  offsets: number[],
+): Promise<number[]> {
   return new Promise((resolve) => {
     const results = new Float64Array(bufs.length);
     ops.submit(l, fd, bufs, offsets, results, () => resolve(Array.from(results)));
@@ -26,7 +32,10 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 describe.skipIf(!lane)('native write lane', () => {
   let dir: string;
   let fd: number;
-  const saved = { spin: process.env['BLOCKD_LANE_SPIN_US'], park: process.env['BLOCKD_LANE_PARK_US'] };
+  const saved = {
+    spin: process.env['BLOCKD_LANE_SPIN_US'],
+    park: process.env['BLOCKD_LANE_PARK_US'],
+  };
 
   beforeEach(() => {
     dir = mkdtempSync(join(tmpdir(), 'blockd-lane-'));
@@ -56,7 +65,8 @@ describe.skipIf(!lane)('native write lane', () => {
     [500, 0],
     [200, 60_000_000],
   ] as const) {
-    it(`writes batches that arrive while its worker waits or after it left (spin ${spin} µs, park ${park} µs)`, async () => {
+    const name = `writes batches arriving while its worker waits or after it left (spin ${spin}, park ${park} µs)`;
+    it(name, async () => {
       const l = withLane(spin, park);
       const a = Buffer.alloc(4096, 0xaa);
       const b = Buffer.alloc(8192, 0xbb);
@@ -93,7 +103,7 @@ describe.skipIf(!lane)('native write lane', () => {
     lane!.close(m);
   });
 
-  it('parks at most two workers, so lanes of many files cannot take the whole thread pool', async () => {
+  it('parks at most two workers, so lanes of many files cannot take the thread pool', async () => {
     // More lanes than pool threads (UV_THREADPOOL_SIZE, 4 by default in the test process), each
     // with a 60 s park: if every worker parked, the later lanes' first runs and the read below
     // would wait for a pool thread for a minute (the test times out).
@@ -103,7 +113,8 @@ describe.skipIf(!lane)('native write lane', () => {
     }
     const read = await new Promise<number[]>((resolve) => {
       const results = new Float64Array(1);
-      nativeOps().ioBatch!(fd, false, [Buffer.alloc(512)], [0], results, () => resolve(Array.from(results)));
+      const done = (): void => resolve(Array.from(results));
+      nativeOps().ioBatch!(fd, false, [Buffer.alloc(512)], [0], results, done);
     });
     expect(read).toEqual([512]);
     for (const l of lanes) lane!.close(l);
@@ -111,7 +122,7 @@ describe.skipIf(!lane)('native write lane', () => {
     for (let i = 0; i < 12; i++) expect(got[i * 512]).toBe(i + 1);
   });
 
-  it('reports errno per write (EBADF on a closed descriptor) and keeps the lane usable', async () => {
+  it('reports errno per write (EBADF on a closed fd) and keeps the lane usable', async () => {
     const l = withLane(0, 60_000_000);
     const bad = openSync(join(dir, 'g'), 'w');
     closeSync(bad);
