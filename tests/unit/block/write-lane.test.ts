@@ -65,7 +65,7 @@ describe.skipIf(!lane)('native write lane', () => {
     [500, 0],
     [200, 60_000_000],
   ] as const) {
-    const name = `writes batches that come while its worker waits or after it left (${spin}/${park} µs)`;
+    const name = `writes batches that come while the worker waits or has left (${spin}/${park} µs)`;
     it(name, async () => {
       const l = withLane(spin, park);
       const a = Buffer.alloc(4096, 0xaa);
