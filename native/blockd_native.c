@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 #include <dlfcn.h>
 #include <linux/falloc.h>
@@ -306,11 +307,95 @@ typedef struct lane_job {
 typedef struct {
   pthread_mutex_t mu;
   pthread_cond_t gone;  /* signalled when the worker leaves */
-  lane_job *head, *tail;
+  pthread_cond_t work;  /* signalled when a job arrives for a parked worker, or on close */
+  lane_job *head, *tail; /* head is also read without the lock, as a hint, while spinning */
   int active;        /* a worker is draining the lane */
+  int parked;        /* the worker waits on `work` */
+  int closing;       /* laneClose() is waiting for the worker to leave */
   uint32_t pending;  /* jobs submitted and not yet reported (main thread only) */
+  int64_t spin_ns;   /* how long a worker that ran dry polls the queue before it parks */
+  int64_t park_ns;   /* how long it then waits on `work` before it returns to the pool */
   napi_threadsafe_function tsfn;
 } write_lane;
+
+/*
+ * How long a lane's worker stays with the lane once it has run dry (BLOCKD_LANE_SPIN_US,
+ * BLOCKD_LANE_PARK_US; 0 = not at all). Without this, every batch that arrives after the lane
+ * went idle is a new thread-pool work item: a wake-up of whichever pool thread is free (so the
+ * lane wanders over all of them, cache-cold), plus a completion round trip to the main thread
+ * for the work item itself. A parked worker is woken by a condition variable instead and needs
+ * no CPU while it waits; the spin trades CPU for the wake-up and is off by default (2 cores).
+ */
+#define LANE_SPIN_US_DEFAULT 0
+/*
+ * Parked workers keep their pool thread: at most this many at a time in the whole process, so
+ * that lanes of many files written now and then cannot take the pool from everything else
+ * (reads, other lanes' first runs). The others return to the pool when they run dry, as before.
+ */
+#define LANE_MAX_PARKED 2
+static int lanes_parked;
+#define LANE_PARK_US_DEFAULT 2000
+#define LANE_WAIT_US_MAX 60000000 /* 60 s */
+
+static int64_t lane_env_us(const char *name, int64_t dflt) {
+  const char *v = getenv(name);
+  if (!v || !*v) return dflt;
+  char *end = NULL;
+  long long n = strtoll(v, &end, 10);
+  if (*end || n < 0) return dflt;
+  return n > LANE_WAIT_US_MAX ? LANE_WAIT_US_MAX : n;
+}
+
+static int64_t mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/*
+ * Worker, lock held: the next job, waiting for one (spin, then park) when the queue is empty.
+ * NULL means the worker leaves the lane (active is cleared; the lock is still held).
+ */
+/* Take one of the LANE_MAX_PARKED slots; 0 when all are taken. */
+static int lane_park_slot(void) {
+  if (__atomic_add_fetch(&lanes_parked, 1, __ATOMIC_ACQ_REL) <= LANE_MAX_PARKED) return 1;
+  __atomic_sub_fetch(&lanes_parked, 1, __ATOMIC_ACQ_REL);
+  return 0;
+}
+
+static lane_job *lane_next(write_lane *l) {
+  if (!l->head && !l->closing && l->spin_ns > 0) {
+    pthread_mutex_unlock(&l->mu);
+    int64_t until = mono_ns() + l->spin_ns;
+    unsigned n = 0;
+    while (!__atomic_load_n(&l->head, __ATOMIC_ACQUIRE) && !__atomic_load_n(&l->closing, __ATOMIC_ACQUIRE)) {
+      if ((++n & 63) == 0 && mono_ns() >= until) break;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    pthread_mutex_lock(&l->mu);
+  }
+  if (!l->head && !l->closing && l->park_ns > 0 && lane_park_slot()) {
+    int64_t until = mono_ns() + l->park_ns;
+    struct timespec ts = { .tv_sec = (time_t)(until / 1000000000), .tv_nsec = (long)(until % 1000000000) };
+    l->parked = 1;
+    while (!l->head && !l->closing) {
+      if (pthread_cond_timedwait(&l->work, &l->mu, &ts) == ETIMEDOUT) break;
+    }
+    l->parked = 0;
+    __atomic_sub_fetch(&lanes_parked, 1, __ATOMIC_ACQ_REL);
+  }
+  lane_job *j = l->head;
+  if (!j) {
+    l->active = 0;
+    pthread_cond_broadcast(&l->gone);
+    return NULL;
+  }
+  __atomic_store_n(&l->head, j->next, __ATOMIC_RELEASE);
+  if (!l->head) l->tail = NULL;
+  return j;
+}
 
 typedef struct {
   napi_async_work work;
@@ -322,16 +407,9 @@ static void lane_execute(napi_env env, void *data) {
   write_lane *l = ((lane_run *)data)->lane;
   for (;;) {
     pthread_mutex_lock(&l->mu);
-    lane_job *j = l->head;
-    if (!j) {
-      l->active = 0;
-      pthread_cond_broadcast(&l->gone);
-      pthread_mutex_unlock(&l->mu);
-      return;
-    }
-    l->head = j->next;
-    if (!l->head) l->tail = NULL;
+    lane_job *j = lane_next(l);
     pthread_mutex_unlock(&l->mu);
+    if (!j) return;
     for (size_t i = 0; i < j->n; i++) {
       batch_op *o = &j->ops[i];
       size_t done = 0;
@@ -387,6 +465,7 @@ static void lane_finalize(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
   write_lane *l = data;
+  pthread_cond_destroy(&l->work);
   pthread_cond_destroy(&l->gone);
   pthread_mutex_destroy(&l->mu);
   free(l);
@@ -405,10 +484,18 @@ static napi_value lane_create(napi_env env, napi_callback_info info) {
   if (!l) return blockd_throw_errno(env, ENOMEM, "laneCreate");
   pthread_mutex_init(&l->mu, NULL);
   pthread_cond_init(&l->gone, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* lane_next's deadlines are monotonic */
+  pthread_cond_init(&l->work, &ca);
+  pthread_condattr_destroy(&ca);
+  l->spin_ns = lane_env_us("BLOCKD_LANE_SPIN_US", LANE_SPIN_US_DEFAULT) * 1000;
+  l->park_ns = lane_env_us("BLOCKD_LANE_PARK_US", LANE_PARK_US_DEFAULT) * 1000;
   napi_value name, ext;
   napi_create_string_utf8(env, "blockd:writeLane", NAPI_AUTO_LENGTH, &name);
   if (napi_create_threadsafe_function(env, NULL, NULL, name, 0, 1, l, lane_finalize, l, lane_call_js, &l->tsfn) !=
       napi_ok) {
+    pthread_cond_destroy(&l->work);
     pthread_cond_destroy(&l->gone);
     pthread_mutex_destroy(&l->mu);
     free(l);
@@ -467,11 +554,13 @@ static napi_value lane_submit(napi_env env, napi_callback_info info) {
   int start = 0;
   pthread_mutex_lock(&l->mu);
   if (l->tail) l->tail->next = j;
-  else l->head = j;
+  else __atomic_store_n(&l->head, j, __ATOMIC_RELEASE);
   l->tail = j;
   if (!l->active) {
     l->active = 1;
     start = 1;
+  } else if (l->parked) {
+    pthread_cond_signal(&l->work);
   }
   pthread_mutex_unlock(&l->mu);
   if (l->pending++ == 0) napi_ref_threadsafe_function(env, l->tsfn);
@@ -513,9 +602,12 @@ static napi_value lane_close(napi_env env, napi_callback_info info) {
   if (!l) return NULL;
   /*
    * The worker reports its last job before it looks at the (then empty) queue and leaves: wait
-   * until it has left, so that it never touches a lane freed under it.
+   * until it has left, so that it never touches a lane freed under it. A worker that waits for
+   * more work is told to leave now.
    */
   pthread_mutex_lock(&l->mu);
+  __atomic_store_n(&l->closing, 1, __ATOMIC_RELEASE);
+  pthread_cond_signal(&l->work);
   while (l->active) pthread_cond_wait(&l->gone, &l->mu);
   pthread_mutex_unlock(&l->mu);
   napi_release_threadsafe_function(l->tsfn, napi_tsfn_abort);
