@@ -76,6 +76,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -186,6 +187,19 @@ static int g_next_id = 1; /* 0 is never used */
 static int g_open; /* connections whose fd is still open */
 static int g_lingering; /* connections in a graceful close */
 static uv_timer_t g_linger_timer;
+
+/*
+ * Closed connections parked with their poll handle stopped, not closed, by the fd number the
+ * handle was made for. accept4() returns the lowest free fd, usually the one the last client
+ * had: that client's handle is then restarted as it is, skipping uv_poll_init's checks (an
+ * epoll_ctl ADD and DEL and an ioctl per connection). A stopped handle neither keeps the loop
+ * alive nor touches epoll, so a spare whose fd number is meanwhile used elsewhere is harmless;
+ * spares are never closed (they are few and small; like the linger timer they live until exit).
+ */
+#define SPARES 8
+static conn *g_spares[SPARES];
+static int g_spare_fd[SPARES];
+static int g_nspares;
 
 static listener *g_listeners[64];
 
@@ -298,18 +312,48 @@ static void on_conn_closed(uv_handle_t *h) {
   free(c);
 }
 
-/* Close now: no more events for this id; the slot is reused once libuv lets go of the handle. */
+/*
+ * Close now: no more events for this id. The connection is parked as a spare while there is
+ * room (see g_spares); otherwise its slot is reused once libuv lets go of the handle.
+ */
 static void conn_close_now(conn *c) {
   if (c->closing && c->fd < 0) return;
   c->closing = true;
   if (c->close_after) g_lingering--;
   release_queue(c);
   g_conns[c->id] = NULL;
+  g_open--;
+  if (g_nspares < SPARES) {
+    /* uv_poll_stop drops the fd from epoll (it is still open) and any events still pending for
+     * it in this loop iteration, synchronously; the stopped handle is never touched again
+     * unless accept4 returns this fd number. */
+    uv_poll_stop(&c->poll);
+    close(c->fd);
+    g_spare_fd[g_nspares] = c->fd;
+    g_spares[g_nspares++] = c;
+    c->fd = -1;
+    g_free_ids[g_free_len++] = c->id;
+    return;
+  }
   /* uv_close stops the poll and forgets the fd synchronously, so closing it right after is safe. */
   uv_close((uv_handle_t *)&c->poll, on_conn_closed);
   close(c->fd);
   c->fd = -1;
-  g_open--;
+}
+
+/* A parked connection whose poll handle was made for `fd`, taken out of g_spares; or NULL. */
+static conn *take_spare(int fd) {
+  for (int i = 0; i < g_nspares; i++) {
+    if (g_spare_fd[i] != fd) continue;
+    conn *c = g_spares[i];
+    g_nspares--;
+    g_spares[i] = g_spares[g_nspares];
+    g_spare_fd[i] = g_spare_fd[g_nspares];
+    /* Everything after the handle back to its calloc state (the handle itself stays as is). */
+    memset((char *)c + offsetof(conn, fd), 0, sizeof *c - offsetof(conn, fd));
+    return c;
+  }
+  return NULL;
 }
 
 static void on_load_work(uv_work_t *req);
@@ -613,12 +657,15 @@ static void on_accept(uv_poll_t *h, int status, int events) {
       return;
     }
     int id = alloc_id();
-    conn *c = id > 0 ? calloc(1, sizeof *c) : NULL;
-    if (!c || uv_poll_init(g_loop, &c->poll, fd) != 0) {
-      if (c) free(c);
-      if (id > 0) g_free_ids[g_free_len++] = id;
-      close(fd);
-      continue;
+    conn *c = id > 0 ? take_spare(fd) : NULL;
+    if (!c) {
+      c = id > 0 ? calloc(1, sizeof *c) : NULL;
+      if (!c || uv_poll_init(g_loop, &c->poll, fd) != 0) {
+        if (c) free(c);
+        if (id > 0) g_free_ids[g_free_len++] = id;
+        close(fd);
+        continue;
+      }
     }
     c->fd = fd;
     c->id = id;

@@ -308,10 +308,13 @@ export class NbdExport implements NbdExportHandle {
     const conn: ConnState = { id: info.id, closed: false };
     if (reader) this.readers++;
     this.counters.connectionsTotal++;
-    this.log.info(
-      { conn: info.id, client: info.clientAddress, connections: this.connections.size },
-      'client connected',
-    );
+    // Nothing is built for a log line that is off (this is on every client's connect path).
+    if (this.log.isLevelEnabled('info')) {
+      this.log.info(
+        { conn: info.id, client: info.clientAddress, connections: this.connections.size },
+        'client connected',
+      );
+    }
     return {
       handle: new ExportConnection(this, conn),
       onClose: () => {
@@ -322,7 +325,9 @@ export class NbdExport implements NbdExportHandle {
         conn.closed = true;
         this.connections.delete(info.id);
         if (reader) this.readers--;
-        this.log.info({ conn: info.id, client: info.clientAddress }, 'client disconnected');
+        if (this.log.isLevelEnabled('info')) {
+          this.log.info({ conn: info.id, client: info.clientAddress }, 'client disconnected');
+        }
         if (this.connections.size === 0) {
           const waiters = this.drainWaiters;
           this.drainWaiters = [];

@@ -110,6 +110,15 @@ function pollTick(): void {
   else polling = false;
 }
 
+/** (Re)start the polling window from now. */
+function armPoll(): void {
+  lastRead = performance.now();
+  if (!polling) {
+    polling = true;
+    setImmediate(pollTick);
+  }
+}
+
 function onEvent(ev: number, id: number, arg: number): void {
   // An exception here would reach napi_fatal_exception: contain it to this connection.
   try {
@@ -117,13 +126,7 @@ function onEvent(ev: number, id: number, arg: number): void {
       case EV_READ: {
         const before = written;
         conns[id]?.deliver(arg);
-        if (POLL_MS > 0 && written - before < POLL_SKIP_BYTES) {
-          lastRead = performance.now();
-          if (!polling) {
-            polling = true;
-            setImmediate(pollTick);
-          }
-        }
+        if (POLL_MS > 0 && written - before < POLL_SKIP_BYTES) armPoll();
         return;
       }
       case EV_READ_DIRECT:
@@ -138,6 +141,8 @@ function onEvent(ev: number, id: number, arg: number): void {
         const t = new NativeTransport(bound!, id);
         conns[id] = t;
         l.onAccept(t);
+        // The greeting is out and the client answers it at once: poll for that answer too.
+        if (POLL_MS > 0) armPoll();
         return;
       }
       case EV_DRAIN:
