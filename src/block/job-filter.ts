@@ -14,87 +14,32 @@
 import { BlockError } from '../util/errors.js';
 import { BlockNodeImpl, BlockUserImpl, filterChildPerms, type ChildPermFn } from './node.js';
 import { qemuJson } from './drivers/common.js';
-import { filterImageInfo, type ImplicitNodes } from './mirror.js';
-import {
-  PERM_ALL,
-  type BlockDriver,
-  type BlockExtent,
-  type BlockIO,
-  type BlockNode,
-  type DriverCaps,
-  type WriteFlags,
-  type ZeroFlags,
-} from './types.js';
+import type { ImplicitNodes } from './mirror.js';
+import { PassThroughDriver } from './pass-through.js';
+import { PERM_ALL, type BlockIO, type BlockNode } from './types.js';
 
 export type JobFilterDriverName = 'copy-before-write' | 'copy-on-read' | 'commit_top';
 
 /** A driver that forwards every request to its one child. */
-class ForwardingFilterDriver implements BlockDriver {
-  readonly caps: DriverCaps;
-
+class ForwardingFilterDriver extends PassThroughDriver {
   constructor(
     readonly name: JobFilterDriverName,
     readonly filteredRole: 'file' | 'backing',
-    private readonly child: () => BlockIO,
+    child: () => BlockIO,
     private readonly childNode: BlockNode,
     /** Named automatically (QEMU marks such filters implicit). */
     private readonly implicit: boolean,
   ) {
-    const c = childNode.driver.caps;
-    this.caps = {
-      writeZeroes: true,
-      fua: true,
-      discard: true,
-      blockStatus: true,
-      resize: false,
-      readSync: false,
-      ...(c.zeroInit !== undefined ? { zeroInit: c.zeroInit } : {}),
-    };
-  }
-
-  getLength(): number {
-    return this.child().size();
-  }
-
-  read(buf: Buffer, offset: number): Promise<void> {
-    return this.child().read(buf, offset);
-  }
-
-  write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void> {
-    return this.child().write(buf, offset, flags);
-  }
-
-  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    return this.child().writeZeroes(offset, length, flags);
-  }
-
-  discard(offset: number, length: number): Promise<void> {
-    return this.child().discard(offset, length);
-  }
-
-  flush(): Promise<void> {
-    return this.child().flush();
-  }
-
-  blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
-    return this.child().blockStatus(offset, length);
-  }
-
-  async close(): Promise<void> {
-    // Nothing of its own: the child belongs to whoever opened it.
+    super(child, childNode.driver);
   }
 
   /**
    * QSD: a named copy-on-read filter shows a `json:` filename; the others, and an implicit one
    * (no filter-node-name), show the child's file name.
    */
-  describeFilename(): string {
-    if (this.name !== 'copy-on-read' || this.implicit) return this.childNode.driver.describeFilename();
+  override describeFilename(): string {
+    if (this.name !== 'copy-on-read' || this.implicit) return super.describeFilename();
     return `json:${qemuJson({ driver: this.name, file: nodeJson(this.childNode) })}`;
-  }
-
-  queryImage(): Promise<Record<string, unknown>> {
-    return filterImageInfo(this.childNode.driver);
   }
 }
 

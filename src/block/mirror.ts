@@ -25,17 +25,15 @@ import type { Job, JobDebugEdge, JobDriver } from './jobs.js';
 import { BlockNodeImpl, BlockUserImpl, filterChildPerms, permsOf } from './node.js';
 import { jobBlocker } from './backup.js';
 import { backingOf } from './drivers/qcow2/backing.js';
+import { PassThroughDriver } from './pass-through.js';
 import {
   PERM_ALL,
   PERM_CONSISTENT_READ,
   PERM_WRITE,
   PERM_WRITE_UNCHANGED,
-  type BlockDriver,
-  type BlockExtent,
   type BlockIO,
   type BlockNode,
   type BlockUser,
-  type DriverCaps,
   type WriteFlags,
   type ZeroFlags,
 } from './types.js';
@@ -79,10 +77,9 @@ export interface MirrorOptions {
 }
 
 /** The `mirror_top` filter: forwards to the source and reports completed writes. */
-export class MirrorTopDriver implements BlockDriver {
+export class MirrorTopDriver extends PassThroughDriver {
   readonly name = 'mirror_top';
   readonly filteredRole = 'backing';
-  readonly caps: DriverCaps;
   /** Called after a write-like request completed on the source. */
   onWritten: ((offset: number, length: number) => void) | undefined;
   /** After the final sync: completed writes are also written to the target (returns its promise). */
@@ -90,74 +87,25 @@ export class MirrorTopDriver implements BlockDriver {
     | ((kind: 'write' | 'zero' | 'discard', offset: number, length: number, buf?: Buffer) => Promise<void>)
     | undefined;
 
-  constructor(
-    private readonly source: () => BlockIO,
-    private readonly sourceDriver: BlockDriver,
-  ) {
-    this.caps = {
-      writeZeroes: true,
-      fua: true,
-      discard: true,
-      blockStatus: true,
-      resize: false,
-      readSync: false,
-      ...(sourceDriver.caps.zeroInit !== undefined ? { zeroInit: sourceDriver.caps.zeroInit } : {}),
-    };
-  }
-
-  getLength(): number {
-    return this.source().size();
-  }
-
-  read(buf: Buffer, offset: number): Promise<void> {
-    return this.source().read(buf, offset);
-  }
-
   private async after(kind: 'write' | 'zero' | 'discard', offset: number, length: number, buf?: Buffer): Promise<void> {
     if (this.writeThrough) await this.writeThrough(kind, offset, length, buf);
     else this.onWritten?.(offset, length);
   }
 
-  async write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void> {
-    await this.source().write(buf, offset, flags);
+  override async write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void> {
+    await this.child().write(buf, offset, flags);
     await this.after('write', offset, buf.length, buf);
   }
 
-  async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    await this.source().writeZeroes(offset, length, flags);
+  override async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    await this.child().writeZeroes(offset, length, flags);
     await this.after('zero', offset, length);
   }
 
-  async discard(offset: number, length: number): Promise<void> {
-    await this.source().discard(offset, length);
+  override async discard(offset: number, length: number): Promise<void> {
+    await this.child().discard(offset, length);
     await this.after('discard', offset, length);
   }
-
-  flush(): Promise<void> {
-    return this.source().flush();
-  }
-
-  blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
-    return this.source().blockStatus(offset, length);
-  }
-
-  async close(): Promise<void> {
-    // Nothing of its own: the source is closed by whoever owns it.
-  }
-
-  describeFilename(): string {
-    return this.sourceDriver.describeFilename();
-  }
-
-  queryImage(): Promise<Record<string, unknown>> {
-    return filterImageInfo(this.sourceDriver);
-  }
-}
-
-/** What QSD shows as the image of a job's filter node: three members of its child's image. */
-export async function filterImageInfo(child: BlockDriver): Promise<Record<string, unknown>> {
-  const info = (await child.queryImage?.()) ?? {};
-  return { 'actual-size': info['actual-size'], 'cluster-size': info['cluster-size'], 'dirty-flag': info['dirty-flag'] };
 }
 
 /** Move user `u` from its node onto `to`, dropping its permissions on the old node first. */

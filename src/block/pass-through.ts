@@ -1,0 +1,75 @@
+/**
+ * The driver of a job's filter node (mirror's `mirror_top`, and the `copy-before-write`,
+ * `copy-on-read` and `commit_top` filters of src/block/job-filter.ts): every request goes to the
+ * one child, and the node shows its child's image as QSD shows a filter's. Subclasses add what
+ * their job needs around the forwarding (mirror_top reports completed writes).
+ */
+import type { BlockDriver, BlockExtent, BlockIO, DriverCaps, WriteFlags, ZeroFlags } from './types.js';
+
+export abstract class PassThroughDriver implements BlockDriver {
+  abstract readonly name: string;
+  abstract readonly filteredRole: 'file' | 'backing';
+  readonly caps: DriverCaps;
+
+  constructor(
+    protected readonly child: () => BlockIO,
+    protected readonly childDriver: BlockDriver,
+  ) {
+    const c = childDriver.caps;
+    this.caps = {
+      writeZeroes: true,
+      fua: true,
+      discard: true,
+      blockStatus: true,
+      resize: false,
+      readSync: false,
+      ...(c.zeroInit !== undefined ? { zeroInit: c.zeroInit } : {}),
+    };
+  }
+
+  getLength(): number {
+    return this.child().size();
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.child().read(buf, offset);
+  }
+
+  write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void> {
+    return this.child().write(buf, offset, flags);
+  }
+
+  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    return this.child().writeZeroes(offset, length, flags);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.child().discard(offset, length);
+  }
+
+  flush(): Promise<void> {
+    return this.child().flush();
+  }
+
+  blockStatus(offset: number, length: number): Promise<BlockExtent[]> {
+    return this.child().blockStatus(offset, length);
+  }
+
+  async close(): Promise<void> {
+    // Nothing of its own: the child belongs to whoever opened it.
+  }
+
+  describeFilename(): string {
+    return this.childDriver.describeFilename();
+  }
+
+  queryImage(): Promise<Record<string, unknown>> {
+    return filterImageInfo(this.childDriver);
+  }
+}
+
+/** What QSD shows as the image of a job's filter node: three members of its child's image. */
+export async function filterImageInfo(child: BlockDriver): Promise<Record<string, unknown>> {
+  const info = (await child.queryImage?.()) ?? {};
+  return { 'actual-size': info['actual-size'], 'cluster-size': info['cluster-size'], 'dirty-flag': info['dirty-flag'] };
+}
