@@ -291,6 +291,19 @@ export class NbdClientConnection {
     return [cookie, p];
   }
 
+  /** S_DATA: copy what has arrived of a read's payload; true once all of it is in. */
+  private copyData(): boolean {
+    const p = this.dataPending!;
+    const n = this.wire.reader.copyOut(p.req.dest!, this.dataPos, this.dataLeft);
+    this.dataPos += n;
+    this.dataLeft -= n;
+    if (this.dataLeft > 0) return false;
+    this.state = S_HEADER;
+    this.dataPending = undefined;
+    if (this.dataDone) this.finish(this.dataCookie, p);
+    return true;
+  }
+
   private parse(): void {
     if (this.info.extended) {
       this.parseExt();
@@ -299,14 +312,7 @@ export class NbdClientConnection {
     const rd = this.wire.reader;
     while (!this.lostError) {
       if (this.state === S_DATA) {
-        const p = this.dataPending!;
-        const n = rd.copyOut(p.req.dest!, this.dataPos, this.dataLeft);
-        this.dataPos += n;
-        this.dataLeft -= n;
-        if (this.dataLeft > 0) return;
-        this.state = S_HEADER;
-        this.dataPending = undefined;
-        if (this.dataDone) this.finish(this.dataCookie, p);
+        if (!this.copyData()) return;
         continue;
       }
       if (!rd.ensure(4)) return;
@@ -392,14 +398,7 @@ export class NbdClientConnection {
     const rd = this.wire.reader;
     while (!this.lostError) {
       if (this.state === S_DATA) {
-        const p = this.dataPending!;
-        const n = rd.copyOut(p.req.dest!, this.dataPos, this.dataLeft);
-        this.dataPos += n;
-        this.dataLeft -= n;
-        if (this.dataLeft > 0) return;
-        this.state = S_HEADER;
-        this.dataPending = undefined;
-        if (this.dataDone) this.finish(this.dataCookie, p);
+        if (!this.copyData()) return;
         continue;
       }
       if (!rd.ensure(NBD_EXTENDED_REPLY_SIZE)) return;
