@@ -22,6 +22,7 @@ import {
   writeOffsetDataHeader,
   writeSimpleReply,
 } from './protocol.js';
+import { EXT_DATA_HEADER_SIZE, encodeExtOffsetHole, writeExtOffsetDataHeader } from './protocol-ext.js';
 
 /**
  * Queued reply bytes that are written at once instead of at the end of the event-loop turn. A
@@ -54,6 +55,16 @@ export interface ReadCtx {
   /** Reply buffer: header room + data. */
   buf: Buffer;
   hdr: number;
+}
+
+/** A read answered in one data chunk (DF, or simple replies): its holes as zero bytes. */
+export function zeroHoles(data: Buffer, offset: number, holes: NbdZeroRanges): void {
+  const end = offset + data.length;
+  for (const h of holes) {
+    const s = Math.max(h.offset, offset) - offset;
+    const e = Math.min(h.offset + h.length, end) - offset;
+    if (e > s) data.fill(0, s, e);
+  }
 }
 
 export abstract class NbdReplyWriter {
@@ -195,13 +206,9 @@ export abstract class NbdReplyWriter {
     const sparse = this.structured && (flags & NBD_CMD_FLAG_DF) === 0;
     if (holes && holes.length > 0) {
       if (!sparse) {
-        for (const h of holes) {
-          const s = Math.max(h.offset, offset) - offset;
-          const e = Math.min(h.offset + h.length, offset + length) - offset;
-          if (e > s) data.fill(0, s, e);
-        }
+        zeroHoles(data, offset, holes);
       } else {
-        this.sendSparseRead(cookie, offset, data, holes);
+        this.sendSparseRead(cookie, offset, data, holes, false);
         // The data chunks are slices of buf, queued in this turn's batch: release it with them.
         if (isRecyclable(buf) && this.state !== 'CLOSED' && !this.ending) this.outRecycle.push(buf);
         if (this.outBytes >= EAGER_FLUSH_BYTES) this.flush();
@@ -213,8 +220,11 @@ export abstract class NbdReplyWriter {
     this.queueRecyclable(buf);
   }
 
-  /** NBD spec: Structured reply chunk types — OFFSET_DATA / OFFSET_HOLE covering the request. */
-  protected sendSparseRead(cookie: Buffer, offset: number, data: Buffer, holes: NbdZeroRanges): void {
+  /**
+   * NBD spec: Structured reply chunk types — OFFSET_DATA / OFFSET_HOLE covering the request, in
+   * compact or (`ext`) extended reply headers.
+   */
+  protected sendSparseRead(cookie: Buffer, offset: number, data: Buffer, holes: NbdZeroRanges, ext: boolean): void {
     const end = offset + data.length;
     const parts: Array<{ hole: boolean; start: number; len: number }> = [];
     let cur = offset;
@@ -232,10 +242,12 @@ export abstract class NbdReplyWriter {
     parts.forEach((part, i) => {
       const f = i === parts.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
       if (part.hole) {
-        this.queue(encodeOffsetHole(f, cookie, part.start, part.len));
+        const encode = ext ? encodeExtOffsetHole : encodeOffsetHole;
+        this.queue(encode(f, cookie, part.start, part.len));
       } else {
-        const h = Buffer.allocUnsafe(28);
-        writeOffsetDataHeader(h, 0, f, cookie, part.start, part.len);
+        const h = Buffer.allocUnsafe(ext ? EXT_DATA_HEADER_SIZE : 28);
+        if (ext) writeExtOffsetDataHeader(h, 0, f, cookie, part.start, part.len);
+        else writeOffsetDataHeader(h, 0, f, cookie, part.start, part.len);
         this.queue(h);
         this.queue(data.subarray(part.start - offset, part.start - offset + part.len));
       }

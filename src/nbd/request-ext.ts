@@ -7,7 +7,8 @@
  * (request.ts, dispatch.ts, reply-writer.ts) stays exactly as it is: a connection picks one
  * input state (REQUEST or EXT_REQUEST) when it enters transmission, and from then on every
  * request takes one path or the other. Validation reuses request.ts (same order and texts), the
- * in-flight accounting reuses dispatch.ts.
+ * in-flight accounting reuses dispatch.ts, sparse reads reply-writer.ts (`sendSparseRead` with
+ * extended chunk headers, `zeroHoles`).
  *
  * Every reply echoes the request's cookie and offset, carried together as a 16-byte tag (see
  * protocol-ext.ts). Limits: READ and WRITE payloads are bounded by the maximum block size as
@@ -45,7 +46,6 @@ import {
   encodeBlockStatusExtChunk,
   encodeExtErrorChunk,
   encodeExtNone,
-  encodeExtOffsetHole,
   EXT_DATA_HEADER_SIZE,
   readU64,
   writeExtOffsetDataHeader,
@@ -53,6 +53,7 @@ import {
   ZERO_TAG,
 } from './protocol-ext.js';
 import { CMD_RULES, EMPTY, NbdRequestParser, READ_ONLY_TEXT, type CmdRule } from './request.js';
+import { zeroHoles } from './reply-writer.js';
 
 /** Extended headers lift QEMU's 32 MiB bound on CACHE (an effect length, no payload). */
 const EXT_RULES: Readonly<Record<number, CmdRule>> = {
@@ -373,39 +374,11 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     const hdr = EXT_DATA_HEADER_SIZE;
     const data = buf.subarray(hdr);
     const length = data.length;
-    const end = offset + length;
     if (holes && holes.length > 0) {
       if ((flags & NBD_CMD_FLAG_DF) !== 0) {
-        for (const h of holes) {
-          const s = Math.max(h.offset, offset) - offset;
-          const e = Math.min(h.offset + h.length, end) - offset;
-          if (e > s) data.fill(0, s, e);
-        }
+        zeroHoles(data, offset, holes);
       } else {
-        const parts: Array<{ hole: boolean; start: number; len: number }> = [];
-        let cur = offset;
-        for (const h of holes) {
-          const s = Math.max(h.offset, cur);
-          const e = Math.min(h.offset + h.length, end);
-          if (e <= s) continue;
-          if (s > cur) parts.push({ hole: false, start: cur, len: s - cur });
-          const last = parts[parts.length - 1];
-          if (last && last.hole && last.start + last.len === s) last.len += e - s;
-          else parts.push({ hole: true, start: s, len: e - s });
-          cur = e;
-        }
-        if (cur < end) parts.push({ hole: false, start: cur, len: end - cur });
-        parts.forEach((part, i) => {
-          const f = i === parts.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-          if (part.hole) {
-            this.queue(encodeExtOffsetHole(f, tag, part.start, part.len));
-          } else {
-            const h = Buffer.allocUnsafe(hdr);
-            writeExtOffsetDataHeader(h, 0, f, tag, part.start, part.len);
-            this.queue(h);
-            this.queue(data.subarray(part.start - offset, part.start - offset + part.len));
-          }
-        });
+        this.sendSparseRead(tag, offset, data, holes, true);
         if (isRecyclable(buf) && this.state !== 'CLOSED' && !this.ending) this.outRecycle.push(buf);
         return;
       }
