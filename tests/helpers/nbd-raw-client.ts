@@ -21,6 +21,7 @@ import {
   type OptionReply,
 } from '../../src/nbd/protocol.js';
 import { encodeExtRequest } from '../../src/nbd/protocol-ext.js';
+import { ByteStream } from './byte-stream.js';
 
 export type RawReply =
   | { kind: 'simple'; error: number; cookie: Buffer }
@@ -29,20 +30,15 @@ export type RawReply =
   | { kind: 'ext'; flags: number; type: number; cookie: Buffer; offset: bigint; length: bigint; payload: Buffer };
 
 export class RawNbdClient {
-  private buf = Buffer.alloc(0);
-  private waiters: Array<() => void> = [];
-  closed = false;
+  private readonly bytes: ByteStream;
 
   private constructor(readonly sock: net.Socket) {
-    sock.on('data', (d: Buffer) => {
-      this.buf = Buffer.concat([this.buf, d]);
-      this.wake();
-    });
-    sock.on('close', () => {
-      this.closed = true;
-      this.wake();
-    });
-    sock.on('error', () => undefined);
+    this.bytes = new ByteStream(sock);
+  }
+
+  /** The server has closed the connection. */
+  get closed(): boolean {
+    return this.bytes.closed;
   }
 
   static connect(path: string): Promise<RawNbdClient> {
@@ -53,25 +49,14 @@ export class RawNbdClient {
     });
   }
 
-  private wake(): void {
-    for (const w of this.waiters.splice(0)) w();
-  }
-
   /** Read exactly n bytes; resolves undefined if the server closes first. */
-  async read(n: number): Promise<Buffer | undefined> {
-    while (this.buf.length < n) {
-      if (this.closed) return undefined;
-      await new Promise<void>((r) => this.waiters.push(r));
-    }
-    const out = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
-    return out;
+  read(n: number): Promise<Buffer | undefined> {
+    return this.bytes.read(n);
   }
 
   /** Resolves true once the server has closed the connection. */
-  async waitClosed(): Promise<boolean> {
-    while (!this.closed) await new Promise<void>((r) => this.waiters.push(r));
-    return true;
+  waitClosed(): Promise<boolean> {
+    return this.bytes.waitClosed();
   }
 
   write(b: Buffer): void {

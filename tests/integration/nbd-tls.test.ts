@@ -11,6 +11,7 @@ import { dirname, join } from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { Daemon } from '../helpers/in-process-daemon.js';
 import { execFileP, requireTool } from '../helpers/nbd-tools.js';
+import { ByteStream } from '../helpers/byte-stream.js';
 import { haveOpenssl, makeTlsCreds, type TlsTestCreds } from '../helpers/tls-certs.js';
 import {
   decodeOptionReply,
@@ -100,14 +101,12 @@ function qemuOpts(credsObj: string, extra = ''): string[] {
 
 /** Exact bytes over a plain socket, then (after STARTTLS) over a TLS socket on top of it. */
 class RawTlsClient {
-  private buf = Buffer.alloc(0);
-  private waiters: Array<() => void> = [];
-  closed = false;
+  private readonly bytes: ByteStream;
   private stream: net.Socket;
 
   private constructor(readonly plain: net.Socket) {
     this.stream = plain;
-    this.listen(plain);
+    this.bytes = new ByteStream(plain);
   }
 
   static connect(path: string): Promise<RawTlsClient> {
@@ -118,38 +117,12 @@ class RawTlsClient {
     });
   }
 
-  private readonly onData = (b: Buffer): void => {
-    this.buf = Buffer.concat([this.buf, b]);
-    this.wake();
-  };
-  private readonly onClose = (): void => {
-    this.closed = true;
-    this.wake();
-  };
-
-  private listen(s: net.Socket): void {
-    s.on('data', this.onData);
-    s.on('close', this.onClose);
-    s.on('error', () => undefined);
+  read(n: number): Promise<Buffer | undefined> {
+    return this.bytes.read(n);
   }
 
-  private wake(): void {
-    for (const w of this.waiters.splice(0)) w();
-  }
-
-  async read(n: number): Promise<Buffer | undefined> {
-    while (this.buf.length < n) {
-      if (this.closed) return undefined;
-      await new Promise<void>((r) => this.waiters.push(r));
-    }
-    const out = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
-    return out;
-  }
-
-  async waitClosed(): Promise<boolean> {
-    while (!this.closed) await new Promise<void>((r) => this.waiters.push(r));
-    return true;
+  waitClosed(): Promise<boolean> {
+    return this.bytes.waitClosed();
   }
 
   write(b: Buffer): void {
@@ -178,8 +151,6 @@ class RawTlsClient {
 
   /** Switch to TLS over the same socket with the given client certificate directory. */
   async startTls(certDir: string): Promise<void> {
-    this.plain.off('data', this.onData);
-    this.plain.off('close', this.onClose);
     const t = tls.connect({
       socket: this.plain,
       ca: readFileSync(join(certDir, 'ca-cert.pem')),
@@ -188,7 +159,7 @@ class RawTlsClient {
       servername: 'localhost',
     });
     this.stream = t;
-    this.listen(t);
+    this.bytes.attach(t);
     await new Promise<void>((resolve, reject) => {
       t.once('secureConnect', resolve);
       t.once('error', reject);
