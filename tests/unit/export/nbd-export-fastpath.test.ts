@@ -21,6 +21,7 @@ function connectHandle() {
     isDataSync: (off: number, len: number) => off + len <= HALF,
     isZeroSync: (off: number, len: number) => off >= HALF && off + len <= SIZE,
     blockStatus: async (off: number, len: number) => [{ offset: off, length: len, flags: 0, depth: 1 }],
+    fileRangeSync: (off: number, len: number) => (off + len <= HALF ? { fd: 42, offset: off + 512 } : undefined),
   };
   const exp = new NbdExport(
     { id: 'e0', name: 'x', writable: false, writethrough: false, allocationDepth: false, maxConnections: 0, multiConn: 'auto' },
@@ -49,5 +50,12 @@ describe('NbdExport connection handle', () => {
     expect(h.tryReadSync?.(buf, 0)).toBe(true);
     expect(buf.every((b) => b === 7)).toBe(true);
     expect(h.tryReadSync?.(Buffer.alloc(4096), HALF)).toBe(false);
+  });
+
+  it('names a cached file range synchronously, as the export does', () => {
+    const { exp, h } = connectHandle();
+    expect(exp.tryReadFileSync(4096, 65536)).toEqual({ fd: 42, offset: 4096 + 512 });
+    expect(h.tryReadFileSync?.(4096, 65536)).toEqual({ fd: 42, offset: 4096 + 512 });
+    expect(h.tryReadFileSync?.(HALF, 65536)).toBeUndefined();
   });
 });
