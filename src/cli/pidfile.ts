@@ -4,16 +4,30 @@
  *
  * QSD holds an exclusive fcntl() lock on the file while it runs, so a second daemon
  * with the same path fails with "Cannot lock pid file: Resource temporarily unavailable".
- * Node.js has no fcntl() locks, so the lock is emulated: the file is created with
- * O_CREAT|O_EXCL, and an existing file counts as "locked" only while the PID written in
+ * Node.js has no fcntl() locks, so the lock is emulated: the file is written under a private
+ * name beside it and hard-linked into place (link() fails with EEXIST, like O_CREAT|O_EXCL,
+ * but the file never shows up empty: a reader that waits for the path always gets the PID,
+ * and a second daemon starting at the same moment never takes a half-written file for a
+ * stale one), and an existing file counts as "locked" only while the PID written in
  * it belongs to a live process (other than us). A stale file left by a killed daemon (or
  * one with unreadable contents) is replaced, which is what a real lock allows too.
  * Limitation: if the stale PID has been reused by an unrelated live process, the path
  * stays "locked" until that file is removed.
  */
-import { openSync, writeSync, closeSync, readFileSync, unlinkSync, fsyncSync } from 'node:fs';
+import {
+  closeSync,
+  fsyncSync,
+  linkSync,
+  openSync,
+  readFileSync,
+  unlinkSync,
+  writeSync,
+} from 'node:fs';
 import { resolve } from 'node:path';
 import { CliError, strerror } from '../util/errors.js';
+
+/** link() errors of file systems without hard links. */
+const NO_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'EMLINK']);
 
 const LOCKED = 'cannot create PID file: Cannot lock pid file: Resource temporarily unavailable';
 
@@ -40,6 +54,50 @@ function recordedPid(path: string): number | undefined {
   }
 }
 
+/**
+ * `PID\n` into a new file of mode 0600. A leftover of ours is removed first; O_EXCL, so a
+ * symbolic link planted at the name is not followed.
+ */
+function writeFull(path: string, pid: number): void {
+  let fd: number;
+  try {
+    try {
+      unlinkSync(path);
+    } catch {
+      // none left over
+    }
+    fd = openSync(path, 'wx', 0o600);
+  } catch (err) {
+    throw new CliError(`cannot create PID file: ${strerror(err)}`, 'PIDFILE');
+  }
+  writePid(fd, pid);
+}
+
+/** Write `PID\n`, sync and close `fd`. */
+function writePid(fd: number, pid: number): void {
+  try {
+    writeSync(fd, `${pid}\n`);
+    fsyncSync(fd);
+  } catch (err) {
+    throw new CliError(`cannot create PID file: ${strerror(err)}`, 'PIDFILE');
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** The path exists: throw LOCKED while a live daemon owns it, else remove it (stale). */
+function removeStale(abs: string, pid: number): void {
+  const owner = recordedPid(abs);
+  if (owner !== undefined && owner !== pid && alive(owner)) throw new CliError(LOCKED, 'PIDFILE');
+  try {
+    unlinkSync(abs);
+  } catch (e) {
+    if ((e as { code?: string }).code !== 'ENOENT') {
+      throw new CliError(`cannot create PID file: ${strerror(e)}`, 'PIDFILE');
+    }
+  }
+}
+
 export class PidFile {
   private removed = false;
 
@@ -55,6 +113,36 @@ export class PidFile {
    */
   static write(path: string, pid: number = process.pid): PidFile {
     const abs = resolve(path);
+    const tmp = `${abs}.${pid}.tmp`;
+    writeFull(tmp, pid);
+    try {
+      for (let attempt = 0; attempt < 5; attempt++) {
+        try {
+          linkSync(tmp, abs);
+          return new PidFile(abs, pid);
+        } catch (err) {
+          const code = (err as { code?: string }).code ?? '';
+          if (NO_LINKS.has(code)) {
+            // A file system without hard links: create the file in place (not atomic).
+            return PidFile.writeInPlace(abs, pid);
+          }
+          if (code !== 'EEXIST') {
+            throw new CliError(`cannot create PID file: ${strerror(err)}`, 'PIDFILE');
+          }
+        }
+        removeStale(abs, pid);
+      }
+      throw new CliError(LOCKED, 'PIDFILE');
+    } finally {
+      try {
+        unlinkSync(tmp);
+      } catch {
+        // already gone
+      }
+    }
+  }
+
+  private static writeInPlace(abs: string, pid: number): PidFile {
     for (let attempt = 0; attempt < 5; attempt++) {
       let fd: number;
       try {
@@ -63,25 +151,10 @@ export class PidFile {
         if ((err as { code?: string }).code !== 'EEXIST') {
           throw new CliError(`cannot create PID file: ${strerror(err)}`, 'PIDFILE');
         }
-        const owner = recordedPid(abs);
-        if (owner !== undefined && owner !== pid && alive(owner)) throw new CliError(LOCKED, 'PIDFILE');
-        try {
-          unlinkSync(abs);
-        } catch (e) {
-          if ((e as { code?: string }).code !== 'ENOENT') {
-            throw new CliError(`cannot create PID file: ${strerror(e)}`, 'PIDFILE');
-          }
-        }
+        removeStale(abs, pid);
         continue;
       }
-      try {
-        writeSync(fd, `${pid}\n`);
-        fsyncSync(fd);
-      } catch (err) {
-        throw new CliError(`cannot create PID file: ${strerror(err)}`, 'PIDFILE');
-      } finally {
-        closeSync(fd);
-      }
+      writePid(fd, pid);
       return new PidFile(abs, pid);
     }
     throw new CliError(LOCKED, 'PIDFILE');

@@ -1,5 +1,14 @@
 import { describe, it, expect, afterEach } from 'vitest';
-import { mkdtempSync, rmSync, readFileSync, writeFileSync, existsSync, statSync } from 'node:fs';
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PidFile } from '../../../src/cli/pidfile.js';
@@ -20,6 +29,24 @@ describe('PidFile', () => {
     PidFile.write(p, 12345);
     expect(readFileSync(p, 'utf8')).toBe('12345\n');
     expect(statSync(p).mode & 0o777).toBe(0o600);
+  });
+  it('leaves only the pidfile in its directory, whether it was written or refused', () => {
+    const d = temp();
+    const p = join(d, 'pid');
+    PidFile.write(p, 12345);
+    expect(readdirSync(d)).toEqual(['pid']);
+    writeFileSync(p, `${process.pid}\n`);
+    expect(() => PidFile.write(p, 1234567)).toThrow('Cannot lock pid file');
+    expect(readdirSync(d)).toEqual(['pid']);
+  });
+  it('does not write through a symbolic link planted at its private name', () => {
+    const d = temp();
+    const victim = join(d, 'victim');
+    writeFileSync(victim, 'keep');
+    symlinkSync(victim, join(d, 'pid.777.tmp'));
+    PidFile.write(join(d, 'pid'), 777);
+    expect(readFileSync(victim, 'utf8')).toBe('keep');
+    expect(readFileSync(join(d, 'pid'), 'utf8')).toBe('777\n');
   });
   it('refuses a file held by a live process with the QSD lock message', () => {
     const p = join(temp(), 'pid');
