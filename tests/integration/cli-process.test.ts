@@ -22,6 +22,16 @@ async function until(cond: () => boolean): Promise<void> {
   while (!cond()) await new Promise((r) => setTimeout(r, 20));
 }
 
+/** The file's text, or undefined while it does not exist. */
+function contentOf(path: string): string | undefined {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
 function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
@@ -202,7 +212,8 @@ describe('blockd process lifecycle', () => {
     // A PID that cannot be alive: above the kernel's pid_max limit.
     writeFileSync(pidfile, '99999999\n');
     const { child, done } = start(['--pidfile', pidfile]);
-    await until(() => existsSync(pidfile) && readFileSync(pidfile, 'utf8') === `${child.pid}\n`);
+    // The daemon removes the stale file before it links its own in: it may vanish in between.
+    await until(() => contentOf(pidfile) === `${child.pid}\n`);
     child.kill('SIGHUP');
     expect((await done).code).toBe(0);
     expect(existsSync(pidfile)).toBe(false);
