@@ -16,6 +16,7 @@ import {
   type BlockIO,
   type BlockStats,
   type FileRange,
+  type WriteDone,
   type WriteFlags,
   type WriteHook,
   type WriteThresholdListener,
@@ -312,6 +313,46 @@ export class NodeIO implements BlockIO {
     } finally {
       this.leave();
     }
+  }
+
+  submitWrite(buf: Buffer, offset: number, done: WriteDone): boolean {
+    const driver = this.driver;
+    // Everything write() does besides the driver call must be absent: hooks (dirty bitmaps,
+    // write notifiers), the threshold, detect-zeroes, a resize gate; errors are write()'s.
+    if (this.gate || this.hooks.length !== 0 || this.threshold !== 0 || !driver.submitWrite) return false;
+    const owner = this.owner;
+    if (owner.readOnly) return false;
+    const dz = owner.options?.detectZeroes;
+    if (dz !== undefined && dz !== 'off') return false;
+    const length = buf.length;
+    if (length === 0 || !Number.isSafeInteger(offset) || offset < 0 || offset + length > driver.getLength()) {
+      return false;
+    }
+    this.enter();
+    let started = false;
+    try {
+      started = driver.submitWrite(buf, offset, (err) => {
+        if (err === undefined) {
+          this.stats.writeOps++;
+          this.stats.writeBytes += length;
+          this.leave();
+          done();
+          return;
+        }
+        this.stats.failedOps++;
+        this.stats.failedWriteOps++;
+        this.leave();
+        done(toBlockError(err, `write to '${owner.name}'`));
+      });
+    } catch {
+      started = false;
+    }
+    if (!started) {
+      this.leave();
+      return false;
+    }
+    this.noteWriteEnd(offset + length);
+    return true;
   }
 
   async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {

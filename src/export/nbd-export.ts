@@ -10,6 +10,7 @@ import type {
   NbdConnectionInfo,
   NbdExportHandle,
   NbdMetaContext,
+  NbdWriteDone,
   NbdMetaContextProvider,
   NbdSession,
   NbdWriteZeroesOptions,
@@ -432,6 +433,42 @@ export class NbdExport implements NbdExportHandle {
     return this.writeBody(buf, offset, fua, conn);
   }
 
+  /**
+   * The write fast path (NbdExportHandle.submitWrite): a plain write the node can take without
+   * promises (io.submitWrite); false (nothing counted) for everything else, which then goes
+   * through write(). A failure gets the same error policy as write()'s, from the callback.
+   */
+  submitWrite(buf: Buffer, offset: number, fua: boolean, done: NbdWriteDone, conn?: ConnState): boolean {
+    if (fua || this.stopped || this.opts.writethrough) return false;
+    const io = this.user.io;
+    if (
+      !io.submitWrite?.(buf, offset, (err) => {
+        if (err === undefined) {
+          this.dirty = true;
+          done();
+        } else this.submitFailed(err, buf, offset, conn, done);
+      })
+    ) {
+      return false;
+    }
+    this.counters.writeOps++;
+    this.counters.writeBytes += buf.length;
+    return true;
+  }
+
+  private submitFailed(err: Error, buf: Buffer, offset: number, conn: ConnState | undefined, done: NbdWriteDone): void {
+    let p: Promise<void>;
+    try {
+      p = Promise.resolve(this.failed(err, 'write', conn, () => this.writeBody(buf, offset, false, conn), NOTHING));
+    } catch (e) {
+      p = Promise.reject(e);
+    }
+    p.then(
+      () => done(),
+      (e: unknown) => done(e),
+    );
+  }
+
   private async writeBody(buf: Buffer, offset: number, fua: boolean, conn: ConnState | undefined): Promise<void> {
     const fuaHere = fua && !this.opts.writethrough;
     try {
@@ -755,6 +792,9 @@ class ExportConnection implements NbdExportHandle {
   }
   write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
     return this.exp.write(buf, offset, fua, this.conn);
+  }
+  submitWrite(buf: Buffer, offset: number, fua: boolean, done: NbdWriteDone): boolean {
+    return this.exp.submitWrite(buf, offset, fua, done, this.conn);
   }
   writeZeroes(offset: number, length: number, o: NbdWriteZeroesOptions): Promise<void> {
     return this.exp.writeZeroes(offset, length, o, this.conn);

@@ -137,6 +137,9 @@ export interface NbdWriteZeroesOptions {
  */
 export type NbdZeroRanges = ReadonlyArray<{ offset: number; length: number }>;
 
+/** Completion of NbdExportHandle.submitWrite: nothing on success, else the error. */
+export type NbdWriteDone = (err?: unknown) => void;
+
 /**
  * One export as the engine sees it. Properties are read once when a client commits
  * to the export (flags are computed once per connection).
@@ -192,6 +195,12 @@ export interface NbdExportHandle {
   tryReadFileSync?(offset: number, length: number): NbdFileRange | undefined;
   /** `buf` is only valid until the promise settles: copy it if kept. */
   write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
+  /**
+   * Optional fast path: start the write and return true, then call `done` exactly once, never
+   * before returning (no argument on success, the error otherwise; `buf` is the backend's
+   * until then); or return false without side effects to make the engine use {@link write}.
+   */
+  submitWrite?(buf: Buffer, offset: number, fua: boolean, done: NbdWriteDone): boolean;
   writeZeroes(offset: number, length: number, opts: NbdWriteZeroesOptions): Promise<void>;
   /** Discard (advisory). */
   trim(offset: number, length: number, fua: boolean): Promise<void>;

@@ -92,6 +92,23 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
       this.queue(this.simple(0, cookie));
       return;
     }
+    const exp = this.exp!;
+    if (exp.submitWrite !== undefined) {
+      // The fast path: no promise on any layer (plain writes to raw-over-file nodes).
+      const length = data.length;
+      let started = false;
+      try {
+        started = exp.submitWrite(data, offset, (flags & NBD_CMD_FLAG_FUA) !== 0, (err) =>
+          this.writeDone(cookie, flags, data, err),
+        );
+      } catch {
+        started = false;
+      }
+      if (started) {
+        this.begin(length);
+        return;
+      }
+    }
     this.run(
       cookie,
       NBD_CMD_WRITE,
@@ -101,6 +118,19 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
       // The backend is done with the payload once the write settled: recycle large ones.
       isRecyclable(data) ? data : undefined,
     );
+  }
+
+  /** A submitWrite settled: what run()'s handlers do for a write. */
+  private writeDone(cookie: Buffer, flags: number, data: Buffer, err: unknown): void {
+    const length = data.length;
+    // The backend is done with the payload: recycle large ones.
+    if (isRecyclable(data)) releaseReplyBuffer(data);
+    if (err === undefined) this.queue(this.simple(0, cookie));
+    else {
+      this.logFailure(NBD_CMD_WRITE, err);
+      this.replyError(cookie, NBD_CMD_WRITE, nbdErrorOf(err, NBD_CMD_WRITE, flags), FAIL_TEXT[NBD_CMD_WRITE]!);
+    }
+    this.settle(length);
   }
 
   // ---------------------------------------------------------------- others

@@ -21,6 +21,7 @@ import {
   type BlockDriver,
   type BlockExtent,
   type DriverCaps,
+  type WriteDone,
   type WriteFlags,
   type ZeroFlags,
 } from '../types.js';
@@ -80,12 +81,14 @@ const READ_BATCH_MAX_BYTES = 128 * 1024;
 /** Read batches running at once (page-cache misses wait for the disk, so they overlap). */
 const MAX_RUNNING_READS = 4;
 
+/** Completion of one request of a batch: the error, or the bytes transferred. */
+type BatchDone = (err: Error | undefined, n: number) => void;
+
 /** Requests gathered for one native call. */
 interface Batch {
   readonly bufs: Buffer[];
   readonly offsets: number[];
-  readonly resolve: Array<(n: number) => void>;
-  readonly reject: Array<(err: unknown) => void>;
+  readonly done: BatchDone[];
   bytes: number;
 }
 
@@ -126,24 +129,26 @@ class BatchLane {
 
   /** Bytes transferred (a read is short only at EOF); rejects with an errno-coded Error. */
   run(buf: Buffer, offset: number): Promise<number> {
+    return new Promise<number>((resolve, reject) => {
+      this.add(buf, offset, (err, n) => (err ? reject(err) : resolve(n)));
+    });
+  }
+
+  /** As run(), with a callback (called once, from a later turn of the event loop). */
+  add(buf: Buffer, offset: number, done: BatchDone): void {
     let b = this.pending[this.pending.length - 1];
     if (b === undefined || b.bufs.length >= BATCH_MAX_OPS || b.bytes + buf.length > this.maxBytes) {
-      b = { bufs: [], offsets: [], resolve: [], reject: [], bytes: 0 };
+      b = { bufs: [], offsets: [], done: [], bytes: 0 };
       this.pending.push(b);
     }
-    const batch = b;
-    const p = new Promise<number>((resolve, reject) => {
-      batch.resolve.push(resolve);
-      batch.reject.push(reject);
-    });
-    batch.bufs.push(buf);
-    batch.offsets.push(offset);
-    batch.bytes += buf.length;
+    b.done.push(done);
+    b.bufs.push(buf);
+    b.offsets.push(offset);
+    b.bytes += buf.length;
     if (!this.scheduled) {
       this.scheduled = true;
       process.nextTick(startLane, this);
     }
-    return p;
   }
 
   /** Start gathered batches while under the running limit. */
@@ -157,7 +162,8 @@ class BatchLane {
         this.submitBatch(b.bufs, b.offsets, results, () => this.complete(b, results));
       } catch (err) {
         this.running--;
-        for (const reject of b.reject) reject(err);
+        const e = err instanceof Error ? err : new Error(String(err));
+        for (const done of b.done) done(e, 0);
       }
     }
   }
@@ -168,8 +174,8 @@ class BatchLane {
     this.start();
     for (let i = 0; i < results.length; i++) {
       const r = results[i]!;
-      if (r >= 0) b.resolve[i]!(r);
-      else b.reject[i]!(batchError(this.write, r));
+      if (r >= 0) b.done[i]!(undefined, r);
+      else b.done[i]!(batchError(this.write, r), 0);
     }
     if (this.running === 0 && this.pending.length === 0 && this.idle) {
       const idle = this.idle;
@@ -461,6 +467,13 @@ export class FileDriver implements BlockDriver {
     while (done < buf.length) {
       done += await writeAt(this.fd, done === 0 ? buf : buf.subarray(done), offset + done);
     }
+  }
+
+  /** The write fast path (BlockDriver.submitWrite): the batched lane, when there is one. */
+  submitWrite(buf: Buffer, offset: number, done: WriteDone): boolean {
+    if (this.direct || !this.batcher || this.closed) return false;
+    this.batcher.writes.add(buf, offset, done);
+    return true;
   }
 
   private async writeDirect(buf: Buffer, offset: number): Promise<void> {

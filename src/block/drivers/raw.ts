@@ -3,7 +3,7 @@
  * Without `size` the window follows the child's length.
  */
 import { BlockError } from '../../util/errors.js';
-import type { BlockDriver, BlockExtent, DriverCaps, FileRange, WriteFlags, ZeroFlags } from '../types.js';
+import type { BlockDriver, BlockExtent, DriverCaps, FileRange, WriteDone, WriteFlags, ZeroFlags } from '../types.js';
 import {
   BASE_MEMBERS,
   optError,
@@ -84,6 +84,10 @@ export class RawDriver implements BlockDriver {
 
   write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void> {
     return this.child.write(buf, offset + this.offset, flags);
+  }
+
+  submitWrite(buf: Buffer, offset: number, done: WriteDone): boolean {
+    return this.child.submitWrite?.(buf, offset + this.offset, done) ?? false;
   }
 
   writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {

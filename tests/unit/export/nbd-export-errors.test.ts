@@ -16,6 +16,7 @@ class FakeNode {
   /** The next I/O fails with this errno (until cleared). */
   fail: Errno | undefined;
   calls = 0;
+  submitted = 0;
   private check(): void {
     this.calls++;
     if (this.fail) throw new BlockError('IO', this.fail, `fake ${this.fail}`);
@@ -31,6 +32,22 @@ class FakeNode {
       write: async (buf: Buffer, off: number) => {
         this.check();
         buf.copy(this.data, off);
+      },
+      // The callback path (BlockIO.submitWrite): fails as write() does, from a later turn.
+      submitWrite: (buf: Buffer, off: number, done: (err?: Error) => void) => {
+        this.submitted++;
+        let err: Error | undefined;
+        try {
+          this.check();
+        } catch (e) {
+          err = e as Error;
+        }
+        setImmediate(() => {
+          if (err) return done(err);
+          buf.copy(this.data, off);
+          done();
+        });
+        return true;
       },
       writeZeroes: async (off: number, len: number, o: { noFallback?: boolean }) => {
         if (o.noFallback) throw new BlockError('NO_FAST_ZERO', 'ENOTSUP', 'no fast zero');
@@ -240,5 +257,83 @@ describe('BLOCK_IO_ERROR reason', () => {
       expect(events[0]?.reason, errno).toMatch(/^[A-Z][a-z]+[- a-z/A-Z]*$/);
       expect(events[0]?.reason, errno).not.toMatch(/fake|object|^E[A-Z]+$/);
     }
+  });
+});
+
+describe('NbdExport.submitWrite (the callback write path)', () => {
+  function submit(h: NbdExportHandle, buf: Buffer, off: number, fua = false): { started: boolean; result: Promise<unknown> } {
+    let resolve!: (v: unknown) => void;
+    const result = new Promise<unknown>((r) => (resolve = r));
+    const started = h.submitWrite?.(buf, off, fua, (err) => resolve(err ?? 'ok')) ?? false;
+    return { started, result };
+  }
+
+  it('writes and counts as write() does; FUA, writethrough and a stopped export take write()', async () => {
+    const { exp, node, connect } = makeExport();
+    const { h } = connect();
+    const w = submit(h, Buffer.alloc(512, 9), 1024);
+    expect(w.started).toBe(true);
+    expect(await w.result).toBe('ok');
+    expect(node.data[1024]).toBe(9);
+    expect(exp.counters.writeOps).toBe(1);
+    expect(exp.counters.writeBytes).toBe(512);
+    // FUA needs the flush write() does: refused, nothing counted.
+    expect(submit(h, Buffer.alloc(512), 0, true).started).toBe(false);
+    expect(exp.counters.writeOps).toBe(1);
+    expect(node.submitted).toBe(1);
+  });
+
+  it('is refused by a writethrough export', () => {
+    const node = new FakeNode();
+    const exp = new NbdExport(
+      { id: 'e0', name: 'x', writable: true, writethrough: true, allocationDepth: false, maxConnections: 0, multiConn: 'auto' },
+      node.user(),
+      () => 100,
+      silentLogger(),
+    );
+    expect(exp.submitWrite(Buffer.alloc(512), 0, false, () => undefined)).toBe(false);
+    expect(node.submitted).toBe(0);
+  });
+
+  it('reports a failure under werror=report with the event and the count', async () => {
+    const { exp, node, events, connect } = makeExport({ werror: 'report', rerror: 'report' });
+    const { h } = connect();
+    node.fail = 'EIO';
+    const w = submit(h, Buffer.alloc(512), 0);
+    expect(w.started).toBe(true);
+    expect(await w.result).toMatchObject({ errno: 'EIO' });
+    expect(events).toEqual([
+      { device: 'e0', 'node-name': 'n0', operation: 'write', action: 'report', nospace: false, reason: 'Input/output error' },
+    ]);
+    expect(exp.counters.failedOps).toBe(1);
+  });
+
+  it('answers success under werror=ignore', async () => {
+    const { node, events, connect } = makeExport({ werror: 'ignore', rerror: 'report' });
+    const { h } = connect();
+    node.fail = 'EIO';
+    expect(await submit(h, Buffer.alloc(512), 0).result).toBe('ok');
+    expect(events[0]).toMatchObject({ operation: 'write', action: 'ignore' });
+  });
+
+  it('holds a failed write under werror=stop and writes it on resume; later writes take write()', async () => {
+    const { exp, node, events, connect } = makeExport({ werror: 'stop', rerror: 'report' });
+    const { h } = connect();
+    node.fail = 'ENOSPC';
+    let settled: unknown;
+    const w = submit(h, Buffer.alloc(512, 0x33), 2048);
+    void w.result.then((v) => (settled = v));
+    await new Promise((r) => setTimeout(r, 20));
+    expect(events[0]).toMatchObject({ operation: 'write', action: 'stop', nospace: true });
+    expect(exp.ioStatus).toBe('nospace');
+    expect(exp.isStopped).toBe(true);
+    expect(settled).toBeUndefined();
+    // While stopped the callback path refuses (write() holds the request).
+    expect(submit(h, Buffer.alloc(512), 0).started).toBe(false);
+    node.fail = undefined;
+    exp.resume();
+    expect(await w.result).toBe('ok');
+    expect(node.data[2048]).toBe(0x33);
+    expect(exp.counters.failedOps).toBe(0);
   });
 });
