@@ -201,6 +201,81 @@ describe.skipIf(!tools)('qcow2 fast paths', () => {
     expect(buf.every((b) => b === 7)).toBe(true);
   });
 
+  it('writes in place through the callback path only into plain data clusters, as qemu-img sees them', async () => {
+    const img = join(dir, 'frag.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, String(SIZE));
+    fragment(img);
+    // Clusters with a host offset and data: the only ones an overwrite needs no allocation for
+    // (compressed clusters have no offset in qemu-img's map).
+    const plain = new Set<number>();
+    for (const e of JSON.parse(qemuImg('map', '--output=json', '-f', 'qcow2', img)) as Array<{
+      start: number;
+      length: number;
+      data: boolean;
+      offset?: number;
+    }>) {
+      if (e.data && e.offset !== undefined) for (let o = e.start; o < e.start + e.length; o += CS) plain.add(o / CS);
+    }
+    const expected = contentOf(img, dir);
+    const node = await openQcow2(g, 'q', img);
+    await node.io.blockStatus(0, SIZE); // caches every L2 table
+    const rnd = rng(11);
+    let accepted = 0;
+    let refused = 0;
+    for (let i = 0; i < 400; i++) {
+      const c = Math.floor(rnd() * (SIZE / CS));
+      const inOff = Math.floor(rnd() * 8) * 512;
+      const len = 512 * (1 + Math.floor(rnd() * ((CS - inOff) / 512)));
+      const buf = Buffer.alloc(len, 1 + (i % 250));
+      const off = c * CS + inOff;
+      const settled = new Promise<Error | undefined>((resolve) => {
+        if (node.io.submitWrite?.(buf, off, resolve)) {
+          accepted++;
+          // Accepted only where no allocation or copy-on-write is needed.
+          expect(plain.has(c), `cluster ${c}`).toBe(true);
+        } else {
+          refused++;
+          resolve(node.io.write(buf, off).then(() => undefined));
+        }
+      });
+      expect(await settled).toBeUndefined();
+      buf.copy(expected, off);
+      plain.add(c); // written now (in place or newly allocated)
+    }
+    expect(accepted).toBeGreaterThan(50);
+    expect(refused).toBeGreaterThan(10);
+    // A write across a cluster boundary takes write().
+    expect(node.io.submitWrite?.(Buffer.alloc(1024), [...plain][0]! * CS + CS - 512, () => undefined)).toBe(false);
+    expect(node.io.stats.writeOps).toBe(400);
+    await g.closeAll();
+    expect(check(img).code).toBe(0);
+    expect(firstDiff(contentOf(img, dir), expected)).toBe(-1);
+  });
+
+  it('does not overwrite clusters shared with an internal snapshot in place', async () => {
+    const img = join(dir, 's.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, String(SIZE));
+    qemuIo(img, 'qcow2', 'write -P 7 0 64k');
+    qemuImg('snapshot', '-c', 'snap1', img);
+    const node = await openQcow2(g, 'q', img);
+    await node.io.blockStatus(0, SIZE);
+    expect(node.io.submitWrite?.(Buffer.alloc(512, 9), 0, () => undefined)).toBe(false);
+    await node.io.write(Buffer.alloc(512, 9), 0); // copy-on-write: the cluster is ours now
+    const done = await new Promise<Error | undefined>((resolve) => {
+      expect(node.io.submitWrite?.(Buffer.alloc(512, 8), 512, resolve)).toBe(true);
+    });
+    expect(done).toBeUndefined();
+    await g.closeAll();
+    expect(check(img).code).toBe(0);
+    const now = contentOf(img, dir);
+    expect(now.subarray(0, 512).every((b) => b === 9)).toBe(true);
+    expect(now.subarray(512, 1024).every((b) => b === 8)).toBe(true);
+    expect(now.subarray(1024, 65536).every((b) => b === 7)).toBe(true);
+    // The snapshot still has the old bytes.
+    qemuImg('snapshot', '-a', 'snap1', img);
+    expect(contentOf(img, dir).subarray(0, 65536).every((b) => b === 7)).toBe(true);
+  });
+
   it('reports a range as all data only when every cluster in it is a data cluster', async () => {
     const img = join(dir, 'd.qcow2');
     qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, String(SIZE));

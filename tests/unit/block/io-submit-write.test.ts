@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NodeIO } from '../../../src/block/io.js';
 import { BlockGraph } from '../../../src/block/graph.js';
+import { Storage } from '../../../src/block/drivers/qcow2/storage.js';
 import type { BlockDriver, BlockIO, DriverCaps, WriteDone } from '../../../src/block/types.js';
 import { DaemonError } from '../../../src/util/errors.js';
 import { silentLogger } from '../../../src/util/logger.js';
@@ -199,5 +200,50 @@ describe('submitWrite through a real raw-over-file graph', () => {
     if (!f) return; // the file system refuses O_DIRECT (tmpfs): nothing to check here
     expect(f.io.submitWrite?.(Buffer.alloc(4096), 0, () => undefined), 'O_DIRECT').toBe(false);
     expect(f.io.submitWrite?.(Buffer.alloc(4096), 0, () => undefined)).toBe(false);
+  });
+});
+
+describe('qcow2 Storage.submitWrite', () => {
+  /** A file node whose callback writes complete when the test says so. */
+  function fileIO(size: number) {
+    const pending: Array<() => void> = [];
+    const io = {
+      size: () => size,
+      submitWrite: (_buf: Buffer, _off: number, done: WriteDone) => {
+        pending.push(() => done());
+        return true;
+      },
+    };
+    return { io: io as unknown as BlockIO, pending };
+  }
+
+  it('counts a callback write for ioBarrier until it completes', async () => {
+    const { io, pending } = fileIO(1 << 20);
+    const st = new Storage(() => io, 65536);
+    const done: string[] = [];
+    expect(st.submitWrite(Buffer.alloc(512), 4096, () => done.push('write'))).toBe(true);
+    let barrier = false;
+    const b = st.ioBarrier().then(() => (barrier = true));
+    await new Promise((r) => setTimeout(r, 10));
+    expect(barrier).toBe(false);
+    pending.shift()!();
+    await b;
+    expect(done).toEqual(['write']);
+    // The same in the other epoch.
+    expect(st.submitWrite(Buffer.alloc(512), 0, () => done.push('second'))).toBe(true);
+    let second = false;
+    const b2 = st.ioBarrier().then(() => (second = true));
+    await new Promise((r) => setTimeout(r, 10));
+    expect(second).toBe(false);
+    pending.shift()!();
+    await b2;
+    expect(done).toEqual(['write', 'second']);
+  });
+
+  it('refuses a write past the end of the file (write() grows the file first)', () => {
+    const { io } = fileIO(65536);
+    const st = new Storage(() => io, 65536);
+    expect(st.submitWrite(Buffer.alloc(512), 65536, () => undefined)).toBe(false);
+    expect(st.submitWrite(Buffer.alloc(1024), 65536 - 512, () => undefined)).toBe(false);
   });
 });

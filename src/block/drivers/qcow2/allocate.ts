@@ -9,6 +9,7 @@
  * reference goes away are freed only after that change is on disk (deferred to write-back).
  */
 import { BlockError } from '../../../util/errors.js';
+import type { WriteDone } from '../../types.js';
 import { optBool } from '../common.js';
 import {
   HI_COPIED,
@@ -70,6 +71,25 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
       }
     }
     return this.writeClusterSlow(g, inOff, data);
+  }
+
+  /**
+   * writeCluster's first case as a callback (BlockDriver.submitWrite): an overwrite of an owned
+   * data cluster whose L2 table is cached goes straight to the file's callback path; anything
+   * else (allocation, copy-on-write, extended L2, an uncached table, an entry pointing into
+   * metadata) returns false and takes write(). Looked up and issued in one synchronous step,
+   * as writeCluster's fast case (see writeClusterSlow).
+   */
+  protected submitCluster(g: number, inOff: number, data: Buffer, done: WriteDone): boolean {
+    if (this.extL2) return false;
+    try {
+      const t = this.cachedL2(Math.floor(g / this.l2Entries));
+      if (!t || this.kindOf(t, g % this.l2Entries) !== K_DATA || !this.copiedOut) return false;
+      if (this.olMask !== 0 && this.ol.at(this.hostOut / this.clusterSize, this.olMask) !== 0) return false;
+      return this.storage.submitWrite(data, this.hostOut + inOff, done);
+    } catch {
+      return false;
+    }
   }
 
   protected async writeClusterSlow(g: number, inOff: number, data: Buffer): Promise<void> {

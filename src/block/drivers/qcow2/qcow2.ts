@@ -21,7 +21,7 @@
  */
 import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
 import { BlockError } from '../../../util/errors.js';
-import type { BlockDriver, BlockIO, DriverCaps, WriteFlags, ZeroFlags } from '../../types.js';
+import type { BlockDriver, BlockIO, DriverCaps, WriteDone, WriteFlags, ZeroFlags } from '../../types.js';
 import {
   BASE_MEMBERS,
   optBool,
@@ -504,6 +504,15 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     const inOff = offset - g * this.clusterSize;
     if (inOff + buf.length <= this.clusterSize) return this.writeCluster(g, inOff, buf);
     return this.writeMany(buf, offset);
+  }
+
+  /** The write fast path (BlockDriver.submitWrite): in-place overwrites within one cluster. */
+  submitWrite(buf: Buffer, offset: number, done: WriteDone): boolean {
+    if (!this.writable || !this.refcounts || this.closed || this.broken) return false;
+    const g = Math.floor(offset / this.clusterSize);
+    const inOff = offset - g * this.clusterSize;
+    if (inOff + buf.length > this.clusterSize) return false;
+    return this.submitCluster(g, inOff, buf, done);
   }
 
   private async writeMany(buf: Buffer, offset: number): Promise<void> {

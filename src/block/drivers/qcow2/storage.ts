@@ -3,7 +3,7 @@
  * on a cluster boundary), writes past EOF grow the file first (in chunks, because a resize drains
  * the child's in-flight I/O), and a small async mutex used for metadata updates.
  */
-import type { BlockIO } from '../../types.js';
+import type { BlockIO, WriteDone } from '../../types.js';
 
 /** A FIFO async mutex. */
 export class Mutex {
@@ -114,6 +114,28 @@ export class Storage {
         ? io.write(buf, offset)
         : this.ensureSize(end).then(() => this.io().write(buf, offset)),
     );
+  }
+
+  /**
+   * write()'s callback form (BlockIO.submitWrite), for a range inside the file as it is now:
+   * false (nothing done) while the file grows, past its end, or when the file node refuses.
+   * The write counts in the current epoch until `done` is called, as write()'s promise does.
+   */
+  submitWrite(buf: Buffer, offset: number, done: WriteDone): boolean {
+    const end = offset + buf.length;
+    const io = this.io();
+    if (this.growing !== undefined || io.size() < end || !io.submitWrite) return false;
+    const first = this.epoch === 0;
+    const ok = io.submitWrite(buf, offset, (err) => {
+      if (first) this.settle0();
+      else this.settle1();
+      done(err);
+    });
+    if (!ok) return false;
+    if (first) this.inflight0++;
+    else this.inflight1++;
+    if (end > this.zeroFrom) this.zeroFrom = end;
+    return true;
   }
 
   /** Count `p` in the current epoch until it settles (see ioBarrier). */
