@@ -26,6 +26,7 @@ import {
   NBD_REPLY_FLAG_DONE,
   NBD_SIMPLE_REPLY_SIZE,
 } from './protocol.js';
+import { encodeBlockStatusExtChunk } from './protocol-ext.js';
 import { NbdReplyWriter, type ReadCtx } from './reply-writer.js';
 
 export abstract class NbdDispatcher extends NbdReplyWriter {
@@ -87,19 +88,21 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
     );
   }
 
-  protected startWrite(cookie: Buffer, flags: number, offset: number, data: Buffer): void {
+  /** WRITE of `data` (`id`: the cookie, or the tag with extended headers; see replyNone). */
+  protected startWrite(id: Buffer, flags: number, offset: number, data: Buffer): void {
     if (data.length === 0) {
-      this.queue(this.simple(0, cookie));
+      this.replyNone(id);
       return;
     }
     const exp = this.exp!;
     if (exp.submitWrite !== undefined) {
-      // The fast path: no promise on any layer (plain writes to raw-over-file nodes).
+      // The fast path: no promise on any layer (plain writes to raw-over-file nodes, qcow2
+      // overwrites in place; see NbdExportHandle.submitWrite).
       const length = data.length;
       let started = false;
       try {
         started = exp.submitWrite(data, offset, (flags & NBD_CMD_FLAG_FUA) !== 0, (err) =>
-          this.writeDone(cookie, flags, data, err),
+          this.writeDone(id, flags, data, err),
         );
       } catch {
         started = false;
@@ -110,7 +113,7 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
       }
     }
     this.run(
-      cookie,
+      id,
       NBD_CMD_WRITE,
       flags,
       data.length,
@@ -121,37 +124,38 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
   }
 
   /** A submitWrite settled: what run()'s handlers do for a write. */
-  private writeDone(cookie: Buffer, flags: number, data: Buffer, err: unknown): void {
+  private writeDone(id: Buffer, flags: number, data: Buffer, err: unknown): void {
     const length = data.length;
     // The backend is done with the payload: recycle large ones.
     if (isRecyclable(data)) releaseReplyBuffer(data);
-    if (err === undefined) this.queue(this.simple(0, cookie));
+    if (err === undefined) this.replyNone(id);
     else {
       this.logFailure(NBD_CMD_WRITE, err);
-      this.replyError(cookie, NBD_CMD_WRITE, nbdErrorOf(err, NBD_CMD_WRITE, flags), FAIL_TEXT[NBD_CMD_WRITE]!);
+      this.replyError(id, NBD_CMD_WRITE, nbdErrorOf(err, NBD_CMD_WRITE, flags), FAIL_TEXT[NBD_CMD_WRITE]!);
     }
     this.settle(length);
   }
 
   // ---------------------------------------------------------------- others
 
-  protected startOther(cookie: Buffer, type: number, flags: number, offset: number, length: number): void {
+  /** FLUSH, TRIM, CACHE, WRITE_ZEROES and BLOCK_STATUS (`id` as for startWrite). */
+  protected startOther(id: Buffer, type: number, flags: number, offset: number, length: number): void {
     const exp = this.exp!;
     const fua = (flags & NBD_CMD_FLAG_FUA) !== 0;
     switch (type) {
       case NBD_CMD_FLUSH:
-        this.run(cookie, type, flags, 0, () => exp.flush());
+        this.run(id, type, flags, 0, () => exp.flush());
         return;
       case NBD_CMD_TRIM:
-        if (length === 0) return void this.queue(this.simple(0, cookie));
-        this.run(cookie, type, flags, 0, () => exp.trim(offset, length, fua));
+        if (length === 0) return void this.replyNone(id);
+        this.run(id, type, flags, 0, () => exp.trim(offset, length, fua));
         return;
       case NBD_CMD_CACHE:
-        this.run(cookie, type, flags, 0, () => (exp.canCache ? exp.cache(offset, length) : Promise.resolve()));
+        this.run(id, type, flags, 0, () => (exp.canCache ? exp.cache(offset, length) : Promise.resolve()));
         return;
       case NBD_CMD_WRITE_ZEROES:
-        if (length === 0) return void this.queue(this.simple(0, cookie));
-        this.run(cookie, type, flags, 0, () =>
+        if (length === 0) return void this.replyNone(id);
+        this.run(id, type, flags, 0, () =>
           exp.writeZeroes(offset, length, {
             mayUnmap: (flags & NBD_CMD_FLAG_NO_HOLE) === 0,
             fastZero: (flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
@@ -160,14 +164,14 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
         );
         return;
       case NBD_CMD_BLOCK_STATUS:
-        this.startBlockStatus(cookie, flags, offset, length);
+        this.startBlockStatus(id, flags, offset, length, this.contexts);
         return;
     }
   }
 
-  /** Run a command whose success reply carries no data (a simple reply, as QSD sends). */
+  /** Run a command whose success reply carries no data (replyNone). */
   protected run(
-    cookie: Buffer,
+    id: Buffer,
     type: number,
     flags: number,
     bytes: number,
@@ -184,53 +188,56 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
     p.then(
       () => {
         if (recycle) releaseReplyBuffer(recycle);
-        this.queue(this.simple(0, cookie));
+        this.replyNone(id);
         this.settle(bytes);
       },
       (err: unknown) => {
         if (recycle) releaseReplyBuffer(recycle);
         this.logFailure(type, err);
-        this.replyError(cookie, type, nbdErrorOf(err, type, flags), FAIL_TEXT[type] ?? 'request failed');
+        this.replyError(id, type, nbdErrorOf(err, type, flags), FAIL_TEXT[type] ?? 'request failed');
         this.settle(bytes);
       },
     );
   }
 
-  protected startBlockStatus(cookie: Buffer, flags: number, offset: number, length: number): void {
+  /**
+   * One BLOCK_STATUS chunk per context in `ctxs` (all selected ones, or those a payload named
+   * with extended headers). Extended headers: BLOCK_STATUS_EXT chunks, extents up to 2^53 - 1.
+   */
+  protected startBlockStatus(id: Buffer, flags: number, offset: number, length: number, ctxs: SelectedContext[]): void {
     const reqOne = (flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
     const max = reqOne ? 1 : NBD_MAX_BLOCK_STATUS_EXTENTS;
-    const ctxs = this.contexts;
+    const ext = this.extended;
+    const maxLength = ext ? Number.MAX_SAFE_INTEGER : 0xffffffff;
     this.begin(0);
     let p: Promise<NbdExtent[][]>;
     try {
-      p = Promise.all(ctxs.map((c) => c.context.blockStatus(offset, length, max)));
+      p = Promise.all(
+        ctxs.map((c) => (ext ? c.context.blockStatus(offset, length, max, maxLength) : c.context.blockStatus(offset, length, max))),
+      );
     } catch (err) {
       p = Promise.reject(err);
     }
-    p.then(
-      (lists) => {
-        const chunks: Buffer[] = [];
-        for (let i = 0; i < ctxs.length; i++) {
-          const ext = normalizeExtents(lists[i] ?? [], length, max);
-          if (ext.length === 0) throw new Error(`context '${ctxs[i]!.context.name}' returned no extents`);
-          const f = i === ctxs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-          chunks.push(encodeBlockStatusChunk(f, cookie, ctxs[i]!.id, ext));
-        }
-        for (const c of chunks) this.queue(c);
-      },
-    )
+    p.then((lists) => {
+      const chunks: Buffer[] = [];
+      for (let i = 0; i < ctxs.length; i++) {
+        const extents = normalizeExtents(lists[i] ?? [], length, max, maxLength);
+        if (extents.length === 0) throw new Error(`context '${ctxs[i]!.context.name}' returned no extents`);
+        const f = i === ctxs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+        chunks.push(
+          ext
+            ? encodeBlockStatusExtChunk(f, id, ctxs[i]!.id, extents)
+            : encodeBlockStatusChunk(f, id, ctxs[i]!.id, extents),
+        );
+      }
+      for (const c of chunks) this.queue(c);
+    })
       .catch((err: unknown) => {
         this.logFailure(NBD_CMD_BLOCK_STATUS, err);
-        this.replyError(
-          cookie,
-          NBD_CMD_BLOCK_STATUS,
-          nbdErrorOf(err, NBD_CMD_BLOCK_STATUS, flags),
-          "can't get block status",
-        );
+        this.replyError(id, NBD_CMD_BLOCK_STATUS, nbdErrorOf(err, NBD_CMD_BLOCK_STATUS, flags), "can't get block status");
       })
       .finally(() => this.settle(0));
   }
-
 }
 
 /** QSD's reply texts for failed commands (shared with the extended-header path). */

@@ -22,7 +22,13 @@ import {
   writeOffsetDataHeader,
   writeSimpleReply,
 } from './protocol.js';
-import { EXT_DATA_HEADER_SIZE, encodeExtOffsetHole, writeExtOffsetDataHeader } from './protocol-ext.js';
+import {
+  EXT_DATA_HEADER_SIZE,
+  encodeExtErrorChunk,
+  encodeExtNone,
+  encodeExtOffsetHole,
+  writeExtOffsetDataHeader,
+} from './protocol-ext.js';
 
 /**
  * Queued reply bytes that are written at once instead of at the end of the event-loop turn. A
@@ -77,6 +83,12 @@ export abstract class NbdReplyWriter {
   protected readonly debugOn: boolean;
   protected state: ReadState = 'CLIENT_FLAGS';
   protected structured = false;
+  /**
+   * The client negotiated NBD_OPT_EXTENDED_HEADERS (set when transmission starts): every reply
+   * is an extended chunk, and the `id` of a request is its 16-byte tag (cookie and offset,
+   * protocol-ext.ts) instead of its 8-byte cookie. A connection never mixes the two.
+   */
+  protected extended = false;
   protected out: Buffer[] = [];
   private outBytes = 0;
   /** Large pooled reply buffers among `out`, recycled once their write completes. */
@@ -114,12 +126,26 @@ export abstract class NbdReplyWriter {
     return b;
   }
 
-  /** Error reply: an ERROR chunk with DONE when structured, else a simple reply. */
-  protected replyError(cookie: Buffer, type: number, err: number, msg: string): void {
+  /**
+   * Error reply to the request `id` (cookie, or tag with extended headers): an ERROR chunk with
+   * DONE when structured (extended: an extended ERROR chunk), else a simple reply.
+   */
+  protected replyError(id: Buffer, type: number, err: number, msg: string): void {
     if (this.debugOn) {
       this.log.debug({ cmd: type < 0 ? 'invalid' : cmdName(type), err, msg }, 'request failed');
     }
-    this.queue(this.structured ? encodeErrorChunk(NBD_REPLY_FLAG_DONE, cookie, err, msg) : this.simple(err, cookie));
+    this.queue(
+      this.extended
+        ? encodeExtErrorChunk(NBD_REPLY_FLAG_DONE, id, err, msg)
+        : this.structured
+          ? encodeErrorChunk(NBD_REPLY_FLAG_DONE, id, err, msg)
+          : this.simple(err, id),
+    );
+  }
+
+  /** Success without data: a simple reply (as QSD sends, structured or not), or a NONE chunk. */
+  protected replyNone(id: Buffer): void {
+    this.queue(this.extended ? encodeExtNone(id) : this.simple(0, id));
   }
 
   protected logFailure(type: number, err: unknown): void {

@@ -3,20 +3,21 @@
  * requests with 64-bit lengths, NBD_CMD_FLAG_PAYLOAD_LEN, and only 32-byte extended reply
  * chunks (NONE for success without data, OFFSET_DATA / OFFSET_HOLE, ERROR, BLOCK_STATUS_EXT).
  *
- * It is a layer of its own between request.ts and connection.ts so that the compact-header path
- * (request.ts, dispatch.ts, reply-writer.ts) stays exactly as it is: a connection picks one
- * input state (REQUEST or EXT_REQUEST) when it enters transmission, and from then on every
- * request takes one path or the other. Validation reuses request.ts (same order and texts), the
- * in-flight accounting reuses dispatch.ts, sparse reads reply-writer.ts (`sendSparseRead` with
- * extended chunk headers, `zeroHoles`).
+ * It is a layer of its own between request.ts and connection.ts for what the framing changes:
+ * the request header, payload requests (NBD_CMD_FLAG_PAYLOAD_LEN) and READ replies. A
+ * connection picks one input state (REQUEST or EXT_REQUEST) when it enters transmission, and
+ * from then on every request takes one path or the other. Validation reuses request.ts (same
+ * order and texts); WRITE, FLUSH, TRIM, CACHE, WRITE_ZEROES and BLOCK_STATUS run in dispatch.ts,
+ * whose replies (replyNone, replyError, BLOCK_STATUS chunks) follow the connection's `extended`
+ * flag; sparse reads use reply-writer.ts (`sendSparseRead` with extended chunk headers,
+ * `zeroHoles`).
  *
  * Every reply echoes the request's cookie and offset, carried together as a 16-byte tag (see
  * protocol-ext.ts). Limits: READ and WRITE payloads are bounded by the maximum block size as
  * before; BLOCK_STATUS, TRIM, WRITE_ZEROES and CACHE take any effect length inside the export.
  */
-import type { NbdExtent, NbdZeroRanges } from './backend.js';
+import type { NbdZeroRanges } from './backend.js';
 import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
-import { FAIL_TEXT, normalizeExtents } from './dispatch.js';
 import { nbdErrorOf } from './errors.js';
 import type { SelectedContext } from './handshake.js';
 import {
@@ -25,27 +26,17 @@ import {
   NBD_CMD_CACHE,
   NBD_CMD_DISC,
   NBD_CMD_FLAG_DF,
-  NBD_CMD_FLAG_FAST_ZERO,
   NBD_CMD_FLAG_FUA,
-  NBD_CMD_FLAG_NO_HOLE,
   NBD_CMD_FLAG_PAYLOAD_LEN,
-  NBD_CMD_FLAG_REQ_ONE,
-  NBD_CMD_FLUSH,
   NBD_CMD_READ,
-  NBD_CMD_TRIM,
   NBD_CMD_WRITE,
-  NBD_CMD_WRITE_ZEROES,
   NBD_EINVAL,
   NBD_EXTENDED_REQUEST_MAGIC,
   NBD_EXTENDED_REQUEST_SIZE,
-  NBD_MAX_BLOCK_STATUS_EXTENTS,
   NBD_MAX_BUFFER_SIZE,
   NBD_REPLY_FLAG_DONE,
 } from './protocol.js';
 import {
-  encodeBlockStatusExtChunk,
-  encodeExtErrorChunk,
-  encodeExtNone,
   EXT_DATA_HEADER_SIZE,
   readU64,
   writeExtOffsetDataHeader,
@@ -70,8 +61,6 @@ interface PendingPayload {
 }
 
 export abstract class NbdExtRequestParser extends NbdRequestParser {
-  /** The client negotiated NBD_OPT_EXTENDED_HEADERS (set when transmission starts). */
-  protected extended = false;
   /** NBD_FLAG_BLOCK_STATUS_PAYLOAD was advertised to this client. */
   protected statusPayload = false;
   private xPending: PendingPayload = { type: 0, flags: 0, offset: 0 };
@@ -89,7 +78,7 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
       // chunk with a zero cookie, then the connection closes.
       this.log.warn({ magic: `0x${magic.toString(16)}` }, 'invalid NBD extended request magic');
       r.consume(NBD_EXTENDED_REQUEST_SIZE);
-      this.extError(ZERO_TAG, -1, NBD_EINVAL, `invalid magic (got 0x${magic.toString(16)})`);
+      this.replyError(ZERO_TAG, -1, NBD_EINVAL, `invalid magic (got 0x${magic.toString(16)})`);
       this.state = 'DISCONNECTING';
       this.endAfterFlush();
       return;
@@ -163,23 +152,23 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     }
     if (type === NBD_CMD_WRITE) {
       // No payload follows (the flag decides the framing): refuse, nothing to drain.
-      this.extError(tag, type, NBD_EINVAL, 'write without NBD_CMD_FLAG_PAYLOAD_LEN');
+      this.replyError(tag, type, NBD_EINVAL, 'write without NBD_CMD_FLAG_PAYLOAD_LEN');
       return;
     }
     const offsetText = () => String(offsetBig ?? offset);
     if (length < 0) {
       // An effect length above 2^53 cannot fit any export.
-      this.extError(tag, type, NBD_EINVAL, `operation past EOF; From: ${offsetText()}, Len: ${lengthBig}, Size: ${this.size}`);
+      this.replyError(tag, type, NBD_EINVAL, `operation past EOF; From: ${offsetText()}, Len: ${lengthBig}, Size: ${this.size}`);
       return;
     }
     const err = this.validate(type, EXT_RULES[type] ?? UNKNOWN_RULE, flags, offset, offsetText, length);
     if (err !== undefined) {
-      this.extError(tag, type, err === READ_ONLY_TEXT ? this.readOnlyError : NBD_EINVAL, err);
+      this.replyError(tag, type, err === READ_ONLY_TEXT ? this.readOnlyError : NBD_EINVAL, err);
       return;
     }
     if (type === NBD_CMD_READ) this.extStartRead(tag, flags, offset, length, readBuf);
-    else if (type === NBD_CMD_BLOCK_STATUS) this.extStartBlockStatus(tag, flags, offset, length, this.contexts);
-    else this.extStartOther(tag, type, flags, offset, length);
+    else if (type === NBD_CMD_BLOCK_STATUS) this.startBlockStatus(tag, flags, offset, length, this.contexts);
+    else this.startOther(tag, type, flags, offset, length);
   }
 
   /** A request with NBD_CMD_FLAG_PAYLOAD_LEN and a payload of `length` (<= 32 MiB) bytes. */
@@ -260,13 +249,13 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     this.state = 'EXT_REQUEST';
     const e = this.wError!;
     this.wError = undefined;
-    this.extError(this.wCookie, this.xPending.type, e.err, e.msg);
+    this.replyError(this.wCookie, this.xPending.type, e.err, e.msg);
     return true;
   }
 
   private onExtPayload(tag: Buffer, what: PendingPayload, payload: Buffer): void {
     if (what.type === NBD_CMD_WRITE) {
-      this.extStartWrite(tag, what.flags, what.offset, payload);
+      this.startWrite(tag, what.flags, what.offset, payload);
       return;
     }
     // BLOCK_STATUS payload form: effect length, then the context ids to answer for.
@@ -287,64 +276,17 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     if (bad === undefined && length < 0) bad = `operation past EOF; From: ${what.offset}, Len: huge, Size: ${this.size}`;
     bad ??= this.validate(NBD_CMD_BLOCK_STATUS, EXT_RULES[NBD_CMD_BLOCK_STATUS]!, what.flags, what.offset, offsetText, length);
     if (bad !== undefined) {
-      this.extError(tag, NBD_CMD_BLOCK_STATUS, NBD_EINVAL, bad);
+      this.replyError(tag, NBD_CMD_BLOCK_STATUS, NBD_EINVAL, bad);
       return;
     }
-    this.extStartBlockStatus(tag, what.flags, what.offset, length, picked);
+    this.startBlockStatus(tag, what.flags, what.offset, length, picked);
   }
 
   // ------------------------------------------------------------ commands and replies
 
-  /** Error reply: an extended ERROR chunk with DONE. */
-  protected extError(tag: Buffer, type: number, err: number, msg: string): void {
-    if (this.debugOn) {
-      this.log.debug({ cmd: type < 0 ? 'invalid' : cmdName(type), err, msg }, 'request failed');
-    }
-    this.queue(encodeExtErrorChunk(NBD_REPLY_FLAG_DONE, tag, err, msg));
-  }
-
-  /** Run a command whose success reply carries no data: a NONE chunk. */
-  private extRun(tag: Buffer, type: number, flags: number, bytes: number, op: () => Promise<void>, recycle?: Buffer): void {
-    this.begin(bytes);
-    let p: Promise<void>;
-    try {
-      p = op();
-    } catch (err) {
-      p = Promise.reject(err);
-    }
-    p.then(
-      () => {
-        if (recycle) releaseReplyBuffer(recycle);
-        this.queue(encodeExtNone(tag));
-        this.settle(bytes);
-      },
-      (err: unknown) => {
-        if (recycle) releaseReplyBuffer(recycle);
-        this.logFailure(type, err);
-        this.extError(tag, type, nbdErrorOf(err, type, flags), FAIL_TEXT[type] ?? 'request failed');
-        this.settle(bytes);
-      },
-    );
-  }
-
-  private extStartWrite(tag: Buffer, flags: number, offset: number, data: Buffer): void {
-    if (data.length === 0) {
-      this.queue(encodeExtNone(tag));
-      return;
-    }
-    this.extRun(
-      tag,
-      NBD_CMD_WRITE,
-      flags,
-      data.length,
-      () => this.exp!.write(data, offset, (flags & NBD_CMD_FLAG_FUA) !== 0),
-      isRecyclable(data) ? data : undefined,
-    );
-  }
-
   private extStartRead(tag: Buffer, flags: number, offset: number, length: number, reuse?: Buffer): void {
     if (length === 0) {
-      this.queue(encodeExtNone(tag));
+      this.replyNone(tag);
       return;
     }
     const hdr = EXT_DATA_HEADER_SIZE;
@@ -363,7 +305,7 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
       },
       (err: unknown) => {
         this.logFailure(NBD_CMD_READ, err);
-        this.extError(tag, NBD_CMD_READ, nbdErrorOf(err, NBD_CMD_READ, flags), 'reading from file failed');
+        this.replyError(tag, NBD_CMD_READ, nbdErrorOf(err, NBD_CMD_READ, flags), 'reading from file failed');
         this.settle(length);
       },
     );
@@ -385,61 +327,5 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     }
     writeExtOffsetDataHeader(buf, 0, NBD_REPLY_FLAG_DONE, tag, offset, length);
     this.queueRecyclable(buf);
-  }
-
-  private extStartOther(tag: Buffer, type: number, flags: number, offset: number, length: number): void {
-    const exp = this.exp!;
-    const fua = (flags & NBD_CMD_FLAG_FUA) !== 0;
-    switch (type) {
-      case NBD_CMD_FLUSH:
-        this.extRun(tag, type, flags, 0, () => exp.flush());
-        return;
-      case NBD_CMD_TRIM:
-        if (length === 0) return void this.queue(encodeExtNone(tag));
-        this.extRun(tag, type, flags, 0, () => exp.trim(offset, length, fua));
-        return;
-      case NBD_CMD_CACHE:
-        this.extRun(tag, type, flags, 0, () => (exp.canCache ? exp.cache(offset, length) : Promise.resolve()));
-        return;
-      case NBD_CMD_WRITE_ZEROES:
-        if (length === 0) return void this.queue(encodeExtNone(tag));
-        this.extRun(tag, type, flags, 0, () =>
-          exp.writeZeroes(offset, length, {
-            mayUnmap: (flags & NBD_CMD_FLAG_NO_HOLE) === 0,
-            fastZero: (flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
-            fua,
-          }),
-        );
-        return;
-    }
-  }
-
-  /** One BLOCK_STATUS_EXT chunk per context in `ctxs`, extents up to 2^53 - 1 bytes long. */
-  private extStartBlockStatus(tag: Buffer, flags: number, offset: number, length: number, ctxs: SelectedContext[]): void {
-    const reqOne = (flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
-    const max = reqOne ? 1 : NBD_MAX_BLOCK_STATUS_EXTENTS;
-    const wide = Number.MAX_SAFE_INTEGER;
-    this.begin(0);
-    let p: Promise<NbdExtent[][]>;
-    try {
-      p = Promise.all(ctxs.map((c) => c.context.blockStatus(offset, length, max, wide)));
-    } catch (err) {
-      p = Promise.reject(err);
-    }
-    p.then((lists) => {
-      const chunks: Buffer[] = [];
-      for (let i = 0; i < ctxs.length; i++) {
-        const ext = normalizeExtents(lists[i] ?? [], length, max, wide);
-        if (ext.length === 0) throw new Error(`context '${ctxs[i]!.context.name}' returned no extents`);
-        const f = i === ctxs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-        chunks.push(encodeBlockStatusExtChunk(f, tag, ctxs[i]!.id, ext));
-      }
-      for (const c of chunks) this.queue(c);
-    })
-      .catch((err: unknown) => {
-        this.logFailure(NBD_CMD_BLOCK_STATUS, err);
-        this.extError(tag, NBD_CMD_BLOCK_STATUS, nbdErrorOf(err, NBD_CMD_BLOCK_STATUS, flags), "can't get block status");
-      })
-      .finally(() => this.settle(0));
   }
 }
