@@ -24,7 +24,6 @@ import {
   NBD_CMD_WRITE_ZEROES,
   NBD_MAX_BLOCK_STATUS_EXTENTS,
   NBD_REPLY_FLAG_DONE,
-  NBD_SIMPLE_REPLY_SIZE,
 } from './protocol.js';
 import { encodeBlockStatusExtChunk } from './protocol-ext.js';
 import { NbdReplyWriter, type ReadCtx } from './reply-writer.js';
@@ -59,13 +58,18 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
 
   // ---------------------------------------------------------------- READ
 
+  /**
+   * READ (`id` as for startWrite). `reuse`: a reply buffer of readHeaderSize() + length bytes the
+   * synchronous attempt already took.
+   */
   protected startRead(cookie: Buffer, flags: number, offset: number, length: number, reuse?: Buffer): void {
     if (length === 0) {
       // QSD: a NONE chunk (structured) or an empty simple reply.
-      this.queue(this.structured ? encodeNoneChunk(cookie) : this.simple(0, cookie));
+      if (this.extended) this.replyNone(cookie);
+      else this.queue(this.structured ? encodeNoneChunk(cookie) : this.simple(0, cookie));
       return;
     }
-    const hdr = this.structured ? 28 : NBD_SIMPLE_REPLY_SIZE;
+    const hdr = this.readHeaderSize();
     const buf = reuse ?? allocReplyBuffer(hdr + length);
     const ctx: ReadCtx = { cookie, offset, length, flags, buf, hdr };
     this.begin(length);

@@ -144,20 +144,6 @@ export function writeExtOffsetDataHeader(
   writeU64(b, off + 32, offset);
 }
 
-/** {@link writeExtOffsetDataHeader} with the tag taken from `src` at `srcOff`. */
-export function writeExtOffsetDataHeaderFrom(
-  b: Buffer,
-  off: number,
-  flags: number,
-  src: Buffer,
-  srcOff: number,
-  offset: number,
-  dataLength: number,
-): void {
-  writeExtChunkHeaderFrom(b, off, flags, NBD_REPLY_TYPE_OFFSET_DATA, src, srcOff, 8 + dataLength);
-  writeU64(b, off + 32, offset);
-}
-
 /** OFFSET_HOLE chunk, 44 bytes. [0..31] header (length 12)  [32..39] offset  [40..43] size */
 export function encodeExtOffsetHole(flags: number, tag: Buffer, offset: number, size: number): Buffer {
   const b = Buffer.allocUnsafe(NBD_EXTENDED_REPLY_SIZE + 12);

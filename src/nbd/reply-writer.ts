@@ -226,6 +226,11 @@ export abstract class NbdReplyWriter {
     }
   }
 
+  /** Room for the reply header in front of READ data: extended, structured or simple. */
+  protected readHeaderSize(): number {
+    return this.extended ? EXT_DATA_HEADER_SIZE : this.structured ? 28 : NBD_SIMPLE_REPLY_SIZE;
+  }
+
   protected finishRead(ctx: ReadCtx, holes: NbdZeroRanges | void): void {
     const { cookie, offset, length, flags, buf, hdr } = ctx;
     const data = buf.subarray(hdr);
@@ -234,16 +239,22 @@ export abstract class NbdReplyWriter {
       if (!sparse) {
         zeroHoles(data, offset, holes);
       } else {
-        this.sendSparseRead(cookie, offset, data, holes, false);
+        this.sendSparseRead(cookie, offset, data, holes, this.extended);
         // The data chunks are slices of buf, queued in this turn's batch: release it with them.
         if (isRecyclable(buf) && this.state !== 'CLOSED' && !this.ending) this.outRecycle.push(buf);
         if (this.outBytes >= EAGER_FLUSH_BYTES) this.flush();
         return;
       }
     }
-    if (this.structured) writeOffsetDataHeader(buf, 0, NBD_REPLY_FLAG_DONE, cookie, offset, length);
-    else writeSimpleReply(buf, 0, 0, cookie);
+    this.writeReadHeader(buf, cookie, offset, length);
     this.queueRecyclable(buf);
+  }
+
+  /** The header of a READ answered in one piece (readHeaderSize() bytes at the start of `b`). */
+  protected writeReadHeader(b: Buffer, id: Buffer, offset: number, length: number): void {
+    if (this.extended) writeExtOffsetDataHeader(b, 0, NBD_REPLY_FLAG_DONE, id, offset, length);
+    else if (this.structured) writeOffsetDataHeader(b, 0, NBD_REPLY_FLAG_DONE, id, offset, length);
+    else writeSimpleReply(b, 0, 0, id);
   }
 
   /**

@@ -4,29 +4,24 @@
  * chunks (NONE for success without data, OFFSET_DATA / OFFSET_HOLE, ERROR, BLOCK_STATUS_EXT).
  *
  * It is a layer of its own between request.ts and connection.ts for what the framing changes:
- * the request header, payload requests (NBD_CMD_FLAG_PAYLOAD_LEN) and READ replies. A
- * connection picks one input state (REQUEST or EXT_REQUEST) when it enters transmission, and
- * from then on every request takes one path or the other. Validation reuses request.ts (same
- * order and texts); WRITE, FLUSH, TRIM, CACHE, WRITE_ZEROES and BLOCK_STATUS run in dispatch.ts,
- * whose replies (replyNone, replyError, BLOCK_STATUS chunks) follow the connection's `extended`
- * flag; sparse reads use reply-writer.ts (`sendSparseRead` with extended chunk headers,
- * `zeroHoles`).
+ * the request header and payload requests (NBD_CMD_FLAG_PAYLOAD_LEN). A connection picks one
+ * input state (REQUEST or EXT_REQUEST) when it enters transmission, and from then on every
+ * request takes one path or the other. Validation reuses request.ts (same
+ * order and texts); every command then runs in dispatch.ts, whose replies (replyNone,
+ * replyError, READ data and hole chunks, BLOCK_STATUS chunks) follow the connection's `extended`
+ * flag.
  *
  * Every reply echoes the request's cookie and offset, carried together as a 16-byte tag (see
  * protocol-ext.ts). Limits: READ and WRITE payloads are bounded by the maximum block size as
  * before; BLOCK_STATUS, TRIM, WRITE_ZEROES and CACHE take any effect length inside the export.
  */
-import type { NbdZeroRanges } from './backend.js';
 import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
-import { nbdErrorOf } from './errors.js';
 import type { SelectedContext } from './handshake.js';
 import {
   cmdName,
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_CACHE,
   NBD_CMD_DISC,
-  NBD_CMD_FLAG_DF,
-  NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_PAYLOAD_LEN,
   NBD_CMD_READ,
   NBD_CMD_WRITE,
@@ -34,17 +29,12 @@ import {
   NBD_EXTENDED_REQUEST_MAGIC,
   NBD_EXTENDED_REQUEST_SIZE,
   NBD_MAX_BUFFER_SIZE,
-  NBD_REPLY_FLAG_DONE,
 } from './protocol.js';
 import {
-  EXT_DATA_HEADER_SIZE,
   readU64,
-  writeExtOffsetDataHeader,
-  writeExtOffsetDataHeaderFrom,
   ZERO_TAG,
 } from './protocol-ext.js';
 import { CMD_RULES, EMPTY, NbdRequestParser, READ_ONLY_TEXT, type CmdRule } from './request.js';
-import { zeroHoles } from './reply-writer.js';
 
 /** Extended headers lift QEMU's 32 MiB bound on CACHE (an effect length, no payload). */
 const EXT_RULES: Readonly<Record<number, CmdRule>> = {
@@ -88,36 +78,12 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     const offset = readU64(b, p + 16);
     const length = readU64(b, p + 24);
 
-    // Synchronous READ from memory, as on the compact path.
+    // Synchronous READ from memory, as on the compact path (the tag: cookie and offset).
     let readBuf: Buffer | undefined;
-    if (
-      type === NBD_CMD_READ &&
-      this.hasSyncRead &&
-      offset >= 0 &&
-      length > 0 &&
-      length <= NBD_MAX_BUFFER_SIZE &&
-      offset + length <= this.size &&
-      (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) === 0
-    ) {
-      if (length >= this.fileReadMin) {
-        // As on the compact path: a cached file range goes out with sendfile.
-        const range = this.exp!.tryReadFileSync!(offset, length);
-        if (range !== undefined) {
-          const h = allocReplyBuffer(EXT_DATA_HEADER_SIZE);
-          writeExtOffsetDataHeaderFrom(h, 0, NBD_REPLY_FLAG_DONE, b, p + 8, offset, length);
-          r.consume(NBD_EXTENDED_REQUEST_SIZE);
-          this.queueFile(h, range, length);
-          return;
-        }
-      }
-      const out = allocReplyBuffer(EXT_DATA_HEADER_SIZE + length);
-      if (this.exp!.tryReadSync!(out.subarray(EXT_DATA_HEADER_SIZE), offset)) {
-        writeExtOffsetDataHeaderFrom(out, 0, NBD_REPLY_FLAG_DONE, b, p + 8, offset, length);
-        r.consume(NBD_EXTENDED_REQUEST_SIZE);
-        this.queueRecyclable(out);
-        return;
-      }
-      readBuf = out; // not in memory: the async read fills the same buffer
+    if (type === NBD_CMD_READ) {
+      const r0 = this.syncRead(b.subarray(p + 8, p + 24), flags, offset, length, NBD_EXTENDED_REQUEST_SIZE);
+      if (r0 === null) return;
+      readBuf = r0;
     }
 
     if (type === NBD_CMD_DISC) {
@@ -166,7 +132,7 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
       this.replyError(tag, type, err === READ_ONLY_TEXT ? this.readOnlyError : NBD_EINVAL, err);
       return;
     }
-    if (type === NBD_CMD_READ) this.extStartRead(tag, flags, offset, length, readBuf);
+    if (type === NBD_CMD_READ) this.startRead(tag, flags, offset, length, readBuf);
     else if (type === NBD_CMD_BLOCK_STATUS) this.startBlockStatus(tag, flags, offset, length, this.contexts);
     else this.startOther(tag, type, flags, offset, length);
   }
@@ -280,52 +246,5 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
       return;
     }
     this.startBlockStatus(tag, what.flags, what.offset, length, picked);
-  }
-
-  // ------------------------------------------------------------ commands and replies
-
-  private extStartRead(tag: Buffer, flags: number, offset: number, length: number, reuse?: Buffer): void {
-    if (length === 0) {
-      this.replyNone(tag);
-      return;
-    }
-    const hdr = EXT_DATA_HEADER_SIZE;
-    const buf = reuse ?? allocReplyBuffer(hdr + length);
-    this.begin(length);
-    let p: Promise<NbdZeroRanges | void>;
-    try {
-      p = this.exp!.read(buf.subarray(hdr), offset);
-    } catch (err) {
-      p = Promise.reject(err);
-    }
-    p.then(
-      (holes) => {
-        this.extFinishRead(tag, flags, offset, buf, holes);
-        this.settle(length);
-      },
-      (err: unknown) => {
-        this.logFailure(NBD_CMD_READ, err);
-        this.replyError(tag, NBD_CMD_READ, nbdErrorOf(err, NBD_CMD_READ, flags), 'reading from file failed');
-        this.settle(length);
-      },
-    );
-  }
-
-  /** One OFFSET_DATA chunk, or (holes, no DF) OFFSET_DATA / OFFSET_HOLE chunks covering the read. */
-  private extFinishRead(tag: Buffer, flags: number, offset: number, buf: Buffer, holes: NbdZeroRanges | void): void {
-    const hdr = EXT_DATA_HEADER_SIZE;
-    const data = buf.subarray(hdr);
-    const length = data.length;
-    if (holes && holes.length > 0) {
-      if ((flags & NBD_CMD_FLAG_DF) !== 0) {
-        zeroHoles(data, offset, holes);
-      } else {
-        this.sendSparseRead(tag, offset, data, holes, true);
-        if (isRecyclable(buf) && this.state !== 'CLOSED' && !this.ending) this.outRecycle.push(buf);
-        return;
-      }
-    }
-    writeExtOffsetDataHeader(buf, 0, NBD_REPLY_FLAG_DONE, tag, offset, length);
-    this.queueRecyclable(buf);
   }
 }

@@ -27,10 +27,8 @@ import {
   NBD_REPLY_FLAG_DONE,
   NBD_REQUEST_MAGIC,
   NBD_REQUEST_SIZE,
-  NBD_SIMPLE_REPLY_SIZE,
-  writeOffsetDataHeader,
-  writeSimpleReply,
 } from './protocol.js';
+import { encodeExtOffsetHole } from './protocol-ext.js';
 import { allocReplyBuffer } from './buffer-pool.js';
 import { FrameReader } from './frame-reader.js';
 import { NbdDispatcher } from './dispatch.js';
@@ -107,6 +105,58 @@ export abstract class NbdRequestParser extends NbdDispatcher {
 
   // ------------------------------------------------------------ transmission
 
+  /**
+   * The synchronous answers to a READ (`id`: the cookie, or the tag with extended headers):
+   * known zeroes as one hole chunk (structured replies without DF, as QSD replies), a cached
+   * file range with sendfile, page-cache data copied now. null when the reply is queued (the
+   * request header, `headerSize` bytes, is then consumed); otherwise the reply buffer the
+   * async read should fill (a copy that would have blocked), or undefined. Only in-range,
+   * valid requests are tried; everything else is left to validation.
+   */
+  protected syncRead(id: Buffer, flags: number, offset: number, length: number, headerSize: number): Buffer | null | undefined {
+    if (
+      !this.hasSyncRead ||
+      offset < 0 ||
+      length <= 0 ||
+      length > NBD_MAX_BUFFER_SIZE ||
+      offset + length > this.size ||
+      (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) !== 0 ||
+      (!this.structured && (flags & NBD_CMD_FLAG_DF) !== 0)
+    ) {
+      return undefined;
+    }
+    const exp = this.exp!;
+    if (this.structured && (flags & NBD_CMD_FLAG_DF) === 0 && exp.tryReadZeroSync?.(offset, length)) {
+      this.queue(
+        this.extended
+          ? encodeExtOffsetHole(NBD_REPLY_FLAG_DONE, id, offset, length)
+          : encodeOffsetHole(NBD_REPLY_FLAG_DONE, id, offset, length),
+      );
+      this.reader.consume(headerSize);
+      return null;
+    }
+    const hdr = this.readHeaderSize();
+    if (length >= this.fileReadMin) {
+      // Large and cached in one file: the header now, the data with sendfile (no copy).
+      const range = exp.tryReadFileSync!(offset, length);
+      if (range !== undefined) {
+        const h = allocReplyBuffer(hdr);
+        this.writeReadHeader(h, id, offset, length);
+        this.reader.consume(headerSize);
+        this.queueFile(h, range, length);
+        return null;
+      }
+    }
+    const out = allocReplyBuffer(hdr + length);
+    if (exp.tryReadSync!(out.subarray(hdr), offset)) {
+      this.writeReadHeader(out, id, offset, length);
+      this.reader.consume(headerSize);
+      this.queueRecyclable(out);
+      return null;
+    }
+    return out; // not in memory: the async read fills the same buffer
+  }
+
   protected onRequestHeader(b: Buffer, p: number): void {
     const r = this.reader;
     const magic = b.readUInt32BE(p);
@@ -130,44 +180,10 @@ export abstract class NbdRequestParser extends NbdDispatcher {
 
     // Hot path: an in-range, valid READ served from memory without a promise.
     let readBuf: Buffer | undefined;
-    if (
-      type === NBD_CMD_READ &&
-      this.hasSyncRead &&
-      offset >= 0 &&
-      length > 0 &&
-      length <= NBD_MAX_BUFFER_SIZE &&
-      offset + length <= this.size &&
-      (flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF)) === 0 &&
-      (this.structured || (flags & NBD_CMD_FLAG_DF) === 0)
-    ) {
-      if (this.structured && (flags & NBD_CMD_FLAG_DF) === 0 && this.exp!.tryReadZeroSync?.(offset, length)) {
-        // Known zeroes (zero/unallocated qcow2 clusters): one hole chunk, as QSD replies.
-        this.queue(encodeOffsetHole(NBD_REPLY_FLAG_DONE, cookie, offset, length));
-        r.consume(NBD_REQUEST_SIZE);
-        return;
-      }
-      const hdr = this.structured ? 28 : NBD_SIMPLE_REPLY_SIZE;
-      if (length >= this.fileReadMin) {
-        // Large and cached in one file: the header now, the data with sendfile (no copy).
-        const range = this.exp!.tryReadFileSync!(offset, length);
-        if (range !== undefined) {
-          const h = allocReplyBuffer(hdr);
-          if (this.structured) writeOffsetDataHeader(h, 0, NBD_REPLY_FLAG_DONE, cookie, offset, length);
-          else writeSimpleReply(h, 0, 0, cookie);
-          r.consume(NBD_REQUEST_SIZE);
-          this.queueFile(h, range, length);
-          return;
-        }
-      }
-      const out = allocReplyBuffer(hdr + length);
-      if (this.exp!.tryReadSync!(out.subarray(hdr), offset)) {
-        if (this.structured) writeOffsetDataHeader(out, 0, NBD_REPLY_FLAG_DONE, cookie, offset, length);
-        else writeSimpleReply(out, 0, 0, cookie);
-        r.consume(NBD_REQUEST_SIZE);
-        this.queueRecyclable(out);
-        return;
-      }
-      readBuf = out; // not in memory: the async read fills the same buffer
+    if (type === NBD_CMD_READ) {
+      const r0 = this.syncRead(cookie, flags, offset, length, NBD_REQUEST_SIZE);
+      if (r0 === null) return;
+      readBuf = r0;
     }
 
     if (type === NBD_CMD_DISC) {

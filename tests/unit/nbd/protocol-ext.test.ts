@@ -11,7 +11,6 @@ import {
   makeTag,
   readU64,
   writeExtOffsetDataHeader,
-  writeExtOffsetDataHeaderFrom,
 } from '../../../src/nbd/protocol-ext.js';
 import {
   NBD_CMD_FLAG_PAYLOAD_LEN,
@@ -61,13 +60,11 @@ describe('extended-header codecs', () => {
     expect(err.readUInt16BE(36)).toBe(1000);
   });
 
-  it('writes OFFSET_DATA headers the same from a tag or from request bytes', () => {
+  it('writes OFFSET_DATA headers with the tag of the request bytes', () => {
     const req = encodeExtRequest(0, 0, 0x1122n, 1n << 33n, 4096);
     const a = Buffer.alloc(EXT_DATA_HEADER_SIZE);
-    const b = Buffer.alloc(EXT_DATA_HEADER_SIZE);
     writeExtOffsetDataHeader(a, 0, NBD_REPLY_FLAG_DONE, req.subarray(8, 24), 2 ** 33, 4096);
-    writeExtOffsetDataHeaderFrom(b, 0, NBD_REPLY_FLAG_DONE, req, 8, 2 ** 33, 4096);
-    expect(a.equals(b)).toBe(true);
+    expect(a.subarray(8, 24).equals(req.subarray(8, 24))).toBe(true);
     expect(decodeExtChunkHeader(a)).toMatchObject({ type: NBD_REPLY_TYPE_OFFSET_DATA, offset: 2 ** 33, length: 8 + 4096 });
     expect(readU64(a, 32)).toBe(2 ** 33);
   });
