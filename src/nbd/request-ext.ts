@@ -64,13 +64,8 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     const r = this.reader;
     const magic = b.readUInt32BE(p);
     if (magic !== NBD_EXTENDED_REQUEST_MAGIC) {
-      // Framing error (a compact request included): like the compact path, an EINVAL error
-      // chunk with a zero cookie, then the connection closes.
-      this.log.warn({ magic: `0x${magic.toString(16)}` }, 'invalid NBD extended request magic');
-      r.consume(NBD_EXTENDED_REQUEST_SIZE);
-      this.replyError(ZERO_TAG, -1, NBD_EINVAL, `invalid magic (got 0x${magic.toString(16)})`);
-      this.state = 'DISCONNECTING';
-      this.endAfterFlush();
+      // Framing error (a compact request included): as on the compact path.
+      this.badMagic(magic, NBD_EXTENDED_REQUEST_SIZE, ZERO_TAG, 'invalid NBD extended request magic');
       return;
     }
     const flags = b.readUInt16BE(p + 4);
@@ -87,12 +82,7 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
     }
 
     if (type === NBD_CMD_DISC) {
-      r.consume(NBD_EXTENDED_REQUEST_SIZE);
-      if (this.infoOn) this.log.info('client sent NBD_CMD_DISC');
-      this.state = 'DISCONNECTING';
-      this.disconnectOnDisc = true;
-      this.maybeFinishDisconnect();
-      if (this.state === 'DISCONNECTING' && !this.ending) this.socket.pause();
+      this.onDisc(NBD_EXTENDED_REQUEST_SIZE);
       return;
     }
     // Cookie and offset, echoed by every reply to this request.

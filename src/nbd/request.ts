@@ -157,16 +157,34 @@ export abstract class NbdRequestParser extends NbdDispatcher {
     return out; // not in memory: the async read fills the same buffer
   }
 
+  /**
+   * A request header without the request magic (`id`: the zero cookie or tag): like QSD, an
+   * EINVAL error reply, then the connection closes once it is sent.
+   */
+  protected badMagic(magic: number, headerSize: number, id: Buffer, what: string): void {
+    this.log.warn({ magic: `0x${magic.toString(16)}` }, what);
+    this.reader.consume(headerSize);
+    this.replyError(id, -1, NBD_EINVAL, `invalid magic (got 0x${magic.toString(16)})`);
+    this.state = 'DISCONNECTING';
+    this.endAfterFlush();
+  }
+
+  /** NBD_CMD_DISC: close once every reply is out. */
+  protected onDisc(headerSize: number): void {
+    this.reader.consume(headerSize);
+    if (this.infoOn) this.log.info('client sent NBD_CMD_DISC');
+    this.state = 'DISCONNECTING';
+    this.disconnectOnDisc = true;
+    this.maybeFinishDisconnect();
+    // Still open: requests in flight. Stop reading until they are answered and it closes.
+    if (this.state === 'DISCONNECTING' && !this.ending) this.socket.pause();
+  }
+
   protected onRequestHeader(b: Buffer, p: number): void {
     const r = this.reader;
     const magic = b.readUInt32BE(p);
     if (magic !== NBD_REQUEST_MAGIC) {
-      // Like QSD: report EINVAL with a zero cookie, then drop the connection.
-      this.log.warn({ magic: `0x${magic.toString(16)}` }, 'invalid NBD request magic');
-      r.consume(NBD_REQUEST_SIZE);
-      this.replyError(ZERO_COOKIE, -1, NBD_EINVAL, `invalid magic (got 0x${magic.toString(16)})`);
-      this.state = 'DISCONNECTING';
-      this.endAfterFlush();
+      this.badMagic(magic, NBD_REQUEST_SIZE, ZERO_COOKIE, 'invalid NBD request magic');
       return;
     }
     const flags = b.readUInt16BE(p + 4);
@@ -187,14 +205,8 @@ export abstract class NbdRequestParser extends NbdDispatcher {
     }
 
     if (type === NBD_CMD_DISC) {
-      r.consume(NBD_REQUEST_SIZE);
       if (this.trace) this.log.trace({ cmd: cmdName(type), flags, offset, length }, 'request');
-      if (this.infoOn) this.log.info('client sent NBD_CMD_DISC');
-      this.state = 'DISCONNECTING';
-      this.disconnectOnDisc = true;
-      this.maybeFinishDisconnect();
-      // Still open: requests in flight. Stop reading until they are answered and it closes.
-      if (this.state === 'DISCONNECTING' && !this.ending) this.socket.pause();
+      this.onDisc(NBD_REQUEST_SIZE);
       return;
     }
     const cookieCopy = Buffer.from(cookie);
