@@ -253,6 +253,37 @@ print(writes)
     expect(readFileSync(after).equals(readFileSync(expected))).toBe(true);
   });
 
+  it('survives a client killed with writes in flight on the callback path, and serves the next one', async () => {
+    if (!(await haveTool('qemu-io'))) return;
+    const img = await rawImage(8 << 20);
+    svc.exports.addExport({ type: 'nbd', id: 'e0', nodeName: 'disk', writable: true });
+    const uri = `nbd+unix:///disk?socket=${sock}`;
+    // 96 writes of 64 KiB queued, then SIGKILL: replies go to a socket nobody reads any more.
+    const killed = await run('/usr/bin/python3', [
+      '-c',
+      `
+import nbd, os, signal
+h = nbd.NBD()
+h.connect_uri(${JSON.stringify(uri)})
+buf = nbd.Buffer.from_bytearray(bytearray(b'\x5a' * 65536))
+for i in range(96):
+    h.aio_pwrite(buf, (i % 128) * 65536)
+while h.aio_in_flight() > 90:
+    h.poll(-1)
+os.kill(os.getpid(), signal.SIGKILL)
+`,
+    ]).then(
+      () => 'exited',
+      (e: { signal?: string }) => e.signal ?? 'failed',
+    );
+    expect(killed).toBe('SIGKILL');
+    // The export, its node and the next client are unaffected.
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 1M 64k', '-c', 'flush', uri]);
+    const { stdout } = await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x33 1M 64k', uri]);
+    expect(stdout).toContain('read 65536/65536 bytes');
+    expect(readFileSync(img).subarray(1 << 20, (1 << 20) + 65536).every((b) => b === 0x33)).toBe(true);
+  });
+
   it('refuses to delete an export in safe mode while a client is connected, and hard-deletes it', async () => {
     if (!(await haveTool('nbdinfo'))) return;
     await rawImage(1 << 20);
