@@ -117,7 +117,20 @@ export interface DriverCaps {
 /** A range of an open file (BlockDriver.fileRangeSync): `fd` is valid only synchronously. */
 export interface FileRange {
   fd: number;
+  /** File offset of the first byte. */
   offset: number;
+  /**
+   * Set when the bytes are not contiguous in the file (a qcow2 range over clusters stored apart):
+   * the file offset and length of each piece, in order; the lengths add up to the requested
+   * length, and the first piece starts at `offset`.
+   */
+  pieces?: ReadonlyArray<FilePiece>;
+}
+
+/** One contiguous piece of a FileRange. */
+export interface FilePiece {
+  offset: number;
+  length: number;
 }
 
 /**
@@ -155,12 +168,13 @@ export interface BlockDriver {
    */
   isZeroSync?(offset: number, length: number): boolean;
   /**
-   * Optional: when the node's bytes `[offset, offset+length)` are exactly bytes of one open file,
-   * hold no hole (as isDataSync), and are all in the page cache right now (checked without
-   * blocking), that file range;
-   * else undefined. Only drivers whose data is a plain window of their child implement it
-   * (file, raw), so any other node in between (format, filter, throttle) ends the path. The fd
-   * is only valid until the caller returns to the event loop. Counts nothing: io.ts does.
+   * Optional: when the node's bytes `[offset, offset+length)` are exactly bytes of one open file
+   * (contiguous, or in a few pieces: FileRange.pieces), hold no hole (as isDataSync), and are all
+   * in the page cache right now (checked without blocking), that file range; else undefined.
+   * Only drivers whose data is stored as plain bytes of their child implement it (file, raw, and
+   * qcow2 for ranges of data clusters), so any other node in between (filter, throttle,
+   * compressed or zero clusters) ends the path. The fd is only valid until the caller returns to
+   * the event loop. Counts nothing: io.ts does.
    */
   fileRangeSync?(offset: number, length: number): FileRange | undefined;
   write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void>;

@@ -212,7 +212,10 @@ export interface NbdExportHandle {
 /** A range of an open file ({@link NbdExportHandle.tryReadFileSync}). */
 export interface NbdFileRange {
   fd: number;
+  /** File offset of the first byte. */
   offset: number;
+  /** Pieces (file offset, length) in order when the range is not contiguous in the file. */
+  pieces?: ReadonlyArray<{ offset: number; length: number }>;
 }
 
 /** Everything the engine needs from the layer above it. */

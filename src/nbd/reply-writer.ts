@@ -216,10 +216,19 @@ export abstract class NbdReplyWriter {
             for (const b of recycle) releaseReplyBuffer(b);
           };
     const bufs = merged !== undefined ? [merged] : out;
-    const ok =
-      file !== undefined
-        ? this.socket.writeFile!(bufs, file.fd, file.offset, fileLength, done)
-        : this.socket.write(bufs, done);
+    let ok: boolean;
+    if (file === undefined) ok = this.socket.write(bufs, done);
+    else if (file.pieces === undefined) ok = this.socket.writeFile!(bufs, file.fd, file.offset, fileLength, done);
+    else {
+      // One queue entry per piece, in order; the replies before go with the first.
+      const pieces = file.pieces;
+      ok = true;
+      for (let i = 0; i < pieces.length; i++) {
+        const p = pieces[i]!;
+        const last = i === pieces.length - 1;
+        ok = this.socket.writeFile!(i === 0 ? bufs : [], file.fd, p.offset, p.length, last ? done : undefined);
+      }
+    }
     if (!ok && !this.writeBlocked) {
       this.writeBlocked = true;
       this.pauseReading();

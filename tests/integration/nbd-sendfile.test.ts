@@ -5,7 +5,8 @@
  * page cache while segments wait, blockstats, and the fallbacks (no addon, small reads).
  * netFileStats() shows which way the segments went, so every test fails if the path is not taken.
  */
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
+import { promisify } from 'node:util';
 import { closeSync, fsyncSync, ftruncateSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
@@ -24,6 +25,7 @@ import {
 import { NBD_CMD_READ, NBD_CMD_FLAG_DF } from '../../src/nbd/protocol.js';
 import { RawNbdClient, type RawReply } from '../helpers/nbd-raw-client.js';
 import { withoutAddon } from '../helpers/native.js';
+import { qemuTools } from '../helpers/qcow2.js';
 
 const netio = netIoBindingFrom(nativeAddon());
 const MiB = 1 << 20;
@@ -396,6 +398,108 @@ describe.skipIf(!AVAILABLE)('netio file segments', () => {
     // Whatever was sent before the truncation is the old data; past the new EOF only zeroes.
     expect(got.subarray(0, 10 * MiB).equals(img.data.subarray(0, 10 * MiB))).toBe(true);
     expect(got.subarray(10 * MiB).every((b) => b === 0)).toBe(true);
+  });
+});
+
+describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('sendfile for large cached reads of qcow2 data clusters', () => {
+  const CS = 64 * 1024;
+  let dir: string;
+  let svc: Services;
+  let sock: string;
+  let want: Buffer;
+
+  beforeEach(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'blockd-sendfile-qcow2-'));
+    sock = join(dir, 'nbd.sock');
+    const img = join(dir, 'disk.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, '8M']);
+    // Clusters 0..99 written in a shuffled order, so neighbours in the guest lie apart in the
+    // file (runs of one or a few clusters); cluster 100 zero, 101 compressed, the rest unallocated.
+    const order = Array.from({ length: 100 }, (_, i) => i);
+    let x = 7;
+    for (let i = order.length - 1; i > 0; i--) {
+      x = (x * 1103515245 + 12345) & 0x7fffffff;
+      const j = x % (i + 1);
+      [order[i], order[j]] = [order[j]!, order[i]!];
+    }
+    const cmds = order.flatMap((c) => ['-c', `write -P ${1 + (c % 250)} ${c * CS} ${CS}`]);
+    cmds.push('-c', `write -z ${100 * CS} ${CS}`, '-c', `write -c -P 9 ${101 * CS} ${CS}`);
+    execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, img], { stdio: 'ignore' });
+    const raw = join(dir, 'want.raw');
+    execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, raw]);
+    want = readFileSync(raw);
+    readFileSync(img); // cached
+    svc = new Services(silentLogger());
+    await svc.exports.startServer({ addr: { type: 'unix', path: sock } });
+    await svc.graph.add({ driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', filename: img, 'node-name': 'q-file' } });
+    svc.exports.addExport({ type: 'nbd', id: 'e0', nodeName: 'q', name: 'disk' });
+  });
+
+  afterEach(async () => {
+    await svc.shutdown();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('sends a read over scattered data clusters as one file segment per host run, with the right bytes', async () => {
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('disk', { structured: true });
+    // Load the L2 table (the first read takes the async path).
+    c.request(NBD_CMD_READ, 0, 4096, NBD_CMD_FLAG_DF, 1n);
+    await readData(c, 4096, true);
+    const q = svc.graph.get('q')!.driver;
+    let cookie = 2n;
+    let most = 0;
+    for (const [off, len] of [
+      [0, 4 * CS],
+      [100_000, 300_000],
+      [37 * CS + 1, 9 * CS - 2],
+    ] as Array<[number, number]>) {
+      const range = q.fileRangeSync?.(off, len);
+      expect(range, `${off}+${len}`).toBeDefined();
+      const pieces = range!.pieces?.length ?? 1;
+      most = Math.max(most, pieces);
+      const before = fileStats();
+      c.request(NBD_CMD_READ, off, len, NBD_CMD_FLAG_DF, cookie);
+      const r = await readData(c, len, true);
+      expect(r.cookie).toBe(cookie++);
+      expect(r.data.equals(want.subarray(off, off + len))).toBe(true);
+      expect(fileStats().sent - before.sent, `${off}+${len}`).toBe(pieces);
+    }
+    expect(most).toBeGreaterThan(2); // the shuffled clusters really are apart in the file
+    c.close();
+  });
+
+  it('copies what it cannot send from the file: zero, compressed, unallocated, too many pieces', async () => {
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('disk', { structured: true });
+    c.request(NBD_CMD_READ, 0, 4096, NBD_CMD_FLAG_DF, 1n);
+    await readData(c, 4096, true);
+    const q = svc.graph.get('q')!.driver;
+    let cookie = 2n;
+    for (const [off, len] of [
+      [98 * CS, 3 * CS], // data, then the zero cluster
+      [101 * CS, CS], // compressed
+      [99 * CS, 4 * CS], // data, zero, compressed, unallocated
+      [0, 100 * CS], // all data, but scattered over far more than 16 runs
+    ] as Array<[number, number]>) {
+      expect(q.fileRangeSync?.(off, len), `${off}+${len}`).toBeUndefined();
+      const before = fileStats();
+      c.request(NBD_CMD_READ, off, len, NBD_CMD_FLAG_DF, cookie);
+      const r = await readData(c, len, true);
+      expect(r.cookie).toBe(cookie++);
+      expect(r.data.equals(want.subarray(off, off + len)), `${off}+${len}`).toBe(true);
+      expect(fileStats().sent - before.sent).toBe(0);
+    }
+    c.close();
+  });
+
+  it('gives nbdcopy the same image as qemu-img convert', async () => {
+    const out = join(dir, 'copy.raw');
+    const before = fileStats();
+    // Not execFileSync: the server runs in this process's event loop.
+    await promisify(execFile)('nbdcopy', [`nbd+unix:///disk?socket=${sock}`, out]);
+    expect(readFileSync(out).equals(want)).toBe(true);
+    expect(fileStats().sent).toBeGreaterThan(before.sent);
   });
 });
 

@@ -10,6 +10,8 @@ import {
   EXTENT_ZERO,
   type BlockExtent,
   type BlockIO,
+  type FileRange,
+  type FilePiece,
 } from '../../types.js';
 import { compressedDesc, decompressCluster } from './compress.js';
 import {
@@ -20,6 +22,12 @@ import {
   Qcow2ClusterMap,
   type Seg,
 } from './cluster-map.js';
+
+/**
+ * A file range handed out for sendfile has at most this many pieces (runs of contiguous host
+ * clusters); a read scattered wider is copied (one sendfile and one queue entry per piece).
+ */
+const FILE_PIECES_MAX = 16;
 
 /** Block status covers at most this many clusters per call (the caller asks again for the rest). */
 const STATUS_MAX_CLUSTERS = 1 << 20;
@@ -98,6 +106,54 @@ export abstract class Qcow2Reader extends Qcow2ClusterMap {
       if (!file.tryReadSync(part, runHost)) return false;
     }
     return true;
+  }
+
+  /**
+   * BlockDriver.fileRangeSync: a range of data clusters whose L2 tables are cached, and whose host
+   * bytes the file child says are cached, as the file range(s) behind it: contiguous host
+   * clusters make one piece, at most FILE_PIECES_MAX pieces. Anything else (zero, unallocated or
+   * compressed clusters, extended L2, an uncached table, a bad entry) gives undefined, and the
+   * read takes the copying path, which also reports corruption.
+   */
+  fileRangeSync(offset: number, length: number): FileRange | undefined {
+    if (this.extL2 || this.closed || this.broken) return undefined;
+    const cs = this.clusterSize;
+    const end = offset + length;
+    const pieces: FilePiece[] = [];
+    let runHost = -1;
+    let runLen = 0;
+    try {
+      for (let pos = offset; pos < end; ) {
+        const g = Math.floor(pos / cs);
+        const t = this.cachedL2(Math.floor(g / this.l2Entries));
+        if (!t || this.kindOf(t, g % this.l2Entries) !== K_DATA) return undefined;
+        const inOff = pos - g * cs;
+        const n = Math.min(cs - inOff, end - pos);
+        const h = this.hostOut + inOff;
+        if (runHost >= 0 && runHost + runLen === h) runLen += n;
+        else {
+          if (runHost >= 0) {
+            if (pieces.length === FILE_PIECES_MAX - 1) return undefined;
+            pieces.push({ offset: runHost, length: runLen });
+          }
+          runHost = h;
+          runLen = n;
+        }
+        pos += n;
+      }
+    } catch {
+      return undefined;
+    }
+    pieces.push({ offset: runHost, length: runLen });
+    const file = this.ctx.childIO('file');
+    if (!file.fileRangeSync) return undefined;
+    let fd = -1;
+    for (const p of pieces) {
+      const r = file.fileRangeSync(p.offset, p.length);
+      if (r === undefined || r.pieces !== undefined || r.offset !== p.offset || (fd >= 0 && r.fd !== fd)) return undefined;
+      fd = r.fd;
+    }
+    return pieces.length === 1 ? { fd, offset: runHost } : { fd, offset: pieces[0]!.offset, pieces };
   }
 
   /** True when the range is all data clusters whose L2 tables are cached (no block status needed). */
