@@ -440,13 +440,17 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('sendfile for large cached 
     rmSync(dir, { recursive: true, force: true });
   });
 
-  it('sends a read over scattered data clusters as one file segment per host run, with the right bytes', async () => {
+  /** A structured client, after one small read that loaded the L2 table (async path). */
+  async function warmClient() {
     const c = await RawNbdClient.connect(sock);
     await c.handshake('disk', { structured: true });
-    // Load the L2 table (the first read takes the async path).
     c.request(NBD_CMD_READ, 0, 4096, NBD_CMD_FLAG_DF, 1n);
     await readData(c, 4096, true);
-    const q = svc.graph.get('q')!.driver;
+    return { c, q: svc.graph.get('q')!.driver };
+  }
+
+  it('sends a read over scattered data clusters as one file segment per host run, with the right bytes', async () => {
+    const { c, q } = await warmClient();
     let cookie = 2n;
     let most = 0;
     for (const [off, len] of [
@@ -470,11 +474,7 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('sendfile for large cached 
   });
 
   it('copies what it cannot send from the file: zero, compressed, unallocated, too many pieces', async () => {
-    const c = await RawNbdClient.connect(sock);
-    await c.handshake('disk', { structured: true });
-    c.request(NBD_CMD_READ, 0, 4096, NBD_CMD_FLAG_DF, 1n);
-    await readData(c, 4096, true);
-    const q = svc.graph.get('q')!.driver;
+    const { c, q } = await warmClient();
     let cookie = 2n;
     for (const [off, len] of [
       [98 * CS, 3 * CS], // data, then the zero cluster
