@@ -106,7 +106,8 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
       let started = false;
       try {
         started = exp.submitWrite(data, offset, (flags & NBD_CMD_FLAG_FUA) !== 0, (err) =>
-          this.writeDone(id, flags, data, err),
+          // The backend is done with the payload once the write settled: recycle large ones.
+          this.finish(id, NBD_CMD_WRITE, flags, length, isRecyclable(data) ? data : undefined, err === undefined, err),
         );
       } catch {
         started = false;
@@ -125,19 +126,6 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
       // The backend is done with the payload once the write settled: recycle large ones.
       isRecyclable(data) ? data : undefined,
     );
-  }
-
-  /** A submitWrite settled: what run()'s handlers do for a write. */
-  private writeDone(id: Buffer, flags: number, data: Buffer, err: unknown): void {
-    const length = data.length;
-    // The backend is done with the payload: recycle large ones.
-    if (isRecyclable(data)) releaseReplyBuffer(data);
-    if (err === undefined) this.replyNone(id);
-    else {
-      this.logFailure(NBD_CMD_WRITE, err);
-      this.replyError(id, NBD_CMD_WRITE, nbdErrorOf(err, NBD_CMD_WRITE, flags), FAIL_TEXT[NBD_CMD_WRITE]!);
-    }
-    this.settle(length);
   }
 
   // ---------------------------------------------------------------- others
@@ -190,18 +178,28 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
       p = Promise.reject(err);
     }
     p.then(
-      () => {
-        if (recycle) releaseReplyBuffer(recycle);
-        this.replyNone(id);
-        this.settle(bytes);
-      },
-      (err: unknown) => {
-        if (recycle) releaseReplyBuffer(recycle);
-        this.logFailure(type, err);
-        this.replyError(id, type, nbdErrorOf(err, type, flags), FAIL_TEXT[type] ?? 'request failed');
-        this.settle(bytes);
-      },
+      () => this.finish(id, type, flags, bytes, recycle, true, undefined),
+      (err: unknown) => this.finish(id, type, flags, bytes, recycle, false, err),
     );
+  }
+
+  /** A command without reply data settled (run(), or a submitWrite's callback): reply, settle. */
+  private finish(
+    id: Buffer,
+    type: number,
+    flags: number,
+    bytes: number,
+    recycle: Buffer | undefined,
+    ok: boolean,
+    err: unknown,
+  ): void {
+    if (recycle) releaseReplyBuffer(recycle);
+    if (ok) this.replyNone(id);
+    else {
+      this.logFailure(type, err);
+      this.replyError(id, type, nbdErrorOf(err, type, flags), FAIL_TEXT[type] ?? 'request failed');
+    }
+    this.settle(bytes);
   }
 
   /**

@@ -216,13 +216,11 @@ export abstract class NbdReplyWriter {
             for (const b of recycle) releaseReplyBuffer(b);
           };
     const bufs = merged !== undefined ? [merged] : out;
-    let ok: boolean;
+    let ok = true;
     if (file === undefined) ok = this.socket.write(bufs, done);
-    else if (file.pieces === undefined) ok = this.socket.writeFile!(bufs, file.fd, file.offset, fileLength, done);
     else {
       // One queue entry per piece, in order; the replies before go with the first.
-      const pieces = file.pieces;
-      ok = true;
+      const pieces = file.pieces ?? [{ offset: file.offset, length: fileLength }];
       for (let i = 0; i < pieces.length; i++) {
         const p = pieces[i]!;
         const last = i === pieces.length - 1;

@@ -6,10 +6,9 @@
  * It is a layer of its own between request.ts and connection.ts for what the framing changes:
  * the request header and payload requests (NBD_CMD_FLAG_PAYLOAD_LEN). A connection picks one
  * input state (REQUEST or EXT_REQUEST) when it enters transmission, and from then on every
- * request takes one path or the other. Validation reuses request.ts (same
- * order and texts); every command then runs in dispatch.ts, whose replies (replyNone,
- * replyError, READ data and hole chunks, BLOCK_STATUS chunks) follow the connection's `extended`
- * flag.
+ * request takes one path or the other. Validation reuses request.ts (same order and texts);
+ * every command then runs in dispatch.ts, whose replies (replyNone, replyError, READ data and
+ * hole chunks, BLOCK_STATUS chunks) follow the connection's `extended` flag.
  *
  * Every reply echoes the request's cookie and offset, carried together as a 16-byte tag (see
  * protocol-ext.ts). Limits: READ and WRITE payloads are bounded by the maximum block size as
