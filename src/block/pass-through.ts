@@ -6,6 +6,23 @@
  */
 import type { BlockDriver, BlockExtent, BlockIO, DriverCaps, WriteFlags, ZeroFlags } from './types.js';
 
+/**
+ * The capabilities of a node that forwards every request to one child whose own capabilities
+ * are `child` (job filters, copy-before-write, throttle): everything is passed on, io.ts
+ * supplies the fallbacks below, and nothing is served synchronously.
+ */
+export function forwardingCaps(child: DriverCaps, resize: boolean): DriverCaps {
+  return {
+    writeZeroes: true,
+    fua: true,
+    discard: true,
+    blockStatus: true,
+    resize,
+    readSync: false,
+    zeroInit: child.zeroInit ?? false,
+  };
+}
+
 export abstract class PassThroughDriver implements BlockDriver {
   abstract readonly name: string;
   abstract readonly filteredRole: 'file' | 'backing';
@@ -15,16 +32,7 @@ export abstract class PassThroughDriver implements BlockDriver {
     protected readonly child: () => BlockIO,
     protected readonly childDriver: BlockDriver,
   ) {
-    const c = childDriver.caps;
-    this.caps = {
-      writeZeroes: true,
-      fua: true,
-      discard: true,
-      blockStatus: true,
-      resize: false,
-      readSync: false,
-      ...(c.zeroInit !== undefined ? { zeroInit: c.zeroInit } : {}),
-    };
+    this.caps = forwardingCaps(childDriver.caps, false);
   }
 
   getLength(): number {

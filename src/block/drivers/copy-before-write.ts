@@ -31,6 +31,7 @@ import {
   type WriteFlags,
   type ZeroFlags,
 } from '../types.js';
+import { forwardingCaps } from '../pass-through.js';
 import type { ChildPermFn } from '../node.js';
 import { BASE_MEMBERS, optError, qemuJson, rejectUnknown, type DriverOpenContext, type Options } from './common.js';
 
@@ -59,16 +60,7 @@ export class CopyBeforeWriteDriver implements BlockDriver {
     private readonly ctx: DriverOpenContext,
     cluster: number,
   ) {
-    const file = ctx.childDriver('file');
-    this.caps = {
-      writeZeroes: true,
-      fua: true,
-      discard: true,
-      blockStatus: true,
-      resize: false,
-      readSync: false,
-      zeroInit: file.caps.zeroInit ?? false,
-    };
+    this.caps = forwardingCaps(ctx.childDriver('file').caps, false);
     this.cluster = cluster;
     this.done = new DirtyBitmap(this.fileIO.size(), cluster);
     this.unhook = this.fileIO.addWriteHook((offset, length) => this.beforeWrite(offset, length));

@@ -5,6 +5,7 @@
  * synchronous read path: every read is accounted.
  */
 import type { BlockDriver, BlockExtent, BlockNode, DriverCaps, WriteFlags, ZeroFlags } from '../types.js';
+import { forwardingCaps } from '../pass-through.js';
 import type { ThrottleGroup, ThrottleGroups } from '../throttle-group.js';
 import { BlockError } from '../../util/errors.js';
 import {
@@ -29,16 +30,7 @@ export class ThrottleDriver implements BlockDriver {
     private readonly groups: ThrottleGroups,
     readonly group: ThrottleGroup,
   ) {
-    const child = ctx.childDriver('file');
-    this.caps = {
-      writeZeroes: true,
-      fua: true,
-      discard: true,
-      blockStatus: true,
-      resize: true,
-      readSync: false,
-      zeroInit: child.caps.zeroInit ?? false,
-    };
+    this.caps = forwardingCaps(ctx.childDriver('file').caps, true);
   }
 
   static async open(ctx: DriverOpenContext, opts: Options): Promise<ThrottleDriver> {
