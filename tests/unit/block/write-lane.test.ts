@@ -131,4 +131,28 @@ describe.skipIf(!lane)('native write lane', () => {
     expect(await submit(lane!, l, fd, [Buffer.alloc(512, 3)], [0])).toEqual([512]);
     lane!.close(l);
   });
+  it('reports many batches in submission order, each with its own results', async () => {
+    const l = withLane(0, 60_000_000);
+    const order: number[] = [];
+    const runs: Promise<number[]>[] = [];
+    for (let i = 0; i < 200; i++) {
+      const p = submit(lane!, l, fd, [Buffer.alloc(512, i & 0xff), Buffer.alloc(i + 1, 1)], [i * 512, 200 * 512 + i]);
+      runs.push(p.then((r) => (order.push(i), r)));
+    }
+    const results = await Promise.all(runs);
+    expect(order).toEqual(Array.from({ length: 200 }, (_, i) => i));
+    for (const [i, r] of results.entries()) expect(r).toEqual([512, i + 1]);
+    lane!.close(l);
+    const got = readFileSync(join(dir, 'f'));
+    for (let i = 0; i < 200; i++) expect(got[i * 512]).toBe(i & 0xff);
+  });
+
+  it('ignores a second close, and refuses batches once closed', () => {
+    const l = withLane(0, 0);
+    lane!.close(l);
+    lane!.close(l);
+    expect(() => lane!.submit(l, fd, [Buffer.alloc(512)], [0], new Float64Array(1), () => undefined)).toThrow(
+      /write lane is closed/,
+    );
+  });
 });
