@@ -68,13 +68,15 @@ const conns: (NativeTransport | undefined)[] = [];
 const listeners = new Map<number, NativeListener>();
 
 /**
- * Adaptive polling, as QEMU's iothread `poll-max-ns` (default 32 µs): for this long after the
+ * Adaptive polling, as QEMU's iothreads (`poll-max-ns`, default 32 µs): for a window after the
  * last request bytes arrived, the event loop keeps polling the sockets (a pending immediate
  * makes libuv's poll phase non-blocking) instead of sleeping in epoll_wait, so the next request
  * of a client waiting on its reply is picked up without a thread wake-up. Costs CPU only while
- * requests keep coming. `BLOCKD_NBD_POLL_US` sets it (0 turns it off); see docs/nbd.md.
+ * requests keep coming. The window adapts between an eighth of its ceiling and the ceiling (see
+ * PollWindow); `BLOCKD_NBD_POLL_US` sets the ceiling (default 64 µs, 0 turns polling off); see
+ * docs/nbd.md.
  */
-const POLL_MS = pollWindowMs(process.env.BLOCKD_NBD_POLL_US);
+const POLL_MAX_MS = pollWindowMs(process.env.BLOCKD_NBD_POLL_US);
 let lastRead = 0;
 let polling = false;
 /**
@@ -100,19 +102,73 @@ export function sendfileMinBytes(env: string | undefined): number {
   return Number.isSafeInteger(n) && n > 0 ? n : 0;
 }
 
+/** The polling window's ceiling in ms from `BLOCKD_NBD_POLL_US` (µs; default 64, 0 = off, at most 1 s). */
 export function pollWindowMs(env: string | undefined): number {
-  const us = env === undefined || env === '' ? 32 : Number(env);
+  const us = env === undefined || env === '' ? 64 : Number(env);
   return Number.isFinite(us) && us > 0 ? Math.min(us, 1_000_000) / 1000 : 0;
 }
 
+/**
+ * The polling window, adapted (as QEMU adapts its iothreads' polling time) from what the loop
+ * saw when requests came:
+ * - while it polled: the window works, nothing changes (`hit`);
+ * - after it had gone to sleep, within the ceiling since the previous request bytes: a longer
+ *   window would have caught them without the wake-up, so the window doubles (up to the
+ *   ceiling);
+ * - after it had gone to sleep, past the ceiling: no window would have caught them. After
+ *   MISSES such wake-ups in a row with no request caught by polling in between (a client that
+ *   sends at its own pace, slower than the ceiling), or at once for a gap over four times the
+ *   ceiling, polling only burns CPU and the window halves (down to an eighth of the ceiling).
+ *   QEMU shrinks at the first such gap; but at queue depth 1 a gap a little past the ceiling is
+ *   mostly the wake-up itself (the server's and the client's: 70–100 µs on this machine, against
+ *   35 µs when the server polls), and shrinking at once makes the next gap longer again and locks
+ *   the connection in the slow mode (p50 82–101 µs in an A/B, docs/performance.md "Ninth pass").
+ * It starts at the ceiling (64 µs by default; QEMU's poll-max-ns is 32 µs).
+ */
+export class PollWindow {
+  static readonly MISSES = 8;
+  /** The current window in ms. */
+  ms: number;
+  readonly minMs: number;
+  private misses = 0;
+
+  constructor(readonly maxMs: number) {
+    this.ms = maxMs;
+    this.minMs = maxMs / 8;
+  }
+
+  /** Requests arrived while the loop was polling. */
+  hit(): void {
+    this.misses = 0;
+  }
+
+  /** Requests arrived `gapMs` after the previous ones, with the loop asleep (the window had run out). */
+  woke(gapMs: number): void {
+    if (gapMs <= this.maxMs) {
+      if (gapMs > this.ms) this.ms = Math.min(this.maxMs, this.ms * 2);
+      this.misses = 0;
+    } else if (++this.misses >= PollWindow.MISSES || gapMs > 4 * this.maxMs) {
+      this.ms = Math.max(this.minMs, this.ms / 2);
+      this.misses = 0;
+    }
+  }
+}
+
+const pollWindow = new PollWindow(POLL_MAX_MS);
+
 function pollTick(): void {
-  if (performance.now() - lastRead < POLL_MS) setImmediate(pollTick);
+  if (performance.now() - lastRead < pollWindow.ms) setImmediate(pollTick);
   else polling = false;
 }
 
-/** (Re)start the polling window from now. */
-function armPoll(): void {
-  lastRead = performance.now();
+/** (Re)start the polling window from now; `adapt`: requests (not an accept) arrived. */
+function armPoll(adapt: boolean): void {
+  const now = performance.now();
+  if (adapt && lastRead > 0) {
+    if (polling) pollWindow.hit();
+    else pollWindow.woke(now - lastRead);
+  }
+  lastRead = now;
   if (!polling) {
     polling = true;
     setImmediate(pollTick);
@@ -126,7 +182,7 @@ function onEvent(ev: number, id: number, arg: number): void {
       case EV_READ: {
         const before = written;
         conns[id]?.deliver(arg);
-        if (POLL_MS > 0 && written - before < POLL_SKIP_BYTES) armPoll();
+        if (POLL_MAX_MS > 0 && written - before < POLL_SKIP_BYTES) armPoll(true);
         return;
       }
       case EV_READ_DIRECT:
@@ -142,7 +198,7 @@ function onEvent(ev: number, id: number, arg: number): void {
         conns[id] = t;
         l.onAccept(t);
         // The greeting is out and the client answers it at once: poll for that answer too.
-        if (POLL_MS > 0) armPoll();
+        if (POLL_MAX_MS > 0) armPoll(false);
         return;
       }
       case EV_DRAIN:
