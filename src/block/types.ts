@@ -127,7 +127,10 @@ export interface FileRange {
   pieces?: ReadonlyArray<FilePiece>;
 }
 
-/** One contiguous piece of a FileRange. */
+/**
+ * One contiguous piece of a FileRange. In a range asked for with `holes` (fileRangeSync), an
+ * `offset` of -1 marks a run that reads as zeroes and has no file bytes behind it.
+ */
 export interface FilePiece {
   offset: number;
   length: number;
@@ -175,8 +178,11 @@ export interface BlockDriver {
    * qcow2 for ranges of data clusters), so any other node in between (filter, throttle,
    * compressed or zero clusters) ends the path. The fd is only valid until the caller returns to
    * the event loop. Counts nothing: io.ts does.
+   * `holes`: the caller can send zero runs without bytes (an NBD reply with hole chunks), so runs
+   * known to read as zeroes (qcow2 zero clusters, unallocated ones with nothing below) may be
+   * pieces with offset -1; the range then holds at least one piece of file bytes.
    */
-  fileRangeSync?(offset: number, length: number): FileRange | undefined;
+  fileRangeSync?(offset: number, length: number, holes?: boolean): FileRange | undefined;
   write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void>;
   /**
    * Optional callback form of a plain write (no flags): start writing `buf` at `offset` and
@@ -272,8 +278,9 @@ export interface BlockIO {
   /**
    * The cached file range behind `[offset, offset+length)` (see BlockDriver.fileRangeSync), or
    * undefined. A range returned counts as a read done (blockstats), as tryReadSync's do.
+   * `holes`: see BlockDriver.fileRangeSync.
    */
-  fileRangeSync?(offset: number, length: number): FileRange | undefined;
+  fileRangeSync?(offset: number, length: number, holes?: boolean): FileRange | undefined;
   /** True when the range is known, without blocking, to read as zeroes (see BlockDriver.isZeroSync). */
   isZeroSync?(offset: number, length: number): boolean;
   write(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;

@@ -190,9 +190,11 @@ export interface NbdExportHandle {
    * exactly a range of one open file, hold no hole, and are all in the page cache right now
    * (checked without blocking), that file range, and the read counts as done; else undefined
    * (no side effects). The engine then sends the range with sendfile() if its transport can.
-   * The fd is only valid until the engine returns to the event loop.
+   * The fd is only valid until the engine returns to the event loop. `holes` (the engine may
+   * answer with hole chunks): runs known to read as zeroes may be pieces with offset -1, next
+   * to at least one piece of file bytes.
    */
-  tryReadFileSync?(offset: number, length: number): NbdFileRange | undefined;
+  tryReadFileSync?(offset: number, length: number, holes?: boolean): NbdFileRange | undefined;
   /** `buf` is only valid until the promise settles: copy it if kept. */
   write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
   /**
@@ -214,7 +216,10 @@ export interface NbdFileRange {
   fd: number;
   /** File offset of the first byte. */
   offset: number;
-  /** Pieces (file offset, length) in order when the range is not contiguous in the file. */
+  /**
+   * Pieces (file offset, length) in order when the range is not contiguous in the file; a file
+   * offset of -1 is a run of zeroes (only when asked for with `holes`).
+   */
   pieces?: ReadonlyArray<{ offset: number; length: number }>;
 }
 

@@ -12,6 +12,20 @@ import type { Logger } from '../util/logger.js';
 import type { NbdFileRange, NbdZeroRanges } from './backend.js';
 import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
 import type { NbdTransport } from './transport.js';
+
+/** A file piece to send with sendfile (ReplyWriter.flush), after its own buffers, if any. */
+interface FileSeg {
+  head: Buffer[] | undefined;
+  offset: number;
+  length: number;
+}
+
+/** What flush() sends after the batch: file segments of `fd`, then the `tail` buffers. */
+interface FileSegs {
+  fd: number;
+  segs: FileSeg[];
+  tail?: Buffer[];
+}
 import {
   cmdName,
   encodeErrorChunk,
@@ -183,11 +197,54 @@ export abstract class NbdReplyWriter {
     if (this.state === 'CLOSED' || this.ending) return;
     this.out.push(hdr);
     this.outBytes += hdr.length;
-    this.flush(range, length);
+    const pieces = range.pieces ?? [{ offset: range.offset, length }];
+    this.flush({ fd: range.fd, segs: pieces.map((p) => ({ head: undefined, offset: p.offset, length: p.length })) });
   }
 
-  /** Write everything queued in this event-loop turn at once (then the file range, if any). */
-  protected flush(file?: NbdFileRange, fileLength = 0): void {
+  /**
+   * Queue a READ reply (structured, no DF) over a cached file range with known-zero runs in it
+   * (pieces with offset -1): one chunk per piece, OFFSET_DATA with the file's bytes sent as in
+   * queueFile, OFFSET_HOLE for the zeroes, DONE on the last; as sendSparseRead frames it, without
+   * copying the data.
+   */
+  protected queueSparseFile(id: Buffer, offset: number, range: NbdFileRange): void {
+    if (this.state === 'CLOSED' || this.ending) return;
+    const pieces = range.pieces!;
+    const ext = this.extended;
+    const segs: FileSeg[] = [];
+    // Chunk headers before the first file piece join this turn's batch.
+    let lead = true;
+    let pend: Buffer[] = [];
+    let guest = offset;
+    for (let i = 0; i < pieces.length; i++) {
+      const p = pieces[i]!;
+      const f = i === pieces.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+      let h: Buffer;
+      if (p.offset < 0) h = ext ? encodeExtOffsetHole(f, id, guest, p.length) : encodeOffsetHole(f, id, guest, p.length);
+      else {
+        h = Buffer.allocUnsafe(ext ? EXT_DATA_HEADER_SIZE : 28);
+        if (ext) writeExtOffsetDataHeader(h, 0, f, id, guest, p.length);
+        else writeOffsetDataHeader(h, 0, f, id, guest, p.length);
+      }
+      if (lead) {
+        this.out.push(h);
+        this.outBytes += h.length;
+      } else pend.push(h);
+      if (p.offset >= 0) {
+        segs.push({ head: lead ? undefined : pend, offset: p.offset, length: p.length });
+        lead = false;
+        pend = [];
+      }
+      guest += p.length;
+    }
+    this.flush({ fd: range.fd, segs, tail: pend.length > 0 ? pend : undefined });
+  }
+
+  /**
+   * Write everything queued in this event-loop turn at once; then, with `file`, its segments
+   * (each after its own buffers, if any) and the buffers of its tail.
+   */
+  protected flush(file?: FileSegs): void {
     this.flushScheduled = false;
     const out = this.out;
     if (out.length === 0) return;
@@ -219,13 +276,15 @@ export abstract class NbdReplyWriter {
     let ok = true;
     if (file === undefined) ok = this.socket.write(bufs, done);
     else {
-      // One queue entry per piece, in order; the replies before go with the first.
-      const pieces = file.pieces ?? [{ offset: file.offset, length: fileLength }];
-      for (let i = 0; i < pieces.length; i++) {
-        const p = pieces[i]!;
-        const last = i === pieces.length - 1;
-        ok = this.socket.writeFile!(i === 0 ? bufs : [], file.fd, p.offset, p.length, last ? done : undefined);
+      // One queue entry per segment, in order; the batch goes with the first.
+      const { fd, segs, tail } = file;
+      for (let i = 0; i < segs.length; i++) {
+        const sg = segs[i]!;
+        const last = i === segs.length - 1 && tail === undefined;
+        const before = i === 0 ? (sg.head ? [...bufs, ...sg.head] : bufs) : (sg.head ?? []);
+        ok = this.socket.writeFile!(before, fd, sg.offset, sg.length, last ? done : undefined);
       }
+      if (tail !== undefined) ok = this.socket.write(tail, done);
     }
     if (!ok && !this.writeBlocked) {
       this.writeBlocked = true;

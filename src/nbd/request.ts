@@ -126,7 +126,8 @@ export abstract class NbdRequestParser extends NbdDispatcher {
       return undefined;
     }
     const exp = this.exp!;
-    if (this.structured && (flags & NBD_CMD_FLAG_DF) === 0 && exp.tryReadZeroSync?.(offset, length)) {
+    const sparse = this.structured && (flags & NBD_CMD_FLAG_DF) === 0;
+    if (sparse && exp.tryReadZeroSync?.(offset, length)) {
       this.queue(
         this.extended
           ? encodeExtOffsetHole(NBD_REPLY_FLAG_DONE, id, offset, length)
@@ -137,8 +138,14 @@ export abstract class NbdRequestParser extends NbdDispatcher {
     }
     const hdr = this.readHeaderSize();
     if (length >= this.fileReadMin) {
-      // Large and cached in one file: the header now, the data with sendfile (no copy).
-      const range = exp.tryReadFileSync!(offset, length);
+      // Large and cached in one file: the header now, the data with sendfile (no copy); with
+      // known-zero runs in it (qcow2), one chunk per piece, holes as OFFSET_HOLE chunks.
+      const range = exp.tryReadFileSync!(offset, length, sparse);
+      if (range?.pieces?.some((p) => p.offset < 0)) {
+        this.reader.consume(headerSize);
+        this.queueSparseFile(id, offset, range);
+        return null;
+      }
       if (range !== undefined) {
         const h = allocReplyBuffer(hdr);
         this.writeReadHeader(h, id, offset, length);

@@ -24,7 +24,7 @@ import {
 } from '../../src/nbd/native-transport.js';
 import { NBD_CMD_READ, NBD_CMD_FLAG_DF } from '../../src/nbd/protocol.js';
 import { RawNbdClient, type RawReply } from '../helpers/nbd-raw-client.js';
-import { withoutAddon } from '../helpers/native.js';
+import { cachestatWorks, withoutAddon } from '../helpers/native.js';
 import { qemuTools } from '../helpers/qcow2.js';
 
 const netio = netIoBindingFrom(nativeAddon());
@@ -37,15 +37,8 @@ const SIZE = 24 * MiB + 3000;
  * server uses the native socket layer (BLOCKD_NET=node serves with net.Socket: no sendfile).
  */
 function pathAvailable(): boolean {
-  const cached = nativeOps().cachedRange;
   if (process.env['BLOCKD_NET'] === 'node') return false;
-  if (!netio?.netWriteFile || !netio.netFileStats || !cached) return false;
-  const fd = openSync('/proc/self/exe', 'r');
-  try {
-    return cached(fd, 0, 4096) !== -1;
-  } finally {
-    closeSync(fd);
-  }
+  return !!netio?.netWriteFile && !!netio.netFileStats && cachestatWorks();
 }
 const AVAILABLE = pathAvailable();
 
@@ -414,7 +407,8 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('sendfile for large cached 
     const img = join(dir, 'disk.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CS}`, img, '8M']);
     // Clusters 0..99 written in a shuffled order, so neighbours in the guest lie apart in the
-    // file (runs of one or a few clusters); cluster 100 zero, 101 compressed, the rest unallocated.
+    // file (runs of one or a few clusters); cluster 100 zero, 101 compressed, 110 data among
+    // unallocated ones, the rest unallocated.
     const order = Array.from({ length: 100 }, (_, i) => i);
     let x = 7;
     for (let i = order.length - 1; i > 0; i--) {
@@ -423,7 +417,7 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('sendfile for large cached 
       [order[i], order[j]] = [order[j]!, order[i]!];
     }
     const cmds = order.flatMap((c) => ['-c', `write -P ${1 + (c % 250)} ${c * CS} ${CS}`]);
-    cmds.push('-c', `write -z ${100 * CS} ${CS}`, '-c', `write -c -P 9 ${101 * CS} ${CS}`);
+    cmds.push('-c', `write -z ${100 * CS} ${CS}`, '-c', `write -c -P 9 ${101 * CS} ${CS}`, '-c', `write -P 77 ${110 * CS} ${CS}`);
     execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, img], { stdio: 'ignore' });
     const raw = join(dir, 'want.raw');
     execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, raw]);
@@ -490,6 +484,81 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('sendfile for large cached 
       expect(r.data.equals(want.subarray(off, off + len)), `${off}+${len}`).toBe(true);
       expect(fileStats().sent - before.sent).toBe(0);
     }
+    c.close();
+  });
+
+  /**
+   * One READ's chunks until DONE (structured or extended): each as [type, guest offset, length],
+   * the data checked against `want` and the holes against its zeroes.
+   */
+  async function readChunks(c: RawNbdClient, cookie: bigint): Promise<Array<[number, number, number]>> {
+    const got: Array<[number, number, number]> = [];
+    for (;;) {
+      const r = await c.reply();
+      if (!r || (r.kind !== 'chunk' && r.kind !== 'ext')) throw new Error(`unexpected reply ${r?.kind}`);
+      expect(r.cookie.readBigUInt64BE(0)).toBe(cookie);
+      const off = Number(r.payload.readBigUInt64BE(0));
+      if (r.type === 1) {
+        const data = r.payload.subarray(8);
+        expect(data.equals(want.subarray(off, off + data.length)), `data at ${off}`).toBe(true);
+        got.push([1, off, data.length]);
+      } else {
+        expect(r.type).toBe(2); // NBD_REPLY_TYPE_OFFSET_HOLE
+        const n = r.payload.readUInt32BE(8); // a 32-bit hole size in both framings
+        expect(want.subarray(off, off + n).every((b) => b === 0)).toBe(true);
+        got.push([2, off, n]);
+      }
+      if (r.flags & 1) return got;
+    }
+  }
+
+  it('sends a read over data and known-zero clusters (no DF) as file data chunks and hole chunks', async () => {
+    const { c, q } = await warmClient();
+    let cookie = 2n;
+    for (const [off, len, shape] of [
+      // data, data, the zero cluster
+      [98 * CS, 3 * CS, [1, 1, 2]],
+      // the end of a data cluster, the start of the zero cluster (not cluster-aligned)
+      [99 * CS + 100, CS + 4000, [1, 2]],
+      // unallocated, unallocated, data, unallocated
+      [108 * CS, 4 * CS, [2, 1, 2]],
+    ] as Array<[number, number, number[]]>) {
+      expect(q.fileRangeSync?.(off, len), `${off}+${len} without holes`).toBeUndefined();
+      const range = q.fileRangeSync?.(off, len, true);
+      expect(range, `${off}+${len}`).toBeDefined();
+      const dataPieces = range!.pieces!.filter((p) => p.offset >= 0).length;
+      const before = fileStats();
+      c.request(NBD_CMD_READ, off, len, 0, cookie);
+      const chunks = await readChunks(c, cookie++);
+      // Adjacent data clusters may be one chunk (one host run) or two: holes are always merged.
+      const merged = (ts: number[]): number[] => ts.filter((t, i, a) => !(t === 1 && a[i - 1] === 1));
+      expect(merged(chunks.map(([t]) => t)), `${off}+${len}`).toEqual(merged(shape));
+      expect(chunks[0]![1]).toBe(off);
+      expect(chunks.reduce((n, [, , l]) => n + l, 0)).toBe(len);
+      expect(chunks.filter(([t]) => t === 1).length).toBe(dataPieces);
+      expect(fileStats().sent - before.sent, `${off}+${len}`).toBe(dataPieces);
+    }
+    // With DF the same range is one data chunk, copied.
+    const before = fileStats();
+    c.request(NBD_CMD_READ, 108 * CS, 4 * CS, NBD_CMD_FLAG_DF, cookie);
+    const r = await readData(c, 4 * CS, true);
+    expect(r.data.equals(want.subarray(108 * CS, 112 * CS))).toBe(true);
+    expect(fileStats().sent - before.sent).toBe(0);
+    c.close();
+  });
+
+  it('frames the data and hole chunks of such a read with extended headers too', async () => {
+    const c = await RawNbdClient.connect(sock);
+    await c.handshake('disk', { extended: true });
+    c.extRequest(NBD_CMD_READ, 0, 4096, 0, 1n); // loads the L2 table
+    await readChunks(c, 1n);
+    const before = fileStats();
+    c.extRequest(NBD_CMD_READ, 98 * CS + 512, 3 * CS - 1024, 0, 2n);
+    const chunks = await readChunks(c, 2n);
+    expect(chunks[0]![0]).toBe(1);
+    expect(chunks.at(-1)).toEqual([2, 100 * CS, CS - 512]); // the zero cluster's start
+    expect(chunks.reduce((n, [, , l]) => n + l, 0)).toBe(3 * CS - 1024);
+    expect(fileStats().sent - before.sent).toBe(chunks.filter(([t]) => t === 1).length);
     c.close();
   });
 

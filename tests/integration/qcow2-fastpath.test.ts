@@ -4,6 +4,7 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
+import { cachestatWorks } from '../helpers/native.js';
 import type { BlockGraph } from '../../src/block/graph.js';
 import { EXTENT_DATA, EXTENT_ZERO, type BlockExtent, type BlockNode } from '../../src/block/types.js';
 import {
@@ -312,10 +313,21 @@ describe.skipIf(!tools)('qcow2 fast paths', () => {
     qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, base, String(SIZE));
     qemuImg('create', '-f', 'qcow2', '-o', `cluster_size=${CS}`, '-b', base, '-F', 'qcow2', top);
     qemuIo(top, 'qcow2', 'write -z 64k 4k');
+    qemuIo(top, 'qcow2', `write -P 5 ${64 * 1024 + CS} ${CS}`); // data right after the zero cluster
     const node = await openQcow2(g, 'top', top);
     await node.io.blockStatus(0, SIZE);
     expect(node.io.isZeroSync?.(0, CS)).toBe(false);
     expect(node.io.isZeroSync?.(64 * 1024, CS)).toBe(true); // a zero cluster hides the backing file
+    // Nor as hole pieces of a sparse file range (NBD reads with hole chunks): the zero cluster
+    // may be one, the unallocated cluster over the backing file may not.
+    expect(node.io.fileRangeSync?.(64 * 1024 - CS, 3 * CS, true)).toBeUndefined();
+    if (cachestatWorks()) {
+      const r = node.io.fileRangeSync?.(64 * 1024, 2 * CS, true);
+      expect(r?.pieces?.map((p) => [p.offset < 0, p.length])).toEqual([
+        [true, CS],
+        [false, CS],
+      ]);
+    }
   });
 
   it('zero-fills around a partial write into a reused cluster that still holds old bytes', async () => {

@@ -111,28 +111,41 @@ export abstract class Qcow2Reader extends Qcow2ClusterMap {
   /**
    * BlockDriver.fileRangeSync: a range of data clusters whose L2 tables are cached, and whose host
    * bytes the file child says are cached, as the file range(s) behind it: contiguous host
-   * clusters make one piece, at most FILE_PIECES_MAX pieces. Anything else (zero, unallocated or
-   * compressed clusters, extended L2, an uncached table, a bad entry) gives undefined, and the
-   * read takes the copying path, which also reports corruption.
+   * clusters make one piece, at most FILE_PIECES_MAX pieces. With `holes`, zero clusters and
+   * unallocated ones with no backing file may be in the range too, as pieces with offset -1
+   * (adjacent ones merged); at least one piece must then be data. Anything else (compressed
+   * clusters, unallocated ones over a backing file, extended L2, an uncached table, a bad entry)
+   * gives undefined, and the read takes the copying path, which also reports corruption.
    */
-  fileRangeSync(offset: number, length: number): FileRange | undefined {
+  fileRangeSync(offset: number, length: number, holes = false): FileRange | undefined {
     if (this.extL2 || this.closed || this.broken) return undefined;
     const cs = this.clusterSize;
     const end = offset + length;
     const pieces: FilePiece[] = [];
-    let runHost = -1;
+    // The open run: a file range (runHost >= 0), zeroes (-1), or nothing yet (-2).
+    let runHost = -2;
     let runLen = 0;
+    let data = 0;
     try {
       for (let pos = offset; pos < end; ) {
         const g = Math.floor(pos / cs);
         const t = this.cachedL2(Math.floor(g / this.l2Entries));
-        if (!t || this.kindOf(t, g % this.l2Entries) !== K_DATA) return undefined;
+        if (t === null) return undefined; // not cached
+        const k = t === undefined ? K_UNALLOC : this.kindOf(t, g % this.l2Entries); // undefined: no L2 table
         const inOff = pos - g * cs;
         const n = Math.min(cs - inOff, end - pos);
-        const h = this.hostOut + inOff;
-        if (runHost >= 0 && runHost + runLen === h) runLen += n;
+        let h: number;
+        if (k === K_DATA) {
+          h = this.hostOut + inOff;
+          data++;
+        } else if (holes && (k === K_ZERO || (k === K_UNALLOC && this.backing() === undefined))) {
+          h = -1;
+        } else {
+          return undefined;
+        }
+        if (runHost !== -2 && (h < 0 ? runHost === -1 : runHost >= 0 && runHost + runLen === h)) runLen += n;
         else {
-          if (runHost >= 0) {
+          if (runHost !== -2) {
             if (pieces.length === FILE_PIECES_MAX - 1) return undefined;
             pieces.push({ offset: runHost, length: runLen });
           }
@@ -144,11 +157,13 @@ export abstract class Qcow2Reader extends Qcow2ClusterMap {
     } catch {
       return undefined;
     }
+    if (data === 0) return undefined;
     pieces.push({ offset: runHost, length: runLen });
     const file = this.ctx.childIO('file');
     if (!file.fileRangeSync) return undefined;
     let fd = -1;
     for (const p of pieces) {
+      if (p.offset < 0) continue;
       const r = file.fileRangeSync(p.offset, p.length);
       if (r === undefined || r.pieces !== undefined || r.offset !== p.offset || (fd >= 0 && r.fd !== fd)) return undefined;
       fd = r.fd;
