@@ -12,20 +12,6 @@ import type { Logger } from '../util/logger.js';
 import type { NbdFileRange, NbdZeroRanges } from './backend.js';
 import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
 import type { NbdTransport } from './transport.js';
-
-/** A file piece to send with sendfile (ReplyWriter.flush), after its own buffers, if any. */
-interface FileSeg {
-  head: Buffer[] | undefined;
-  offset: number;
-  length: number;
-}
-
-/** What flush() sends after the batch: file segments of `fd`, then the `tail` buffers. */
-interface FileSegs {
-  fd: number;
-  segs: FileSeg[];
-  tail?: Buffer[];
-}
 import {
   cmdName,
   encodeErrorChunk,
@@ -43,6 +29,20 @@ import {
   encodeExtOffsetHole,
   writeExtOffsetDataHeader,
 } from './protocol-ext.js';
+
+/** A file piece to send with sendfile (ReplyWriter.flush), after its own buffers, if any. */
+interface FileSeg {
+  head: Buffer[] | undefined;
+  offset: number;
+  length: number;
+}
+
+/** What flush() sends after the batch: file segments of `fd`, then the `tail` buffers. */
+interface FileSegs {
+  fd: number;
+  segs: FileSeg[];
+  tail?: Buffer[];
+}
 
 /**
  * Queued reply bytes that are written at once instead of at the end of the event-loop turn. A
