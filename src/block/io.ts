@@ -304,15 +304,25 @@ export class NodeIO implements BlockIO {
       if (this.hooks.length) await this.runHooks(offset, buf.length, 'write');
       await this.driver.write(buf, offset, flags);
       if (flags.fua && !this.driver.caps.fua) await this.driver.flush();
-      this.stats.writeOps++;
-      this.stats.writeBytes += buf.length;
+      this.wrote(buf.length);
     } catch (err) {
-      this.stats.failedOps++;
-      this.stats.failedWriteOps++;
-      throw toBlockError(err, `write to '${this.owner.name}'`);
+      throw this.writeFailed(err);
     } finally {
       this.leave();
     }
+  }
+
+  /** blockstats of a completed write (write() and submitWrite()). */
+  private wrote(length: number): void {
+    this.stats.writeOps++;
+    this.stats.writeBytes += length;
+  }
+
+  /** blockstats of a failed write, and its error as write() and submitWrite() report it. */
+  private writeFailed(err: unknown): DaemonError {
+    this.stats.failedOps++;
+    this.stats.failedWriteOps++;
+    return toBlockError(err, `write to '${this.owner.name}'`);
   }
 
   submitWrite(buf: Buffer, offset: number, done: WriteDone): boolean {
@@ -333,16 +343,14 @@ export class NodeIO implements BlockIO {
     try {
       started = driver.submitWrite(buf, offset, (err) => {
         if (err === undefined) {
-          this.stats.writeOps++;
-          this.stats.writeBytes += length;
+          this.wrote(length);
           this.leave();
           done();
           return;
         }
-        this.stats.failedOps++;
-        this.stats.failedWriteOps++;
+        const e = this.writeFailed(err);
         this.leave();
-        done(toBlockError(err, `write to '${owner.name}'`));
+        done(e);
       });
     } catch {
       started = false;

@@ -312,10 +312,10 @@ export interface BlockIO {
   setWriteThreshold(offset: number, onExceeded?: WriteThresholdListener): void;
 }
 
-/** Told how far a request went past the write threshold, and what the threshold was. */
 /** Completion of a submitWrite: undefined on success, else the error. */
 export type WriteDone = (err?: Error) => void;
 
+/** Told how far a request went past the write threshold, and what the threshold was. */
 export type WriteThresholdListener = (amountExceeded: number, threshold: number) => void;
 
 /** A child edge of a node. */

@@ -53,22 +53,34 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
     return e.type === 'normal' && e.copied && (!this.extL2 || e.bitmap === 0xffffffff);
   }
 
+  /**
+   * The host offset of guest cluster `g` when a write may go straight to it: an owned (COPIED)
+   * data cluster of a standard L2 table that is cached; -1 otherwise. Throws what kindOf throws
+   * for a bad entry.
+   */
+  private ownedDataHost(g: number): number {
+    if (this.extL2) return -1;
+    const t = this.cachedL2(Math.floor(g / this.l2Entries));
+    if (!t || this.kindOf(t, g % this.l2Entries) !== K_DATA || !this.copiedOut) return -1;
+    return this.hostOut;
+  }
+
+  /** A corrupt L2 entry may point into metadata: one map lookup (`host` is cluster-aligned). */
+  private inMetadata(host: number): boolean {
+    return this.olMask !== 0 && this.ol.at(host / this.clusterSize, this.olMask) !== 0;
+  }
+
   /** Never throws synchronously (callers collect these promises). */
   protected writeCluster(g: number, inOff: number, data: Buffer): Promise<void> {
-    if (!this.extL2) {
-      // Overwrite of an owned data cluster whose L2 table is cached: straight to the file.
-      try {
-        const t = this.cachedL2(Math.floor(g / this.l2Entries));
-        if (t && this.kindOf(t, g % this.l2Entries) === K_DATA && this.copiedOut) {
-          // A corrupt L2 entry may point into metadata: one map lookup (host is cluster-aligned).
-          if (this.olMask !== 0 && this.ol.at(this.hostOut / this.clusterSize, this.olMask) !== 0) {
-            return this.writeData(data, this.hostOut + inOff);
-          }
-          return this.storage.write(data, this.hostOut + inOff);
-        }
-      } catch (err) {
-        return Promise.reject(err);
+    // Overwrite of an owned data cluster whose L2 table is cached: straight to the file.
+    try {
+      const host = this.ownedDataHost(g);
+      if (host >= 0) {
+        // Into metadata: writeData's overlap check reports the corruption.
+        return this.inMetadata(host) ? this.writeData(data, host + inOff) : this.storage.write(data, host + inOff);
       }
+    } catch (err) {
+      return Promise.reject(err);
     }
     return this.writeClusterSlow(g, inOff, data);
   }
@@ -81,12 +93,10 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
    * as writeCluster's fast case (see writeClusterSlow).
    */
   protected submitCluster(g: number, inOff: number, data: Buffer, done: WriteDone): boolean {
-    if (this.extL2) return false;
     try {
-      const t = this.cachedL2(Math.floor(g / this.l2Entries));
-      if (!t || this.kindOf(t, g % this.l2Entries) !== K_DATA || !this.copiedOut) return false;
-      if (this.olMask !== 0 && this.ol.at(this.hostOut / this.clusterSize, this.olMask) !== 0) return false;
-      return this.storage.submitWrite(data, this.hostOut + inOff, done);
+      const host = this.ownedDataHost(g);
+      if (host < 0 || this.inMetadata(host)) return false;
+      return this.storage.submitWrite(data, host + inOff, done);
     } catch {
       return false;
     }

@@ -125,28 +125,34 @@ export class Storage {
     const end = offset + buf.length;
     const io = this.io();
     if (this.growing !== undefined || io.size() < end || !io.submitWrite) return false;
-    const first = this.epoch === 0;
+    const settle = this.enterEpoch();
     const ok = io.submitWrite(buf, offset, (err) => {
-      if (first) this.settle0();
-      else this.settle1();
+      settle();
       done(err);
     });
-    if (!ok) return false;
-    if (first) this.inflight0++;
-    else this.inflight1++;
+    if (!ok) {
+      // Refused synchronously: the epoch cannot have changed, so this only undoes the count.
+      settle();
+      return false;
+    }
     if (end > this.zeroFrom) this.zeroFrom = end;
     return true;
   }
 
-  /** Count `p` in the current epoch until it settles (see ioBarrier). */
-  private track(p: Promise<void>): Promise<void> {
+  /** Count one request in the current epoch; the function to call once it has settled. */
+  private enterEpoch(): () => void {
     if (this.epoch === 0) {
       this.inflight0++;
-      p.then(this.settle0, this.settle0);
-    } else {
-      this.inflight1++;
-      p.then(this.settle1, this.settle1);
+      return this.settle0;
     }
+    this.inflight1++;
+    return this.settle1;
+  }
+
+  /** Count `p` in the current epoch until it settles (see ioBarrier). */
+  private track(p: Promise<void>): Promise<void> {
+    const settle = this.enterEpoch();
+    p.then(settle, settle);
     return p;
   }
 
