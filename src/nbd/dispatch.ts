@@ -214,9 +214,7 @@ export abstract class NbdDispatcher extends NbdReplyWriter {
     this.begin(0);
     let p: Promise<NbdExtent[][]>;
     try {
-      p = Promise.all(
-        ctxs.map((c) => (ext ? c.context.blockStatus(offset, length, max, maxLength) : c.context.blockStatus(offset, length, max))),
-      );
+      p = Promise.all(ctxs.map((c) => c.context.blockStatus(offset, length, max, maxLength)));
     } catch (err) {
       p = Promise.reject(err);
     }

@@ -78,7 +78,7 @@ export interface ReadCtx {
 }
 
 /** A read answered in one data chunk (DF, or simple replies): its holes as zero bytes. */
-export function zeroHoles(data: Buffer, offset: number, holes: NbdZeroRanges): void {
+function zeroHoles(data: Buffer, offset: number, holes: NbdZeroRanges): void {
   const end = offset + data.length;
   for (const h of holes) {
     const s = Math.max(h.offset, offset) - offset;
@@ -210,7 +210,6 @@ export abstract class NbdReplyWriter {
   protected queueSparseFile(id: Buffer, offset: number, range: NbdFileRange): void {
     if (this.state === 'CLOSED' || this.ending) return;
     const pieces = range.pieces!;
-    const ext = this.extended;
     const segs: FileSeg[] = [];
     // Chunk headers before the first file piece join this turn's batch.
     let lead = true;
@@ -219,13 +218,7 @@ export abstract class NbdReplyWriter {
     for (let i = 0; i < pieces.length; i++) {
       const p = pieces[i]!;
       const f = i === pieces.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-      let h: Buffer;
-      if (p.offset < 0) h = ext ? encodeExtOffsetHole(f, id, guest, p.length) : encodeOffsetHole(f, id, guest, p.length);
-      else {
-        h = Buffer.allocUnsafe(ext ? EXT_DATA_HEADER_SIZE : 28);
-        if (ext) writeExtOffsetDataHeader(h, 0, f, id, guest, p.length);
-        else writeOffsetDataHeader(h, 0, f, id, guest, p.length);
-      }
+      const h = p.offset < 0 ? this.holeChunk(f, id, guest, p.length) : this.dataChunkHeader(f, id, guest, p.length);
       if (lead) {
         this.out.push(h);
         this.outBytes += h.length;
@@ -305,7 +298,7 @@ export abstract class NbdReplyWriter {
       if (!sparse) {
         zeroHoles(data, offset, holes);
       } else {
-        this.sendSparseRead(cookie, offset, data, holes, this.extended);
+        this.sendSparseRead(cookie, offset, data, holes);
         // The data chunks are slices of buf, queued in this turn's batch: release it with them.
         if (isRecyclable(buf) && this.state !== 'CLOSED' && !this.ending) this.outRecycle.push(buf);
         if (this.outBytes >= EAGER_FLUSH_BYTES) this.flush();
@@ -323,11 +316,24 @@ export abstract class NbdReplyWriter {
     else writeSimpleReply(b, 0, 0, id);
   }
 
+  /** An OFFSET_HOLE chunk in the connection's framing (structured or extended). */
+  protected holeChunk(flags: number, id: Buffer, offset: number, length: number): Buffer {
+    return this.extended ? encodeExtOffsetHole(flags, id, offset, length) : encodeOffsetHole(flags, id, offset, length);
+  }
+
+  /** The header of an OFFSET_DATA chunk of `length` data bytes, in the connection's framing. */
+  protected dataChunkHeader(flags: number, id: Buffer, offset: number, length: number): Buffer {
+    const h = Buffer.allocUnsafe(this.extended ? EXT_DATA_HEADER_SIZE : 28);
+    if (this.extended) writeExtOffsetDataHeader(h, 0, flags, id, offset, length);
+    else writeOffsetDataHeader(h, 0, flags, id, offset, length);
+    return h;
+  }
+
   /**
    * NBD spec: Structured reply chunk types — OFFSET_DATA / OFFSET_HOLE covering the request, in
-   * compact or (`ext`) extended reply headers.
+   * the connection's framing (structured or extended).
    */
-  protected sendSparseRead(cookie: Buffer, offset: number, data: Buffer, holes: NbdZeroRanges, ext: boolean): void {
+  protected sendSparseRead(cookie: Buffer, offset: number, data: Buffer, holes: NbdZeroRanges): void {
     const end = offset + data.length;
     const parts: Array<{ hole: boolean; start: number; len: number }> = [];
     let cur = offset;
@@ -344,14 +350,9 @@ export abstract class NbdReplyWriter {
     if (cur < end) parts.push({ hole: false, start: cur, len: end - cur });
     parts.forEach((part, i) => {
       const f = i === parts.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-      if (part.hole) {
-        const encode = ext ? encodeExtOffsetHole : encodeOffsetHole;
-        this.queue(encode(f, cookie, part.start, part.len));
-      } else {
-        const h = Buffer.allocUnsafe(ext ? EXT_DATA_HEADER_SIZE : 28);
-        if (ext) writeExtOffsetDataHeader(h, 0, f, cookie, part.start, part.len);
-        else writeOffsetDataHeader(h, 0, f, cookie, part.start, part.len);
-        this.queue(h);
+      if (part.hole) this.queue(this.holeChunk(f, cookie, part.start, part.len));
+      else {
+        this.queue(this.dataChunkHeader(f, cookie, part.start, part.len));
         this.queue(data.subarray(part.start - offset, part.start - offset + part.len));
       }
     });

@@ -29,10 +29,7 @@ import {
   NBD_EXTENDED_REQUEST_SIZE,
   NBD_MAX_BUFFER_SIZE,
 } from './protocol.js';
-import {
-  readU64,
-  ZERO_TAG,
-} from './protocol-ext.js';
+import { readU64, ZERO_TAG } from './protocol-ext.js';
 import { CMD_RULES, EMPTY, NbdRequestParser, READ_ONLY_TEXT, type CmdRule } from './request.js';
 
 /** Extended headers lift QEMU's 32 MiB bound on CACHE (an effect length, no payload). */
@@ -122,7 +119,6 @@ export abstract class NbdExtRequestParser extends NbdRequestParser {
       return;
     }
     if (type === NBD_CMD_READ) this.startRead(tag, flags, offset, length, readBuf);
-    else if (type === NBD_CMD_BLOCK_STATUS) this.startBlockStatus(tag, flags, offset, length, this.contexts);
     else this.startOther(tag, type, flags, offset, length);
   }
 

@@ -8,7 +8,6 @@
 import {
   CMD_TEXT,
   cmdName,
-  encodeOffsetHole,
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_CACHE,
   NBD_CMD_DISC,
@@ -28,7 +27,6 @@ import {
   NBD_REQUEST_MAGIC,
   NBD_REQUEST_SIZE,
 } from './protocol.js';
-import { encodeExtOffsetHole } from './protocol-ext.js';
 import { allocReplyBuffer } from './buffer-pool.js';
 import { FrameReader } from './frame-reader.js';
 import { NbdDispatcher } from './dispatch.js';
@@ -128,11 +126,7 @@ export abstract class NbdRequestParser extends NbdDispatcher {
     const exp = this.exp!;
     const sparse = this.structured && (flags & NBD_CMD_FLAG_DF) === 0;
     if (sparse && exp.tryReadZeroSync?.(offset, length)) {
-      this.queue(
-        this.extended
-          ? encodeExtOffsetHole(NBD_REPLY_FLAG_DONE, id, offset, length)
-          : encodeOffsetHole(NBD_REPLY_FLAG_DONE, id, offset, length),
-      );
+      this.queue(this.holeChunk(NBD_REPLY_FLAG_DONE, id, offset, length));
       this.reader.consume(headerSize);
       return null;
     }
