@@ -485,13 +485,14 @@ static lane_job *lane_take_done(write_lane *l) {
  */
 static void lane_async_cb(uv_async_t *h) {
   write_lane *l = h->data;
-  lane_job *j = lane_take_done(l);
-  if (!j) return;
+  if (!__atomic_load_n(&l->done, __ATOMIC_ACQUIRE)) return;
   napi_env env = l->env;
   napi_handle_scope hs;
   napi_callback_scope cs = NULL;
   napi_value resource = NULL, undef = NULL;
+  /* Taken only once JavaScript can be called: a failure here leaves them for the next wake-up. */
   if (napi_open_handle_scope(env, &hs) != napi_ok) return;
+  lane_job *j = lane_take_done(l);
   napi_get_undefined(env, &undef);
   if (napi_get_reference_value(env, l->resource, &resource) == napi_ok && resource) {
     napi_open_callback_scope(env, resource, l->actx, &cs);
