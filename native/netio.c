@@ -29,6 +29,10 @@
  *                                       as netWrite, then `len` bytes of file `fd` from `off`
  *                                       with sendfile(); see "File segments" below
  *   netOpenCount() -> n                 connections whose socket is still open
+ *   netLoanMark(id) -> n                bytes written to the connection so far (netWrite and
+ *                                       netWriteFile), or -1 when its reading cannot be followed
+ *                                       (TCP, a closed connection)
+ *   netLoanReturned(id, mark) -> bool   the peer has read everything up to `mark`; see "Loans"
  *   netFileStats() -> [sent, waited, loaded, zeroed]
  *                                       file segments: all sent, had to wait for the socket
  *                                       (dup), were read on a thread (evicted), hit EOF
@@ -66,6 +70,14 @@
  *   a write to the same range that completes meanwhile may be seen. NBD leaves the result of
  *   a read overlapping a concurrent write undefined, and the client only learns that the read
  *   is done once the last byte arrives, so either content is correct (docs/nbd.md).
+ *
+ * Loans (netLoanMark, netLoanReturned): the pages of a file segment are referenced until the
+ * peer has read them, and a qcow2 image must not hand a freed cluster to other data before then
+ * (src/util/page-loans.ts). Of the bytes written so far (`written`), those sent are written -
+ * q_bytes, and of those, on a unix socket, the ones the peer has not read yet are within
+ * SIOCOUTQ (the socket's send allocation: the skbs waiting in the peer's receive queue, counted
+ * with their overhead, so the estimate errs on the late side). TCP's SIOCOUTQ counts only
+ * unacknowledged bytes, while on loopback the receiver's queue shares the pages: no answer there.
  */
 #define _GNU_SOURCE
 #include <node_api.h>
@@ -81,6 +93,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -161,6 +175,7 @@ typedef struct conn {
   pending_buf *q;    /* write queue (FIFO, q_head .. q_len) */
   int q_head, q_len, q_cap;
   size_t q_bytes;
+  uint64_t written;  /* bytes accepted by netWrite/netWriteFile since the connection opened */
   file_load *load;   /* the head file segment is being read on a thread: the queue waits */
 } conn;
 
@@ -886,6 +901,7 @@ static napi_value net_write(napi_env env, napi_callback_info info) {
       one[i] = b;
       iov[i].iov_base = data;
       iov[i].iov_len = len;
+      c->written += len;
     }
     size_t off0 = 0; /* bytes of iov[first] already sent */
     uint32_t first = 0;
@@ -968,11 +984,13 @@ static napi_value net_write_file(napi_env env, napi_callback_info info) {
   bool was_empty = c->q_head == c->q_len;
   for (uint32_t i = 0; i < count; i++) {
     if (blen[i] > 0 && !queue_push(c, env, bv[i], bdata[i], blen[i], 0)) return nv_int(env, -ENOMEM);
+    c->written += blen[i];
   }
   pending_buf *fe = queue_slot(c);
   if (!fe) return nv_int(env, -ENOMEM);
   c->q_len++;
   c->q_bytes += (size_t)len;
+  c->written += (uint64_t)len;
   fe->len = (size_t)len;
   fe->kind = Q_FILE;
   fe->ffd = fd;
@@ -1103,6 +1121,32 @@ static napi_value net_peer(napi_env env, napi_callback_info info) {
 }
 
 /* netOpenCount(): connections whose socket is still open (tests look for leaks with it). */
+static napi_value net_loan_mark(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  conn *c = arg_conn(env, info, 1, argv);
+  napi_value r;
+  napi_create_double(env, !c || c->closing || c->inet ? -1 : (double)c->written, &r);
+  return r;
+}
+
+static napi_value net_loan_returned(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  conn *c = arg_conn(env, info, 2, argv);
+  double mark = 0;
+  napi_get_value_double(env, argv[1], &mark);
+  bool back = true; /* a closed connection: nothing more can be known */
+  if (c && !c->closing && c->fd >= 0) {
+    uint64_t sent = c->written - c->q_bytes;
+    int outq = 0;
+    if ((double)sent < mark) back = false;
+    else if (ioctl(c->fd, SIOCOUTQ, &outq) != 0) back = false;
+    else back = (double)sent - (double)outq >= mark;
+  }
+  napi_value r;
+  napi_get_boolean(env, back, &r);
+  return r;
+}
+
 static napi_value net_open_count(napi_env env, napi_callback_info info) {
   (void)info;
   return nv_int(env, g_open);
@@ -1139,6 +1183,8 @@ void netio_register(napi_env env, napi_value exports) {
     { "netReadInto", NULL, net_read_into, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netWriteFile", NULL, net_write_file, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netFileStats", NULL, net_file_stats, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netLoanMark", NULL, net_loan_mark, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netLoanReturned", NULL, net_loan_returned, NULL, NULL, NULL, napi_enumerable, NULL },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }

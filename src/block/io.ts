@@ -227,7 +227,7 @@ export class NodeIO implements BlockIO {
     return ok;
   }
 
-  fileRangeSync(offset: number, length: number, holes = false): FileRange | undefined {
+  fileRangeSync(offset: number, length: number, holes = false, lending = false): FileRange | undefined {
     if (this.gate || !this.driver.fileRangeSync) return undefined;
     if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length <= 0) {
       return undefined;
@@ -235,7 +235,7 @@ export class NodeIO implements BlockIO {
     if (offset + length > this.driver.getLength()) return undefined;
     let r: FileRange | undefined;
     try {
-      r = this.driver.fileRangeSync(offset, length, holes);
+      r = this.driver.fileRangeSync(offset, length, holes, lending);
     } catch {
       return undefined;
     }

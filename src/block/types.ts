@@ -9,6 +9,8 @@
  *   of a node onto the overlay), so users must read `user.node` / `user.io` on every request
  *   instead of caching the node.
  */
+import type { PageLoans } from '../util/page-loans.js';
+
 // ---------------------------------------------------------------------------------------------
 // Block status
 
@@ -125,6 +127,13 @@ export interface FileRange {
    * length, and the first piece starts at `offset`.
    */
   pieces?: ReadonlyArray<FilePiece>;
+  /**
+   * Set by a driver whose host bytes can come to hold other guest data while a reply that
+   * references them waits in a socket (qcow2: a cluster freed, then reused): whoever sends the
+   * range by reference registers with `loans.lend()`, and the driver frees clusters only once
+   * a fence over those loans has passed (util/page-loans.ts).
+   */
+  loans?: PageLoans;
 }
 
 /**
@@ -181,8 +190,11 @@ export interface BlockDriver {
    * `holes`: the caller can send zero runs without bytes (an NBD reply with hole chunks), so runs
    * known to read as zeroes (qcow2 zero clusters, unallocated ones with nothing below) may be
    * pieces with offset -1; the range then holds at least one piece of file bytes.
+   * `lending`: the caller registers the ranges it sends by reference with their `loans`
+   * (FileRange.loans); a driver whose host bytes can change owners (qcow2) returns no range
+   * without it.
    */
-  fileRangeSync?(offset: number, length: number, holes?: boolean): FileRange | undefined;
+  fileRangeSync?(offset: number, length: number, holes?: boolean, lending?: boolean): FileRange | undefined;
   write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void>;
   /**
    * Optional callback form of a plain write (no flags): start writing `buf` at `offset` and
@@ -278,9 +290,9 @@ export interface BlockIO {
   /**
    * The cached file range behind `[offset, offset+length)` (see BlockDriver.fileRangeSync), or
    * undefined. A range returned counts as a read done (blockstats), as tryReadSync's do.
-   * `holes`: see BlockDriver.fileRangeSync.
+   * `holes`, `lending`: see BlockDriver.fileRangeSync.
    */
-  fileRangeSync?(offset: number, length: number, holes?: boolean): FileRange | undefined;
+  fileRangeSync?(offset: number, length: number, holes?: boolean, lending?: boolean): FileRange | undefined;
   /** True when the range is known, without blocking, to read as zeroes (see BlockDriver.isZeroSync). */
   isZeroSync?(offset: number, length: number): boolean;
   write(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;

@@ -357,12 +357,12 @@ export class NbdExport implements NbdExportHandle {
     return true;
   }
 
-  tryReadFileSync(offset: number, length: number, holes = false): NbdFileRange | undefined {
+  tryReadFileSync(offset: number, length: number, holes = false, lending = false): NbdFileRange | undefined {
     if (this.stopped) return undefined;
     // Only ranges known to hold no hole, as tryReadSync (holes go out as OFFSET_HOLE chunks),
     // or with `holes` ranges whose holes are known zeroes, as pieces without file bytes: the
     // drivers check that themselves, so nodes without the path cost one call here.
-    const r = this.user.io.fileRangeSync?.(offset, length, holes);
+    const r = this.user.io.fileRangeSync?.(offset, length, holes, lending);
     if (!r) return undefined;
     this.counters.readOps++;
     this.counters.readBytes += length;
@@ -782,8 +782,8 @@ class ExportConnection implements NbdExportHandle {
   tryReadSync(buf: Buffer, offset: number): boolean {
     return this.exp.tryReadSync(buf, offset);
   }
-  tryReadFileSync(offset: number, length: number, holes?: boolean): NbdFileRange | undefined {
-    return this.exp.tryReadFileSync(offset, length, holes);
+  tryReadFileSync(offset: number, length: number, holes?: boolean, lending?: boolean): NbdFileRange | undefined {
+    return this.exp.tryReadFileSync(offset, length, holes, lending);
   }
   tryReadZeroSync(offset: number, length: number): boolean {
     return this.exp.tryReadZeroSync(offset, length);

@@ -21,6 +21,7 @@
  * value is treated as EIO.
  */
 import type { DaemonError } from '../util/errors.js';
+import type { PageLoans } from '../util/page-loans.js';
 import type { NbdExtent } from './protocol.js';
 import { NBD_MAX_BUFFER_SIZE } from './protocol.js';
 
@@ -192,9 +193,10 @@ export interface NbdExportHandle {
    * (no side effects). The engine then sends the range with sendfile() if its transport can.
    * The fd is only valid until the engine returns to the event loop. `holes` (the engine may
    * answer with hole chunks): runs known to read as zeroes may be pieces with offset -1, next
-   * to at least one piece of file bytes.
+   * to at least one piece of file bytes. `lending`: the caller registers ranges that carry
+   * `loans` (NbdFileRange.loans); without it such ranges are not returned (the read copies).
    */
-  tryReadFileSync?(offset: number, length: number, holes?: boolean): NbdFileRange | undefined;
+  tryReadFileSync?(offset: number, length: number, holes?: boolean, lending?: boolean): NbdFileRange | undefined;
   /** `buf` is only valid until the promise settles: copy it if kept. */
   write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
   /**
@@ -221,6 +223,12 @@ export interface NbdFileRange {
    * offset of -1 is a run of zeroes (only when asked for with `holes`).
    */
   pieces?: ReadonlyArray<{ offset: number; length: number }>;
+  /**
+   * Set when the file's bytes in the range can come to belong to other guest data (a qcow2 host
+   * cluster freed and reused): the sender, which asked with `lending`, registers with
+   * `loans.lend()` once it has queued them by reference (see util/page-loans.ts).
+   */
+  loans?: PageLoans;
 }
 
 /** Everything the engine needs from the layer above it. */

@@ -6,6 +6,7 @@
  * handed in (NbdServerOptions.netio) by the layer that owns native code.
  */
 import type { NbdTransport, TransportSink } from './transport.js';
+import type { PageBorrower } from '../util/page-loans.js';
 
 /** The addon's netio functions (see native/netio.c for the contract). */
 export interface NetIoBinding {
@@ -27,6 +28,10 @@ export interface NetIoBinding {
   netWriteFile?(id: number, bufs: Buffer | readonly Buffer[], fd: number, offset: number, length: number): number;
   /** File segments so far: [all sent, waited for the socket, read on a thread, hit EOF]. */
   netFileStats?(): number[];
+  /** Bytes written to the connection so far; -1 when its reading cannot be followed (TCP). */
+  netLoanMark?(id: number): number;
+  /** The peer has read every byte up to `mark` (or the connection is closed). */
+  netLoanReturned?(id: number, mark: number): boolean;
 }
 
 const NETIO_FUNCTIONS = [
@@ -226,7 +231,7 @@ function init(b: NetIoBinding): void {
 }
 
 /** One accepted socket. */
-export class NativeTransport implements NbdTransport {
+export class NativeTransport implements NbdTransport, PageBorrower {
   readonly volatileReads = true;
   private sink: TransportSink | undefined;
   private closed = false;
@@ -240,6 +245,7 @@ export class NativeTransport implements NbdTransport {
     | ((bufs: readonly Buffer[], fd: number, offset: number, length: number, done?: () => void) => boolean)
     | undefined;
   readonly fileWriteMin: number;
+  readonly pageBorrower: PageBorrower | undefined;
 
   constructor(
     private readonly b: NetIoBinding,
@@ -248,6 +254,16 @@ export class NativeTransport implements NbdTransport {
     this.readInto = b.netReadInto ? this.armTarget : undefined;
     this.writeFile = b.netWriteFile && SENDFILE_MIN > 0 ? this.sendFile : undefined;
     this.fileWriteMin = SENDFILE_MIN;
+    // Unix sockets only: the addon answers -1 for TCP (see netio.c, "Loans").
+    this.pageBorrower = this.writeFile && b.netLoanReturned && (b.netLoanMark?.(id) ?? -1) >= 0 ? this : undefined;
+  }
+
+  loanMark(): number {
+    return this.closed ? 0 : this.b.netLoanMark!(this.id);
+  }
+
+  loanReturned(mark: number): boolean {
+    return this.closed || this.b.netLoanReturned!(this.id, mark);
   }
 
   private sendFile(bufs: readonly Buffer[], fd: number, offset: number, length: number, done?: () => void): boolean {

@@ -12,6 +12,7 @@ import type { Logger } from '../util/logger.js';
 import type { NbdFileRange, NbdZeroRanges } from './backend.js';
 import { allocReplyBuffer, isRecyclable, releaseReplyBuffer } from './buffer-pool.js';
 import type { NbdTransport } from './transport.js';
+import type { PageLoans } from '../util/page-loans.js';
 import {
   cmdName,
   encodeErrorChunk,
@@ -111,6 +112,8 @@ export abstract class NbdReplyWriter {
   protected writeBlocked = false;
   /** socket.end() was called: nothing more may be written. */
   protected ending = false;
+  /** Lenders of file ranges this connection sent by reference (see lendPages). */
+  private lentFrom: Set<PageLoans> | undefined;
 
   protected constructor(
     protected readonly socket: NbdTransport,
@@ -199,6 +202,25 @@ export abstract class NbdReplyWriter {
     this.outBytes += hdr.length;
     const pieces = range.pieces ?? [{ offset: range.offset, length }];
     this.flush({ fd: range.fd, segs: pieces.map((p) => ({ head: undefined, offset: p.offset, length: p.length })) });
+    if (range.loans) this.lendPages(range.loans);
+  }
+
+  /**
+   * A range with `loans` was just queued by reference: register how far this connection's stream
+   * goes now, so its lender (qcow2) keeps freed host clusters from reuse until the client has
+   * read that far (util/page-loans.ts). Only transports with a pageBorrower are given such
+   * ranges (request.ts).
+   */
+  private lendPages(loans: PageLoans): void {
+    loans.lend(this.socket.pageBorrower!);
+    (this.lentFrom ??= new Set()).add(loans);
+  }
+
+  /** The connection is closed: its lenders stop waiting for it. */
+  protected returnPages(): void {
+    if (this.lentFrom === undefined) return;
+    for (const l of this.lentFrom) l.forget(this.socket.pageBorrower!);
+    this.lentFrom = undefined;
   }
 
   /**
@@ -231,6 +253,7 @@ export abstract class NbdReplyWriter {
       guest += p.length;
     }
     this.flush({ fd: range.fd, segs, tail: pend.length > 0 ? pend : undefined });
+    if (range.loans) this.lendPages(range.loans);
   }
 
   /**

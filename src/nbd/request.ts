@@ -134,7 +134,9 @@ export abstract class NbdRequestParser extends NbdDispatcher {
     if (length >= this.fileReadMin) {
       // Large and cached in one file: the header now, the data with sendfile (no copy); with
       // known-zero runs in it (qcow2), one chunk per piece, holes as OFFSET_HOLE chunks.
-      const range = exp.tryReadFileSync!(offset, length, sparse);
+      // Ranges whose host clusters can change owners (qcow2) go by reference only on a stream
+      // whose reading can be followed (a unix socket); TCP copies them (util/page-loans.ts).
+      const range = exp.tryReadFileSync!(offset, length, sparse, this.socket.pageBorrower !== undefined);
       if (range?.pieces?.some((p) => p.offset < 0)) {
         this.reader.consume(headerSize);
         this.queueSparseFile(id, offset, range);

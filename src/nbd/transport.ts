@@ -5,6 +5,7 @@
  * buffers in order with back-pressure, pause/resume reading, close gracefully or at once.
  */
 import type { Socket } from 'node:net';
+import type { PageBorrower } from '../util/page-loans.js';
 
 /** What a transport reports to its connection. */
 export interface TransportSink {
@@ -62,6 +63,12 @@ export interface NbdTransport {
   writeFile?(bufs: readonly Buffer[], fd: number, offset: number, length: number, done?: () => void): boolean;
   /** With {@link writeFile}: reads shorter than this are cheaper copied (0: never use it). */
   readonly fileWriteMin?: number;
+  /**
+   * With {@link writeFile}: set when the transport can tell how much of its stream the peer has
+   * read (a unix socket), so file ranges with `loans` (a qcow2 image's data clusters, whose host
+   * clusters can change owners) may be sent by reference; without it they are copied.
+   */
+  readonly pageBorrower?: PageBorrower;
 }
 
 /**

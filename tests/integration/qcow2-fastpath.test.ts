@@ -320,9 +320,9 @@ describe.skipIf(!tools)('qcow2 fast paths', () => {
     expect(node.io.isZeroSync?.(64 * 1024, CS)).toBe(true); // a zero cluster hides the backing file
     // Nor as hole pieces of a sparse file range (NBD reads with hole chunks): the zero cluster
     // may be one, the unallocated cluster over the backing file may not.
-    expect(node.io.fileRangeSync?.(64 * 1024 - CS, 3 * CS, true)).toBeUndefined();
+    expect(node.io.fileRangeSync?.(64 * 1024 - CS, 3 * CS, true, true)).toBeUndefined();
     if (cachestatWorks()) {
-      const r = node.io.fileRangeSync?.(64 * 1024, 2 * CS, true);
+      const r = node.io.fileRangeSync?.(64 * 1024, 2 * CS, true, true);
       expect(r?.pieces?.map((p) => [p.offset < 0, p.length])).toEqual([
         [true, CS],
         [false, CS],

@@ -74,8 +74,8 @@ export class RawDriver implements BlockDriver {
   }
 
   /** raw is a plain window of its file child: the child's range, shifted by `offset`. */
-  fileRangeSync(offset: number, length: number, holes = false): FileRange | undefined {
-    return this.child.fileRangeSync?.(offset + this.offset, length, holes);
+  fileRangeSync(offset: number, length: number, holes = false, lending = false): FileRange | undefined {
+    return this.child.fileRangeSync?.(offset + this.offset, length, holes, lending);
   }
 
   read(buf: Buffer, offset: number): Promise<void> {

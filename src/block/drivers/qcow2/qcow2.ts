@@ -636,13 +636,16 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     if (this.closed) return;
     if (this.broken) {
       // Nothing more is written to a corrupt image (QEMU has detached the driver by now).
+      this.stopFenceTimer();
       await this.corruptMarked;
       this.closed = true;
       return;
     }
     if (this.writable && this.refcounts) {
       await this.meta.run(async () => {
-        await this.writeback();
+        // Every free now, even those a client's unread reply still references: the image
+        // closes, so nothing in this process reuses a cluster after this.
+        await this.writeback(false, true);
         await this.storage.flush();
         const rc = this.refcounts;
         if (rc) {

@@ -13,6 +13,7 @@ import {
   type FileRange,
   type FilePiece,
 } from '../../types.js';
+import { PageLoans } from '../../../util/page-loans.js';
 import { compressedDesc, decompressCluster } from './compress.js';
 import {
   K_CORRUPT,
@@ -34,6 +35,12 @@ const STATUS_MAX_CLUSTERS = 1 << 20;
 
 export abstract class Qcow2Reader extends Qcow2ClusterMap {
   protected readonly decompressed = new Map<number, Promise<Buffer>>();
+  /**
+   * Host ranges handed out by fileRangeSync and sent by reference: clusters freed while a reply
+   * over them may still wait in a socket are only reused once a fence over these has passed
+   * (allocate.ts, writeback).
+   */
+  readonly loans = new PageLoans();
 
   // ---- read -----------------------------------------------------------------------------------
 
@@ -116,9 +123,11 @@ export abstract class Qcow2Reader extends Qcow2ClusterMap {
    * (adjacent ones merged); at least one piece must then be data. Anything else (compressed
    * clusters, unallocated ones over a backing file, extended L2, an uncached table, a bad entry)
    * gives undefined, and the read takes the copying path, which also reports corruption.
+   * Only for callers `lending` (see BlockDriver.fileRangeSync): a host cluster can be freed and
+   * reused for other guest data while the reply still waits, so the range carries `loans`.
    */
-  fileRangeSync(offset: number, length: number, holes = false): FileRange | undefined {
-    if (this.extL2 || this.closed || this.broken) return undefined;
+  fileRangeSync(offset: number, length: number, holes = false, lending = false): FileRange | undefined {
+    if (!lending || this.extL2 || this.closed || this.broken) return undefined;
     const cs = this.clusterSize;
     const end = offset + length;
     const pieces: FilePiece[] = [];
@@ -168,7 +177,8 @@ export abstract class Qcow2Reader extends Qcow2ClusterMap {
       if (r === undefined || r.pieces !== undefined || r.offset !== p.offset || (fd >= 0 && r.fd !== fd)) return undefined;
       fd = r.fd;
     }
-    return pieces.length === 1 ? { fd, offset: runHost } : { fd, offset: pieces[0]!.offset, pieces };
+    const loans = this.loans;
+    return pieces.length === 1 ? { fd, offset: runHost, loans } : { fd, offset: pieces[0]!.offset, pieces, loans };
   }
 
   /** True when the range is all data clusters whose L2 tables are cached (no block status needed). */

@@ -1,0 +1,79 @@
+/**
+ * Page-cache pages lent to sockets by reference.
+ *
+ * A READ reply sent with sendfile() does not copy the file's bytes: the socket keeps references
+ * to the page-cache pages until the peer has read them, and a segment that waits for the socket
+ * is read from the file only when it is sent. Until then, whatever is written to those file
+ * offsets shows in the reply. For a raw image that is a write to the very range being read,
+ * which NBD leaves undefined. A qcow2 image, though, can free a host cluster (discard, then the
+ * write-back of the change) and reuse it for another guest offset: the reply would then carry
+ * that other offset's bytes. So a driver whose host ranges can change owners hands out its file
+ * ranges with a PageLoans; a sender that used one registers how far its stream had got
+ * (`lend`), and the driver keeps freed clusters from reuse until a fence taken at the free has
+ * passed: every borrower's peer has read up to the mark it had then.
+ */
+
+/** A sender that can tell how much of its stream the peer has taken. */
+export interface PageBorrower {
+  /** Position in the stream after everything written so far (bytes). */
+  loanMark(): number;
+  /**
+   * True once the peer has read every byte up to `mark`, or the stream is closed (what a closed
+   * stream's peer still has to read is no longer known).
+   */
+  loanReturned(mark: number): boolean;
+}
+
+/** Passes once every borrower of a PageLoans, as it was when the fence was taken, has returned. */
+export interface LoanFence {
+  passed(): boolean;
+}
+
+const PASSED: LoanFence = { passed: () => true };
+
+class SnapshotFence implements LoanFence {
+  constructor(private readonly open: Array<[PageBorrower, number]>) {}
+
+  passed(): boolean {
+    const open = this.open;
+    while (open.length > 0) {
+      const [b, mark] = open[open.length - 1]!;
+      if (!b.loanReturned(mark)) return false;
+      open.pop();
+    }
+    return true;
+  }
+}
+
+export class PageLoans {
+  /** Borrower -> its stream position after the last range it sent. */
+  private readonly out = new Map<PageBorrower, number>();
+
+  /** `b` has just queued bytes of a range from this lender (call after writing them). */
+  lend(b: PageBorrower): void {
+    this.out.set(b, b.loanMark());
+  }
+
+  /** `b` is closed: stop tracking it. */
+  forget(b: PageBorrower): void {
+    this.out.delete(b);
+  }
+
+  /** Borrowers still tracked (tests, stats). */
+  get borrowers(): number {
+    return this.out.size;
+  }
+
+  /**
+   * A fence over everything lent so far: ranges sent before this call are read by their peers
+   * once it passes. Borrowers that have returned everything are dropped here.
+   */
+  fence(): LoanFence {
+    let open: Array<[PageBorrower, number]> | undefined;
+    for (const [b, mark] of this.out) {
+      if (b.loanReturned(mark)) this.out.delete(b);
+      else (open ??= []).push([b, mark]);
+    }
+    return open === undefined ? PASSED : new SnapshotFence(open);
+  }
+}
