@@ -29,10 +29,14 @@
  *                                       as netWrite, then `len` bytes of file `fd` from `off`
  *                                       with sendfile(); see "File segments" below
  *   netOpenCount() -> n                 connections whose socket is still open
+ *   netLoanGen(id) -> n                 this connection's number for netLoanReturned (unique in
+ *                                       the process), or -1 when its reading cannot be followed
+ *                                       (TCP)
  *   netLoanMark(id) -> n                bytes written to the connection so far (netWrite and
- *                                       netWriteFile), or -1 when its reading cannot be followed
- *                                       (TCP, a closed connection)
- *   netLoanReturned(id, mark) -> bool   the peer has read everything up to `mark`; see "Loans"
+ *                                       netWriteFile)
+ *   netLoanReturned(id, gen, mark) -> bool
+ *                                       the peer has read everything up to `mark`, or the
+ *                                       connection `gen` is closed; see "Loans"
  *   netFileStats() -> [sent, waited, loaded, zeroed]
  *                                       file segments: all sent, had to wait for the socket
  *                                       (dup), were read on a thread (evicted), hit EOF
@@ -117,6 +121,10 @@
 #define BIG_SNDBUF (4 * 1024 * 1024)
 /* A graceful close whose peer does not take the queued bytes gives up after this long. */
 #define LINGER_MS 30000
+/* How often lingering connections are checked for that deadline ... */
+#define LINGER_CHECK_MS 5000
+/* ... and, while one has sent everything and waits for its peer to read it, for that. */
+#define LINGER_POLL_MS 20
 /*
  * Connections accepted per readiness event. One: the poll is level-triggered, so a backlog is
  * reported again at once, and a client connecting alone costs no failing accept4() (EAGAIN).
@@ -176,6 +184,8 @@ typedef struct conn {
   int q_head, q_len, q_cap;
   size_t q_bytes;
   uint64_t written;  /* bytes accepted by netWrite/netWriteFile since the connection opened */
+  double gen;        /* netLoanGen: ids are reused, this is not */
+  bool lent;         /* a file segment was queued (unix): its pages may wait in the peer's queue */
   file_load *load;   /* the head file segment is being read on a thread: the queue waits */
 } conn;
 
@@ -200,8 +210,10 @@ static int *g_free_ids;
 static int g_free_len;
 static int g_next_id = 1; /* 0 is never used */
 static int g_open; /* connections whose fd is still open */
+static double g_gen; /* the last connection's netLoanGen */
 static int g_lingering; /* connections in a graceful close */
 static uv_timer_t g_linger_timer;
+static void on_linger_timer(uv_timer_t *t);
 
 /*
  * Closed connections parked with their poll handle stopped, not closed, by the fd number the
@@ -515,6 +527,28 @@ static int flush_queue(conn *c) {
   return 0;
 }
 
+/* Bytes sent on a unix socket that its peer has not read yet (SIOCOUTQ; 0 on error). */
+static int unread_bytes(conn *c) {
+  int n = 0;
+  if (c->fd < 0 || ioctl(c->fd, SIOCOUTQ, &n) != 0) return 0;
+  return n;
+}
+
+/*
+ * A graceful close keeps the socket open while its queue is not all sent, and, after file
+ * segments (see "Loans"), until the peer has read them: their pages stay referenced in its
+ * receive queue after we close, and netLoanReturned can only follow an open socket. The
+ * linger timer looks again every LINGER_POLL_MS while some connection waits for its reader,
+ * and the close happens at the latest LINGER_MS after it was asked for.
+ */
+static bool must_linger(conn *c) {
+  return c->q_head < c->q_len || (c->lent && unread_bytes(c) > 0);
+}
+
+static void linger_poll_fast(void) {
+  uv_timer_start(&g_linger_timer, on_linger_timer, LINGER_POLL_MS, LINGER_POLL_MS);
+}
+
 /*
  * After a flush on writability (or a finished load): report the queue's state. Returns true
  * when the connection must not be touched any more (closed, or failed and reported).
@@ -533,7 +567,12 @@ static bool after_flush(conn *c, int e) {
   }
   if (c->q_head == c->q_len) {
     if (c->close_after) {
-      conn_close_now(c);
+      if (!must_linger(c)) {
+        conn_close_now(c);
+        return true;
+      }
+      conn_update_poll(c); /* nothing to poll: the linger timer looks again */
+      linger_poll_fast();
       return true;
     }
     conn_update_poll(c);
@@ -684,6 +723,7 @@ static void on_accept(uv_poll_t *h, int status, int events) {
     }
     c->fd = fd;
     c->id = id;
+    c->gen = ++g_gen;
     c->poll.data = c;
     c->inet = sa.ss_family == AF_INET || sa.ss_family == AF_INET6;
     if (c->inet) {
@@ -997,6 +1037,7 @@ static napi_value net_write_file(napi_env env, napi_callback_info info) {
   fe->foff = off;
   fe->borrowed = true;
   fe->fresh = was_empty;
+  if (!c->inet) c->lent = true;
   int e = 0;
   if (was_empty) {
     e = flush_queue(c);
@@ -1064,11 +1105,20 @@ static napi_value net_read_into(napi_env env, napi_callback_info info) {
 static void on_linger_timer(uv_timer_t *t) {
   (void)t;
   uint64_t now = uv_now(g_loop);
+  int reading = 0; /* sent everything, waiting for the peer to read it */
   for (int i = 1; i < g_next_id && i < g_conns_cap; i++) {
     conn *c = g_conns[i];
-    if (c && c->close_after && !c->closing && now >= c->linger_until) conn_close_now(c);
+    if (!c || !c->close_after || c->closing) continue;
+    if (now >= c->linger_until) conn_close_now(c);
+    else if (c->q_head == c->q_len && !c->load) {
+      if (!must_linger(c)) conn_close_now(c);
+      else reading++;
+    }
   }
   if (g_lingering == 0) uv_timer_stop(&g_linger_timer);
+  else if (reading == 0 && uv_timer_get_repeat(&g_linger_timer) != LINGER_CHECK_MS) {
+    uv_timer_start(&g_linger_timer, on_linger_timer, LINGER_CHECK_MS, LINGER_CHECK_MS);
+  }
 }
 
 static napi_value net_close(napi_env env, napi_callback_info info) {
@@ -1077,14 +1127,21 @@ static napi_value net_close(napi_env env, napi_callback_info info) {
   if (!c || c->closing) return NULL;
   bool graceful = false;
   napi_get_value_bool(env, argv[1], &graceful);
-  if (graceful && c->q_head < c->q_len) {
+  /* At once: what is not sent yet is dropped; what the peer has not read of file segments
+   * still keeps the socket open (see must_linger). */
+  if (!graceful && c->lent && c->q_head < c->q_len) {
+    c->written -= c->q_bytes; /* never sent: not to be counted as sent below */
+    release_queue(c);
+  }
+  if ((graceful || c->lent) && must_linger(c)) {
     if (!c->close_after) {
       c->close_after = true;
       c->linger_until = uv_now(g_loop) + LINGER_MS;
-      if (g_lingering++ == 0) uv_timer_start(&g_linger_timer, on_linger_timer, 5000, 5000);
+      if (g_lingering++ == 0) uv_timer_start(&g_linger_timer, on_linger_timer, LINGER_CHECK_MS, LINGER_CHECK_MS);
     }
     c->reading = false;
     conn_update_poll(c);
+    if (c->q_head == c->q_len) linger_poll_fast();
     return NULL;
   }
   conn_close_now(c);
@@ -1121,21 +1178,35 @@ static napi_value net_peer(napi_env env, napi_callback_info info) {
 }
 
 /* netOpenCount(): connections whose socket is still open (tests look for leaks with it). */
+static napi_value net_loan_gen(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  conn *c = arg_conn(env, info, 1, argv);
+  napi_value r;
+  napi_create_double(env, !c || c->closing || c->inet ? -1 : c->gen, &r);
+  return r;
+}
+
 static napi_value net_loan_mark(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   conn *c = arg_conn(env, info, 1, argv);
   napi_value r;
-  napi_create_double(env, !c || c->closing || c->inet ? -1 : (double)c->written, &r);
+  napi_create_double(env, c ? (double)c->written : 0, &r);
   return r;
 }
 
+/*
+ * A connection in a graceful close (close_after) still counts: its queue, file segments
+ * included, is still being sent. Once it is closed, or its id belongs to a later connection,
+ * the answer is yes: what its peer had not read by then is no longer followed.
+ */
 static napi_value net_loan_returned(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  conn *c = arg_conn(env, info, 2, argv);
-  double mark = 0;
-  napi_get_value_double(env, argv[1], &mark);
-  bool back = true; /* a closed connection: nothing more can be known */
-  if (c && !c->closing && c->fd >= 0) {
+  napi_value argv[3];
+  conn *c = arg_conn(env, info, 3, argv);
+  double gen = 0, mark = 0;
+  napi_get_value_double(env, argv[1], &gen);
+  napi_get_value_double(env, argv[2], &mark);
+  bool back = true;
+  if (c && c->gen == gen && !c->closing && c->fd >= 0) {
     uint64_t sent = c->written - c->q_bytes;
     int outq = 0;
     if ((double)sent < mark) back = false;
@@ -1183,6 +1254,7 @@ void netio_register(napi_env env, napi_value exports) {
     { "netReadInto", NULL, net_read_into, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netWriteFile", NULL, net_write_file, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netFileStats", NULL, net_file_stats, NULL, NULL, NULL, napi_enumerable, NULL },
+    { "netLoanGen", NULL, net_loan_gen, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netLoanMark", NULL, net_loan_mark, NULL, NULL, NULL, napi_enumerable, NULL },
     { "netLoanReturned", NULL, net_loan_returned, NULL, NULL, NULL, napi_enumerable, NULL },
   };

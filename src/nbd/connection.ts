@@ -500,7 +500,6 @@ export class NbdConnection extends NbdExtRequestParser implements TransportSink 
       this.wBuf = EMPTY;
       if (this.inFlight > 0) this.session?.onClose?.();
       this.directArmed = false;
-      this.returnPages();
     }
     if (this.inFlight === 0) this.finalize();
   }

@@ -28,10 +28,12 @@ export interface NetIoBinding {
   netWriteFile?(id: number, bufs: Buffer | readonly Buffer[], fd: number, offset: number, length: number): number;
   /** File segments so far: [all sent, waited for the socket, read on a thread, hit EOF]. */
   netFileStats?(): number[];
-  /** Bytes written to the connection so far; -1 when its reading cannot be followed (TCP). */
+  /** The connection's number for netLoanReturned; -1 when its reading cannot be followed (TCP). */
+  netLoanGen?(id: number): number;
+  /** Bytes written to the connection so far. */
   netLoanMark?(id: number): number;
-  /** The peer has read every byte up to `mark` (or the connection is closed). */
-  netLoanReturned?(id: number, mark: number): boolean;
+  /** The peer has read every byte up to `mark`, or connection `gen` is closed. */
+  netLoanReturned?(id: number, gen: number, mark: number): boolean;
 }
 
 const NETIO_FUNCTIONS = [
@@ -246,6 +248,7 @@ export class NativeTransport implements NbdTransport, PageBorrower {
     | undefined;
   readonly fileWriteMin: number;
   readonly pageBorrower: PageBorrower | undefined;
+  private readonly loanGen: number;
 
   constructor(
     private readonly b: NetIoBinding,
@@ -255,15 +258,20 @@ export class NativeTransport implements NbdTransport, PageBorrower {
     this.writeFile = b.netWriteFile && SENDFILE_MIN > 0 ? this.sendFile : undefined;
     this.fileWriteMin = SENDFILE_MIN;
     // Unix sockets only: the addon answers -1 for TCP (see netio.c, "Loans").
-    this.pageBorrower = this.writeFile && b.netLoanReturned && (b.netLoanMark?.(id) ?? -1) >= 0 ? this : undefined;
+    this.loanGen = this.writeFile && b.netLoanMark && b.netLoanReturned ? (b.netLoanGen?.(id) ?? -1) : -1;
+    this.pageBorrower = this.loanGen >= 0 ? this : undefined;
   }
 
   loanMark(): number {
     return this.closed ? 0 : this.b.netLoanMark!(this.id);
   }
 
+  /**
+   * After end() the addon still sends the queue (a graceful close), so it is asked until it has
+   * closed the socket; the connection number tells this one from a later one with the same id.
+   */
   loanReturned(mark: number): boolean {
-    return this.closed || this.b.netLoanReturned!(this.id, mark);
+    return this.b.netLoanReturned!(this.id, this.loanGen, mark);
   }
 
   private sendFile(bufs: readonly Buffer[], fd: number, offset: number, length: number, done?: () => void): boolean {

@@ -112,8 +112,6 @@ export abstract class NbdReplyWriter {
   protected writeBlocked = false;
   /** socket.end() was called: nothing more may be written. */
   protected ending = false;
-  /** Lenders of file ranges this connection sent by reference (see lendPages). */
-  private lentFrom: Set<PageLoans> | undefined;
 
   protected constructor(
     protected readonly socket: NbdTransport,
@@ -213,14 +211,6 @@ export abstract class NbdReplyWriter {
    */
   private lendPages(loans: PageLoans): void {
     loans.lend(this.socket.pageBorrower!);
-    (this.lentFrom ??= new Set()).add(loans);
-  }
-
-  /** The connection is closed: its lenders stop waiting for it. */
-  protected returnPages(): void {
-    if (this.lentFrom === undefined) return;
-    for (const l of this.lentFrom) l.forget(this.socket.pageBorrower!);
-    this.lentFrom = undefined;
   }
 
   /**

@@ -45,18 +45,25 @@ class SnapshotFence implements LoanFence {
   }
 }
 
+/** Borrowers tracked before lend() first drops those that have returned everything. */
+const SWEEP_MIN = 64;
+
 export class PageLoans {
   /** Borrower -> its stream position after the last range it sent. */
   private readonly out = new Map<PageBorrower, number>();
+  private sweepAt = SWEEP_MIN;
 
-  /** `b` has just queued bytes of a range from this lender (call after writing them). */
+  /**
+   * `b` has just queued bytes of a range from this lender (call after writing them). Borrowers
+   * stay tracked until they have returned everything (a closed one has): dropped by fence(), and
+   * here once there are many, so a lender that never frees keeps no closed connections alive.
+   */
   lend(b: PageBorrower): void {
     this.out.set(b, b.loanMark());
-  }
-
-  /** `b` is closed: stop tracking it. */
-  forget(b: PageBorrower): void {
-    this.out.delete(b);
+    if (this.out.size >= this.sweepAt) {
+      for (const [x, mark] of this.out) if (x.loanReturned(mark)) this.out.delete(x);
+      this.sweepAt = Math.max(SWEEP_MIN, 2 * this.out.size);
+    }
   }
 
   /** Borrowers still tracked (tests, stats). */

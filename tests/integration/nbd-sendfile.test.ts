@@ -22,7 +22,7 @@ import {
   netIoBindingFrom,
   type NativeTransport,
 } from '../../src/nbd/native-transport.js';
-import { NBD_CMD_FLAG_DF, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE } from '../../src/nbd/protocol.js';
+import { NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE } from '../../src/nbd/protocol.js';
 import { RawNbdClient, type RawReply } from '../helpers/nbd-raw-client.js';
 import { cachestatWorks, withoutAddon } from '../helpers/native.js';
 import { qemuTools } from '../helpers/qcow2.js';
@@ -367,6 +367,26 @@ describe.skipIf(!AVAILABLE)('netio file segments', () => {
     expect(after.sent - before.sent).toBe(1);
   });
 
+  it('tells when the peer has read what was written, by reference or not (loan marks)', async () => {
+    const img = makeImage(dir, 8 * MiB);
+    const { t, c } = await pair();
+    expect(t.pageBorrower).toBe(t); // a unix socket
+    const fd = openSync(img.path, 'r');
+    t.writeFile!([Buffer.from('header--')], fd, 0, 6 * MiB); // more than the socket holds
+    closeSync(fd);
+    t.write([Buffer.from('trailer')]);
+    const mark = t.loanMark();
+    expect(mark).toBe(8 + 6 * MiB + 7);
+    expect(t.loanReturned(mark)).toBe(false); // the client has not read yet
+    expect(t.loanReturned(8)).toBe(false); // not even the header: it is in the socket, unread
+    await readAll(c, mark);
+    await sleep(20);
+    expect(t.loanReturned(mark)).toBe(true);
+    expect(t.loanReturned(mark + 1)).toBe(false); // nothing more was written
+    t.destroy();
+    expect(t.loanReturned(mark + 1)).toBe(true); // closed: no longer followed
+  });
+
   it('reads a waiting segment on the thread pool once its pages were evicted', async () => {
     const img = makeImage(dir, 16 * MiB);
     const { t, c } = await pair();
@@ -631,7 +651,10 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('qcow2 clusters behind repl
     expect(r?.cookie.readBigUInt64BE(0)).toBe(cookie);
   }
 
-  it('does not give a discarded cluster to other data before the reply sent from it was read', async () => {
+  it.each([
+    ['', false],
+    [' (the client sent NBD_CMD_DISC after the read: the reply is sent during the close)', true],
+  ])('does not give a discarded cluster to other data before the reply sent from it was read%s', async (_, disc) => {
     const sock = join(dir, 'nbd.sock');
     await svc.exports.startServer({ addr: { type: 'unix', path: sock } });
     svc.exports.addExport({ type: 'nbd', id: 'e0', nodeName: 'q', name: 'disk', writable: true });
@@ -643,6 +666,7 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('qcow2 clusters behind repl
     // queue) as references to the host clusters' pages.
     reader.sock.pause();
     reader.request(NBD_CMD_READ, 0, MiB, NBD_CMD_FLAG_DF, 2n);
+    if (disc) reader.request(NBD_CMD_DISC, 0, 0, 0, 3n);
     await sleep(100);
     const after = fileStats();
     expect(after.sent + after.waited - before.sent - before.waited, 'sent by reference').toBeGreaterThan(0);
@@ -669,7 +693,8 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('qcow2 clusters behind repl
     // retry timer, at most 1 s apart): a second MiB of new data then reuses the freed clusters
     // instead of growing the file.
     await sleep(1200);
-    expect(q.loans.borrowers).toBe(1); // still connected, but everything read
+    if (disc) expect(await reader.waitClosed()).toBe(true);
+    else expect(q.loans.borrowers).toBe(1); // still connected, but everything read
     const sizeBefore = statSync(img).size;
     writer.request(NBD_CMD_WRITE, 6 * MiB, MiB, 0, 6n, Buffer.alloc(MiB, 0x55));
     await ok(writer, 6n);

@@ -1,0 +1,103 @@
+import { describe, expect, it } from 'vitest';
+import { PageLoans, type PageBorrower } from '../../../src/util/page-loans.js';
+
+/** A stream whose peer has read `read` of the `written` bytes. */
+class Stream implements PageBorrower {
+  written = 0;
+  read = 0;
+  closed = false;
+  calls = 0;
+  loanMark(): number {
+    return this.written;
+  }
+  loanReturned(mark: number): boolean {
+    this.calls++;
+    return this.closed || this.read >= mark;
+  }
+}
+
+describe('PageLoans', () => {
+  it('passes at once with nothing lent, or everything lent already read', () => {
+    const loans = new PageLoans();
+    expect(loans.fence().passed()).toBe(true);
+    const s = new Stream();
+    s.written = 100;
+    loans.lend(s);
+    s.read = 100;
+    expect(loans.fence().passed()).toBe(true);
+    expect(loans.borrowers).toBe(0); // dropped by the fence
+  });
+
+  it('waits for each borrower to read up to where it was when the fence was taken', () => {
+    const loans = new PageLoans();
+    const a = new Stream();
+    const b = new Stream();
+    a.written = 1000;
+    loans.lend(a);
+    b.written = 500;
+    loans.lend(b);
+    const f = loans.fence();
+    // Later sends move the borrowers on, not this fence.
+    a.written = 5000;
+    loans.lend(a);
+    expect(f.passed()).toBe(false);
+    a.read = 1000;
+    expect(f.passed()).toBe(false); // b still has not read
+    b.read = 499;
+    expect(f.passed()).toBe(false);
+    b.read = 500;
+    expect(f.passed()).toBe(true);
+    // A fence taken now waits for a's newer mark.
+    const g = loans.fence();
+    expect(g.passed()).toBe(false);
+    a.read = 5000;
+    expect(g.passed()).toBe(true);
+  });
+
+  it('does not ask a borrower again once it has returned', () => {
+    const loans = new PageLoans();
+    const a = new Stream();
+    const b = new Stream();
+    a.written = 10;
+    b.written = 10;
+    loans.lend(a);
+    loans.lend(b);
+    const f = loans.fence();
+    b.read = 10;
+    expect(f.passed()).toBe(false);
+    const callsB = b.calls;
+    expect(f.passed()).toBe(false);
+    expect(b.calls).toBe(callsB);
+    a.read = 10;
+    expect(f.passed()).toBe(true);
+  });
+
+  it('treats a closed borrower as returned', () => {
+    const loans = new PageLoans();
+    const a = new Stream();
+    a.written = 10;
+    loans.lend(a);
+    const f = loans.fence();
+    a.closed = true;
+    expect(f.passed()).toBe(true);
+  });
+
+  it('drops borrowers that have returned everything once many are tracked', () => {
+    const loans = new PageLoans();
+    const live = new Stream();
+    live.written = 1;
+    loans.lend(live);
+    for (let i = 0; i < 200; i++) {
+      const s = new Stream();
+      s.written = 5;
+      loans.lend(s);
+      s.closed = true; // a connection that read and went away
+    }
+    // Swept whenever the count reached the threshold: never more than a sweep's worth.
+    expect(loans.borrowers).toBeLessThan(70);
+    expect(loans.fence().passed()).toBe(false); // the live one is still tracked
+    live.read = 1;
+    expect(loans.fence().passed()).toBe(true);
+    expect(loans.borrowers).toBe(0);
+  });
+});
