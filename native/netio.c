@@ -75,13 +75,16 @@
  *   a read overlapping a concurrent write undefined, and the client only learns that the read
  *   is done once the last byte arrives, so either content is correct (docs/nbd.md).
  *
- * Loans (netLoanMark, netLoanReturned): the pages of a file segment are referenced until the
- * peer has read them, and a qcow2 image must not hand a freed cluster to other data before then
- * (src/util/page-loans.ts). Of the bytes written so far (`written`), those sent are written -
- * q_bytes, and of those, on a unix socket, the ones the peer has not read yet are within
- * SIOCOUTQ (the socket's send allocation: the skbs waiting in the peer's receive queue, counted
- * with their overhead, so the estimate errs on the late side). TCP's SIOCOUTQ counts only
- * unacknowledged bytes, while on loopback the receiver's queue shares the pages: no answer there.
+ * Loans (netLoanGen, netLoanMark, netLoanReturned): the pages of a file segment are referenced
+ * until the peer has read them, and a qcow2 image must not hand a freed cluster to other data
+ * before then (src/util/page-loans.ts). Of the bytes written so far (`written`), those sent are
+ * written - q_bytes, and of those, on a unix socket, the ones the peer has not read yet are
+ * within SIOCOUTQ (the socket's send allocation: the skbs waiting in the peer's receive queue,
+ * counted with their overhead, so the estimate errs on the late side). A connection that sent
+ * file segments stays open after netClose, without reading, until its peer has read them or
+ * closed its end, LINGER_MS at most (must_linger), so that this can be followed to the end.
+ * TCP's SIOCOUTQ counts only unacknowledged bytes, while on loopback the receiver's queue
+ * shares the pages: no answer there (netLoanGen gives -1).
  */
 #define _GNU_SOURCE
 #include <node_api.h>
@@ -1177,7 +1180,6 @@ static napi_value net_peer(napi_env env, napi_callback_info info) {
   return r;
 }
 
-/* netOpenCount(): connections whose socket is still open (tests look for leaks with it). */
 static napi_value net_loan_gen(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   conn *c = arg_conn(env, info, 1, argv);
@@ -1218,6 +1220,7 @@ static napi_value net_loan_returned(napi_env env, napi_callback_info info) {
   return r;
 }
 
+/* netOpenCount(): connections whose socket is still open (tests look for leaks with it). */
 static napi_value net_open_count(napi_env env, napi_callback_info info) {
   (void)info;
   return nv_int(env, g_open);
