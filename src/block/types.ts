@@ -130,8 +130,8 @@ export interface FileRange {
   /**
    * Set by a driver whose host bytes can come to hold other guest data while a reply that
    * references them waits in a socket (qcow2: a cluster freed, then reused): whoever sends the
-   * range by reference registers with `loans.lend()`, and the driver frees clusters only once
-   * a fence over those loans has passed (util/page-loans.ts).
+   * range by reference registers with `loans.lend()`, and the driver reuses a freed cluster
+   * only once a fence over those loans has passed (util/page-loans.ts).
    */
   loans?: PageLoans;
 }
@@ -195,6 +195,12 @@ export interface BlockDriver {
    * without it.
    */
   fileRangeSync?(offset: number, length: number, holes?: boolean, lending?: boolean): FileRange | undefined;
+  /**
+   * The file's identity (`st_dev:st_ino` and its birth time), the same for every driver
+   * instance of the file: per-image state that must outlive a reopen is kept by it (file
+   * driver only).
+   */
+  imageIdentity?(): string;
   write(buf: Buffer, offset: number, flags: WriteFlags): Promise<void>;
   /**
    * Optional callback form of a plain write (no flags): start writing `buf` at `offset` and

@@ -10,7 +10,7 @@
  * that other offset's bytes. So a driver whose host ranges can change owners hands out its file
  * ranges with a PageLoans; a sender that used one registers how far its stream had got
  * (`lend`), and the driver keeps freed clusters from reuse until a fence taken at the free has
- * passed: every borrower's peer has read up to the mark it had then.
+ * passed: every borrower's peer has read up to the mark it had then (qcow2/held-clusters.ts).
  */
 
 /** A sender that can tell how much of its stream the peer has taken. */
@@ -43,6 +43,20 @@ class SnapshotFence implements LoanFence {
     }
     return true;
   }
+}
+
+const shared = new Map<string, PageLoans>();
+
+/**
+ * The PageLoans of an image file, `key` being its identity (BlockDriver.imageIdentity): shared
+ * by every driver instance that opens the file in this process, so that a reopened driver still
+ * follows what an earlier one lent. Without a key, a PageLoans of its own.
+ */
+export function pageLoansOf(key: string | undefined): PageLoans {
+  if (key === undefined) return new PageLoans();
+  let loans = shared.get(key);
+  if (loans === undefined) shared.set(key, (loans = new PageLoans()));
+  return loans;
 }
 
 /** Borrowers tracked before lend() first drops those that have returned everything. */

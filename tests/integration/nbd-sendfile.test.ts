@@ -603,9 +603,9 @@ async function freePort(): Promise<number> {
 
 /**
  * A qcow2 host cluster can be freed and reused for other guest data while a READ reply that
- * references it (sent with sendfile, util/page-loans.ts) still waits for its client: the frees
- * wait until the client has read that far, and TCP connections (whose reading cannot be
- * followed) get such reads copied.
+ * references it (sent with sendfile, util/page-loans.ts) still waits for its client: freed
+ * clusters are held from reuse until the client has read that far (qcow2/held-clusters.ts),
+ * and TCP connections (whose reading cannot be followed) get such reads copied.
  */
 describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('qcow2 clusters behind replies sent by reference', () => {
   const CS = 64 * 1024;
@@ -651,10 +651,21 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('qcow2 clusters behind repl
     expect(r?.cookie.readBigUInt64BE(0)).toBe(cookie);
   }
 
-  it.each([
-    ['', false],
-    [' (the client sent NBD_CMD_DISC after the read: the reply is sent during the close)', true],
-  ])('does not give a discarded cluster to other data before the reply sent from it was read%s', async (_, disc) => {
+  /** `req` then a flush, both answered. */
+  async function flushed(c: RawNbdClient, req: () => void): Promise<void> {
+    req();
+    await ok(c, 1n);
+    c.request(NBD_CMD_FLUSH, 0, 0, 0, 2n);
+    await ok(c, 2n);
+  }
+
+  /**
+   * A unix-socket server with a writable export; a client with a 1 MiB read of MiB 0 (cookie 2)
+   * that it does not read yet: the reply waits in the socket (and in the server's queue) as
+   * references to the host clusters' pages. Then another client discards that MiB and flushes
+   * (the frees are written back).
+   */
+  async function unreadReplyThenDiscard(disc: boolean): Promise<{ reader: RawNbdClient; writer: RawNbdClient }> {
     const sock = join(dir, 'nbd.sock');
     await svc.exports.startServer({ addr: { type: 'unix', path: sock } });
     svc.exports.addExport({ type: 'nbd', id: 'e0', nodeName: 'q', name: 'disk', writable: true });
@@ -662,77 +673,70 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('qcow2 clusters behind repl
     reader.request(NBD_CMD_READ, 0, 4096, NBD_CMD_FLAG_DF, 1n); // loads the L2 table
     await readData(reader, 4096, true);
     const before = fileStats();
-    // A 1 MiB read the client does not read yet: it waits in the socket (and in the server's
-    // queue) as references to the host clusters' pages.
     reader.sock.pause();
     reader.request(NBD_CMD_READ, 0, MiB, NBD_CMD_FLAG_DF, 2n);
     if (disc) reader.request(NBD_CMD_DISC, 0, 0, 0, 3n);
     await sleep(100);
     const after = fileStats();
     expect(after.sent + after.waited - before.sent - before.waited, 'sent by reference').toBeGreaterThan(0);
-    // Meanwhile another client discards that MiB, flushes (the frees are written back), writes
-    // new data to MiB 4 (which needs 16 new clusters) and flushes again.
-    const q = svc.graph.get('q')!.driver as unknown as { loans: { borrowers: number } };
-    expect(q.loans.borrowers).toBe(1);
     const writer = await unixClient(sock);
-    writer.request(NBD_CMD_TRIM, 0, MiB, 0, 1n);
-    await ok(writer, 1n);
-    writer.request(NBD_CMD_FLUSH, 0, 0, 0, 2n);
-    await ok(writer, 2n);
-    writer.request(NBD_CMD_WRITE, 4 * MiB, MiB, 0, 3n, Buffer.alloc(MiB, 0xee));
-    await ok(writer, 3n);
-    writer.request(NBD_CMD_FLUSH, 0, 0, 0, 4n);
-    await ok(writer, 4n);
-    // The waiting reply still carries what MiB 0 held when it was read.
+    await flushed(writer, () => writer.request(NBD_CMD_TRIM, 0, MiB, 0, 1n));
+    return { reader, writer };
+  }
+
+  /** The reader reads its reply: still what MiB 0 held when it was read. */
+  async function replyIntact(reader: RawNbdClient): Promise<void> {
     reader.sock.resume();
     const r = await readData(reader, MiB, true);
     expect(r.cookie).toBe(2n);
-    const stray = r.data.findIndex((b) => b !== 0xaa);
-    expect(stray, 'first byte of other data in the reply').toBe(-1);
-    // Once the reply is read, the frees go through without waiting for another flush (the
-    // retry timer, at most 1 s apart): a second MiB of new data then reuses the freed clusters
-    // instead of growing the file.
-    await sleep(1200);
-    if (disc) expect(await reader.waitClosed()).toBe(true);
-    else expect(q.loans.borrowers).toBe(1); // still connected, but everything read
-    const sizeBefore = statSync(img).size;
-    writer.request(NBD_CMD_WRITE, 6 * MiB, MiB, 0, 6n, Buffer.alloc(MiB, 0x55));
-    await ok(writer, 6n);
-    writer.request(NBD_CMD_FLUSH, 0, 0, 0, 7n);
-    await ok(writer, 7n);
-    expect(statSync(img).size).toBe(sizeBefore);
-    reader.close();
-    writer.close();
+    expect(r.data.findIndex((b) => b !== 0xaa), 'first byte of other data in the reply').toBe(-1);
+  }
+
+  async function shutdownClean(...clients: RawNbdClient[]): Promise<void> {
+    for (const c of clients) c.close();
     await svc.shutdown();
     const check = spawnSync('qemu-img', ['check', img], { encoding: 'utf8' });
     expect(check.stdout + check.stderr).toContain('No errors were found');
     expect(check.stdout).not.toContain('leaked');
+  }
+
+  const write = (c: RawNbdClient, off: number, byte: number) => () =>
+    c.request(NBD_CMD_WRITE, off, MiB, 0, 1n, Buffer.alloc(MiB, byte));
+
+  it.each([
+    ['', false],
+    [' (the client sent NBD_CMD_DISC after the read: the reply is sent during the close)', true],
+  ])('does not give a discarded cluster to other data before the reply sent from it was read%s', async (_, disc) => {
+    const { reader, writer } = await unreadReplyThenDiscard(disc);
+    const q = svc.graph.get('q')!.driver as unknown as { loans: { borrowers: number } };
+    expect(q.loans.borrowers).toBe(1);
+    // New data for MiB 4 needs 16 new clusters.
+    await flushed(writer, write(writer, 4 * MiB, 0xee));
+    await replyIntact(reader);
+    // Once the reply is read, the held clusters are free for the next allocation: a second MiB
+    // of new data reuses them instead of growing the file.
+    await sleep(20);
+    if (disc) expect(await reader.waitClosed()).toBe(true);
+    else expect(q.loans.borrowers).toBe(1); // still connected, but everything read
+    const sizeBefore = statSync(img).size;
+    await flushed(writer, write(writer, 6 * MiB, 0x55));
+    expect(statSync(img).size).toBe(sizeBefore);
+    await shutdownClean(reader, writer);
     const got = execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0 0 1M', '-c', 'read -P 0xee 4M 1M', '-c', 'read -P 0x55 6M 1M', img], { encoding: 'utf8' });
     expect(got).not.toContain('Pattern verification failed');
   });
 
-  it('applies the frees a reply that is never read held once its connection closes (no leaked clusters)', async () => {
-    const sock = join(dir, 'nbd.sock');
-    await svc.exports.startServer({ addr: { type: 'unix', path: sock } });
-    svc.exports.addExport({ type: 'nbd', id: 'e0', nodeName: 'q', name: 'disk', writable: true });
-    const reader = await unixClient(sock);
-    reader.request(NBD_CMD_READ, 0, 4096, NBD_CMD_FLAG_DF, 1n);
-    await readData(reader, 4096, true);
-    reader.sock.pause();
-    reader.request(NBD_CMD_READ, 0, MiB, NBD_CMD_FLAG_DF, 2n);
-    await sleep(100);
-    const writer = await unixClient(sock);
-    writer.request(NBD_CMD_TRIM, 0, MiB, 0, 1n);
-    await ok(writer, 1n);
-    writer.request(NBD_CMD_FLUSH, 0, 0, 0, 2n);
-    await ok(writer, 2n);
-    // The reader never reads: shutting down still leaves no leaked cluster behind.
-    writer.close();
-    await svc.shutdown();
-    reader.close();
-    const check = spawnSync('qemu-img', ['check', img], { encoding: 'utf8' });
-    expect(check.stdout + check.stderr).toContain('No errors were found');
-    expect(check.stdout).not.toContain('leaked');
+  it('keeps holding the freed clusters across a reopen of the node, and leaks nothing', async () => {
+    const { reader, writer } = await unreadReplyThenDiscard(false);
+    // A new driver instance on the same file (blockdev-reopen, snapshot commands) must still
+    // pass over the clusters the old one freed.
+    const node = svc.graph.get('q')!;
+    const before = node.driver;
+    await svc.graph.reopenDriver(node, false);
+    expect(node.driver).not.toBe(before);
+    await flushed(writer, write(writer, 4 * MiB, 0xee));
+    await replyIntact(reader);
+    await shutdownClean(reader, writer);
   });
 
   it('copies qcow2 reads for TCP clients, whose reading cannot be followed', async () => {

@@ -349,6 +349,8 @@ export class FileDriver implements BlockDriver {
         native,
       );
       drv.readOnlyOpen = readOnly;
+      // A recycled inode number is another file: its birth time tells them apart (statx).
+      drv.identity = `${st.dev}:${st.ino}:${st.birthtimeMs}`;
       let set = openImages.get(drv.inode);
       if (!set) openImages.set(drv.inode, (set = new Set()));
       set.add(drv);
@@ -403,6 +405,13 @@ export class FileDriver implements BlockDriver {
    * with sendfile() without waiting for the disk. Not for O_DIRECT (the page cache is not the
    * file's truth there) or without cachestat.
    */
+  /** The file's dev:ino and birth time (open): see BlockDriver.imageIdentity. */
+  private identity = '';
+
+  imageIdentity(): string {
+    return this.identity;
+  }
+
   fileRangeSync(offset: number, length: number): FileRange | undefined {
     const cached = this.native.cachedRange;
     if (this.direct || this.closed || !cached || offset + length > this.length) return undefined;

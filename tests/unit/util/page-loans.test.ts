@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { PageLoans, type PageBorrower } from '../../../src/util/page-loans.js';
+import { PageLoans, pageLoansOf, type PageBorrower } from '../../../src/util/page-loans.js';
 
 /** A stream whose peer has read `read` of the `written` bytes. */
 class Stream implements PageBorrower {
@@ -99,5 +99,11 @@ describe('PageLoans', () => {
     live.read = 1;
     expect(loans.fence().passed()).toBe(true);
     expect(loans.borrowers).toBe(0);
+  });
+
+  it('is shared by image identity, and private without one', () => {
+    expect(pageLoansOf('8:1:123')).toBe(pageLoansOf('8:1:123'));
+    expect(pageLoansOf('8:1:124')).not.toBe(pageLoansOf('8:1:123'));
+    expect(pageLoansOf(undefined)).not.toBe(pageLoansOf(undefined));
   });
 });

@@ -25,31 +25,16 @@ import { OL_ACTIVE_L1, OL_ACTIVE_L2 } from './overlap.js';
 import { HDR_INCOMPATIBLE, type Qcow2Parts } from './image.js';
 import { K_DATA, type CachedL2, type Entry } from './cluster-map.js';
 import { Qcow2Reader } from './read.js';
-import type { LoanFence } from '../../../util/page-loans.js';
 
 interface PendingFree {
   cluster: number;
   discard: boolean;
 }
 
-/** Frees whose metadata change is on disk, waiting for replies that may reference them. */
-interface FencedFrees {
-  frees: PendingFree[];
-  fence: LoanFence;
-}
-
-/** Retry delays of fenced frees while a client has not read its replies yet (ms). */
-const FENCE_RETRY_MIN_MS = 5;
-const FENCE_RETRY_MAX_MS = 1000;
-
 export abstract class Qcow2Allocator extends Qcow2Reader {
   protected readonly meta = new Mutex();
   protected readonly clusterLocks = new KeyedLocks();
   protected pending: PendingFree[] = [];
-  /** Written-back frees held until replies sent by reference before them are read (writeback). */
-  private fenced: FencedFrees[] = [];
-  private fenceTimer: NodeJS.Timeout | undefined;
-  private fenceDelay = FENCE_RETRY_MIN_MS;
   protected lazy: boolean;
   protected dirtyBitSet: boolean;
   protected readonly passDiscardRequest: boolean;
@@ -213,7 +198,23 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
   protected async allocClusters(n: number): Promise<number> {
     const rc = this.refcounts;
     if (!rc) throw new BlockError('READ_ONLY', 'EPERM', 'image is read-only');
+    await this.releaseHeld(); // what clients have read by now may be reused (writeback)
     return rc.alloc(n);
+  }
+
+  /** Clusters held since a free (writeback) whose readers have caught up: free to reuse now. */
+  protected async releaseHeld(): Promise<void> {
+    const { lowest, punch } = this.held.release();
+    // Allocations meanwhile went past them: the next one starts looking there again.
+    if (lowest >= 0) this.refcounts?.lookFrom(lowest);
+    await this.punch(punch);
+  }
+
+  /** Discard freed host clusters in the file (pass-discard-request). */
+  private async punch(clusters: readonly number[]): Promise<void> {
+    for (const c of clusters) {
+      await this.storage.discard(c * this.clusterSize, this.clusterSize).catch(() => undefined);
+    }
   }
 
 
@@ -383,7 +384,7 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
    * The caller syncs afterwards (flush) when it needs durability. `dataFirst`: see
    * syncRefcounts (write-backs forced by cache pressure, not by a flush).
    */
-  protected async writeback(dataFirst = false, final = false): Promise<void> {
+  protected async writeback(dataFirst = false): Promise<void> {
     await this.writeMetadata(dataFirst);
     if (this.pending.length) {
       // Overwrites issued while the old mappings were live may still be in flight: they must
@@ -391,59 +392,25 @@ export abstract class Qcow2Allocator extends Qcow2Reader {
       await this.storage.ioBarrier();
       await this.storage.flush();
       // So may READ replies sent by reference (NBD sendfile) that a client has not read yet:
-      // their pages would show whatever the reused cluster receives (util/page-loans.ts).
-      this.fenced.push({ frees: this.pending, fence: this.loans.fence() });
+      // their pages would show whatever a reused cluster receives. The clusters are freed now
+      // but held from allocation until those clients have read that far (held-clusters.ts).
+      const fence = this.loans.fence();
+      const frees = this.pending;
       this.pending = [];
-    }
-    await this.applyFrees(final);
-  }
-
-  /**
-   * Under the metadata mutex: the written-back frees whose fence has passed, oldest first (all
-   * of them when `final`: the image is closing and nothing will reuse a cluster in this
-   * process). The others wait for a later write-back or the retry timer; until then their
-   * clusters keep a reference (a leak if the process dies, as for any deferred free).
-   */
-  private async applyFrees(final: boolean): Promise<void> {
-    let n = 0;
-    while (n < this.fenced.length && (final || this.fenced[n]!.fence.passed())) n++;
-    if (n > 0) {
-      const ready = this.fenced.splice(0, n);
-      this.fenceDelay = FENCE_RETRY_MIN_MS;
       const rc = this.refcounts;
       if (rc) {
-        for (const { frees } of ready) {
-          for (const f of frees) {
-            const left = await rc.update(f.cluster, -1);
-            if (left === 0 && f.discard && this.passDiscardRequest) {
-              await this.storage.discard(f.cluster * this.clusterSize, this.clusterSize).catch(() => undefined);
-            }
-          }
+        const freed: number[] = [];
+        const punch: number[] = [];
+        for (const f of frees) {
+          if ((await rc.update(f.cluster, -1)) !== 0) continue;
+          freed.push(f.cluster);
+          if (f.discard && this.passDiscardRequest) punch.push(f.cluster);
         }
+        await this.punch(this.held.hold(freed, punch, fence));
         await rc.writeDirty();
       }
     }
-    if (final) this.stopFenceTimer();
-    else if (this.fenced.length > 0) this.armFenceTimer();
-  }
-
-  private armFenceTimer(): void {
-    if (this.fenceTimer !== undefined) return;
-    const delay = this.fenceDelay;
-    this.fenceDelay = Math.min(FENCE_RETRY_MAX_MS, delay * 2);
-    this.fenceTimer = setTimeout(() => {
-      this.fenceTimer = undefined;
-      if (this.closed || this.broken || this.fenced.length === 0) return;
-      this.meta
-        .run(() => this.applyFrees(false))
-        .catch((err: unknown) => this.ctx.log.warn({ err, node: this.ctx.nodeName }, 'qcow2: deferred cluster frees failed'));
-    }, delay);
-    this.fenceTimer.unref();
-  }
-
-  protected stopFenceTimer(): void {
-    if (this.fenceTimer !== undefined) clearTimeout(this.fenceTimer);
-    this.fenceTimer = undefined;
+    await this.releaseHeld();
   }
 
 

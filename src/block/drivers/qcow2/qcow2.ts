@@ -189,6 +189,7 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
       refcounts = new Refcounts(
         {
           storage,
+          skipFree: (idx) => driverRef.d?.held.has(idx) === true,
           writeReftablePointer: async (offset, clusters) => {
             const b = Buffer.alloc(12);
             writeU64(b, 0, offset);
@@ -636,16 +637,13 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     if (this.closed) return;
     if (this.broken) {
       // Nothing more is written to a corrupt image (QEMU has detached the driver by now).
-      this.stopFenceTimer();
       await this.corruptMarked;
       this.closed = true;
       return;
     }
     if (this.writable && this.refcounts) {
       await this.meta.run(async () => {
-        // Every free now, even those a client's unread reply still references: the image
-        // closes, so nothing in this process reuses a cluster after this.
-        await this.writeback(false, true);
+        await this.writeback();
         await this.storage.flush();
         const rc = this.refcounts;
         if (rc) {

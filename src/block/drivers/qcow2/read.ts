@@ -13,7 +13,8 @@ import {
   type FileRange,
   type FilePiece,
 } from '../../types.js';
-import { PageLoans } from '../../../util/page-loans.js';
+import { pageLoansOf } from '../../../util/page-loans.js';
+import { heldClustersOf } from './held-clusters.js';
 import { compressedDesc, decompressCluster } from './compress.js';
 import {
   K_CORRUPT,
@@ -36,11 +37,12 @@ const STATUS_MAX_CLUSTERS = 1 << 20;
 export abstract class Qcow2Reader extends Qcow2ClusterMap {
   protected readonly decompressed = new Map<number, Promise<Buffer>>();
   /**
-   * Host ranges handed out by fileRangeSync and sent by reference: clusters freed while a reply
-   * over them may still wait in a socket are only reused once a fence over these has passed
-   * (allocate.ts, writeback).
+   * Host ranges handed out by fileRangeSync and sent by reference, shared by every driver of
+   * the same image file: clusters freed while a reply over them may still wait in a socket are
+   * held from reuse (`held`) until a fence over these has passed (allocate.ts, writeback).
    */
-  readonly loans = new PageLoans();
+  readonly loans = pageLoansOf(this.ctx.childDriver('file').imageIdentity?.());
+  readonly held = heldClustersOf(this.loans);
 
   // ---- read -----------------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ export interface RefcountHost {
   beforeDirtyEvict?(): Promise<void>;
   /** Refcount metadata appeared (`added`) or went away: kind OL_REFCOUNT_BLOCK or OL_REFCOUNT_TABLE. */
   metadataChanged?(kind: number, offset: number, bytes: number, added: boolean): void;
+  /** A free cluster that allocation must pass over for now (qcow2/held-clusters.ts). */
+  skipFree?(idx: number): boolean;
 }
 
 export class Refcounts {
@@ -203,6 +205,11 @@ export class Refcounts {
     return next;
   }
 
+  /** Free clusters from `idx` on may be available again (held ones let go: skipFree). */
+  lookFrom(idx: number): void {
+    if (idx < this.freeHint) this.freeHint = idx;
+  }
+
   /**
    * Allocate `n` contiguous free clusters (first fit) with refcount 1; returns the host offset.
    * The new refcounts are only in the cache: the caller writes them (writeDirty + sync) before
@@ -239,7 +246,7 @@ export class Refcounts {
         run += this.perBlock - (c % this.perBlock);
         continue;
       }
-      if ((await this.get(c)) !== 0) {
+      if ((await this.get(c)) !== 0 || this.host.skipFree?.(c) === true) {
         start = c + 1;
         run = 0;
       } else {
