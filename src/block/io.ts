@@ -247,6 +247,10 @@ export class NodeIO implements BlockIO {
     return r;
   }
 
+  imageIdentity(): string | undefined {
+    return this.driver.imageIdentity?.();
+  }
+
   isDataSync(offset: number, length: number): boolean {
     if (this.gate || !this.driver.isDataSync) return false;
     if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) return false;

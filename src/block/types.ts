@@ -299,6 +299,8 @@ export interface BlockIO {
    * `holes`, `lending`: see BlockDriver.fileRangeSync.
    */
   fileRangeSync?(offset: number, length: number, holes?: boolean, lending?: boolean): FileRange | undefined;
+  /** The node's BlockDriver.imageIdentity (a file node), undefined otherwise. */
+  imageIdentity?(): string | undefined;
   /** True when the range is known, without blocking, to read as zeroes (see BlockDriver.isZeroSync). */
   isZeroSync?(offset: number, length: number): boolean;
   write(buf: Buffer, offset: number, flags?: WriteFlags): Promise<void>;

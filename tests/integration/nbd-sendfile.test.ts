@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Services } from '../../src/qmp/services.js';
+import { ALL_COMMANDS } from '../../src/qmp/commands/index.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { nativeAddon, nativeOps } from '../../src/block/native.js';
 import {
@@ -737,6 +738,17 @@ describe.skipIf(!AVAILABLE || !qemuTools('nbdcopy'))('qcow2 clusters behind repl
     await flushed(writer, write(writer, 4 * MiB, 0xee));
     await replyIntact(reader);
     await shutdownClean(reader, writer);
+  });
+
+  it('does not put an internal snapshot\'s tables into clusters a waiting reply references', async () => {
+    const { reader, writer } = await unreadReplyThenDiscard(false);
+    // The snapshot is written with the driver closed (an offline edit of the image), and its
+    // table and L1 copy take the lowest free clusters: those the discard freed, if not held.
+    const cmd = ALL_COMMANDS.find((c) => c.name === 'blockdev-snapshot-internal-sync')!;
+    await cmd.run({ device: 'q', name: 's1' }, { services: svc, log: svc.log, origin: 'qmp', afterReply: () => undefined });
+    await replyIntact(reader);
+    await shutdownClean(reader, writer);
+    expect(execFileSync('qemu-img', ['snapshot', '-l', img], { encoding: 'utf8' })).toContain('s1');
   });
 
   it('copies qcow2 reads for TCP clients, whose reading cannot be followed', async () => {

@@ -38,7 +38,9 @@ import {
   writeU64,
   type Qcow2Header,
 } from './format.js';
+import { pageLoansOf } from '../../../util/page-loans.js';
 import { compressedDesc } from './compress.js';
+import { heldClustersOf } from './held-clusters.js';
 import { Refcounts } from './refcount.js';
 import { Storage } from './storage.js';
 
@@ -159,9 +161,13 @@ class OfflineImage {
     const cs = 2 ** h.clusterBits;
     const st = new Storage(() => io, cs);
     const table = await Refcounts.readTable(st, h.refcountTableOffset, h.refcountTableClusters, cs);
+    // Clusters the closed driver freed while replies over them may still be unread stay out of
+    // reach here too (held-clusters.ts); the driver lets them go once reopened.
+    const held = heldClustersOf(pageLoansOf(io.imageIdentity?.()));
     const rc = new Refcounts(
       {
         storage: st,
+        skipFree: (idx) => held.has(idx),
         writeReftablePointer: async (offset, clusters) => {
           const b = Buffer.alloc(12);
           writeU64(b, 0, offset);
