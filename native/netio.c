@@ -530,10 +530,10 @@ static int flush_queue(conn *c) {
   return 0;
 }
 
-/* Bytes sent on a unix socket that its peer has not read yet (SIOCOUTQ; 0 on error). */
+/* Bytes sent on a unix socket that its peer has not read yet (SIOCOUTQ; -1 on error). */
 static int unread_bytes(conn *c) {
   int n = 0;
-  if (c->fd < 0 || ioctl(c->fd, SIOCOUTQ, &n) != 0) return 0;
+  if (c->fd < 0 || ioctl(c->fd, SIOCOUTQ, &n) != 0) return -1;
   return n;
 }
 
@@ -1210,10 +1210,8 @@ static napi_value net_loan_returned(napi_env env, napi_callback_info info) {
   bool back = true;
   if (c && c->gen == gen && !c->closing && c->fd >= 0) {
     uint64_t sent = c->written - c->q_bytes;
-    int outq = 0;
-    if ((double)sent < mark) back = false;
-    else if (ioctl(c->fd, SIOCOUTQ, &outq) != 0) back = false;
-    else back = (double)sent - (double)outq >= mark;
+    int outq = (double)sent < mark ? -1 : unread_bytes(c);
+    back = outq >= 0 && (double)sent - (double)outq >= mark;
   }
   napi_value r;
   napi_get_boolean(env, back, &r);

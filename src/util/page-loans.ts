@@ -75,9 +75,14 @@ export class PageLoans {
   lend(b: PageBorrower): void {
     this.out.set(b, b.loanMark());
     if (this.out.size >= this.sweepAt) {
-      for (const [x, mark] of this.out) if (x.loanReturned(mark)) this.out.delete(x);
+      this.dropReturned();
       this.sweepAt = Math.max(SWEEP_MIN, 2 * this.out.size);
     }
+  }
+
+  /** Forget the borrowers whose peers have read everything they were lent. */
+  private dropReturned(): void {
+    for (const [b, mark] of this.out) if (b.loanReturned(mark)) this.out.delete(b);
   }
 
   /** Borrowers still tracked (tests, stats). */
@@ -90,11 +95,7 @@ export class PageLoans {
    * once it passes. Borrowers that have returned everything are dropped here.
    */
   fence(): LoanFence {
-    let open: Array<[PageBorrower, number]> | undefined;
-    for (const [b, mark] of this.out) {
-      if (b.loanReturned(mark)) this.out.delete(b);
-      else (open ??= []).push([b, mark]);
-    }
-    return open === undefined ? PASSED : new SnapshotFence(open);
+    this.dropReturned();
+    return this.out.size === 0 ? PASSED : new SnapshotFence([...this.out]);
   }
 }

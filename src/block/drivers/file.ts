@@ -399,12 +399,6 @@ export class FileDriver implements BlockDriver {
     this.dataEnd = 0;
   }
 
-  /**
-   * The range itself when it holds no hole (isDataSync: a reader sends holes as such) and all
-   * of it is in the page cache (cachestat: one syscall, no data touched), so a caller may send it
-   * with sendfile() without waiting for the disk. Not for O_DIRECT (the page cache is not the
-   * file's truth there) or without cachestat.
-   */
   /** The file's dev:ino and birth time (open): see BlockDriver.imageIdentity. */
   private identity = '';
 
@@ -412,6 +406,12 @@ export class FileDriver implements BlockDriver {
     return this.identity;
   }
 
+  /**
+   * The range itself when it holds no hole (isDataSync: a reader sends holes as such) and all
+   * of it is in the page cache (cachestat: one syscall, no data touched), so a caller may send it
+   * with sendfile() without waiting for the disk. Not for O_DIRECT (the page cache is not the
+   * file's truth there) or without cachestat.
+   */
   fileRangeSync(offset: number, length: number): FileRange | undefined {
     const cached = this.native.cachedRange;
     if (this.direct || this.closed || !cached || offset + length > this.length) return undefined;

@@ -16,13 +16,19 @@ class Stream implements PageBorrower {
   }
 }
 
+/** A stream that has just written `written` bytes of a range lent by `loans`. */
+function lent(loans: PageLoans, written: number): Stream {
+  const s = new Stream();
+  s.written = written;
+  loans.lend(s);
+  return s;
+}
+
 describe('PageLoans', () => {
   it('passes at once with nothing lent, or everything lent already read', () => {
     const loans = new PageLoans();
     expect(loans.fence().passed()).toBe(true);
-    const s = new Stream();
-    s.written = 100;
-    loans.lend(s);
+    const s = lent(loans, 100);
     s.read = 100;
     expect(loans.fence().passed()).toBe(true);
     expect(loans.borrowers).toBe(0); // dropped by the fence
@@ -30,12 +36,8 @@ describe('PageLoans', () => {
 
   it('waits for each borrower to read up to where it was when the fence was taken', () => {
     const loans = new PageLoans();
-    const a = new Stream();
-    const b = new Stream();
-    a.written = 1000;
-    loans.lend(a);
-    b.written = 500;
-    loans.lend(b);
+    const a = lent(loans, 1000);
+    const b = lent(loans, 500);
     const f = loans.fence();
     // Later sends move the borrowers on, not this fence.
     a.written = 5000;
@@ -56,12 +58,8 @@ describe('PageLoans', () => {
 
   it('does not ask a borrower again once it has returned', () => {
     const loans = new PageLoans();
-    const a = new Stream();
-    const b = new Stream();
-    a.written = 10;
-    b.written = 10;
-    loans.lend(a);
-    loans.lend(b);
+    const a = lent(loans, 10);
+    const b = lent(loans, 10);
     const f = loans.fence();
     b.read = 10;
     expect(f.passed()).toBe(false);
@@ -74,9 +72,7 @@ describe('PageLoans', () => {
 
   it('treats a closed borrower as returned', () => {
     const loans = new PageLoans();
-    const a = new Stream();
-    a.written = 10;
-    loans.lend(a);
+    const a = lent(loans, 10);
     const f = loans.fence();
     a.closed = true;
     expect(f.passed()).toBe(true);
@@ -84,15 +80,8 @@ describe('PageLoans', () => {
 
   it('drops borrowers that have returned everything once many are tracked', () => {
     const loans = new PageLoans();
-    const live = new Stream();
-    live.written = 1;
-    loans.lend(live);
-    for (let i = 0; i < 200; i++) {
-      const s = new Stream();
-      s.written = 5;
-      loans.lend(s);
-      s.closed = true; // a connection that read and went away
-    }
+    const live = lent(loans, 1);
+    for (let i = 0; i < 200; i++) lent(loans, 5).closed = true; // connections that read and went away
     // Swept whenever the count reached the threshold: never more than a sweep's worth.
     expect(loans.borrowers).toBeLessThan(70);
     expect(loans.fence().passed()).toBe(false); // the live one is still tracked

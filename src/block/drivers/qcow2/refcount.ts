@@ -200,12 +200,12 @@ export class Refcounts {
     if (next > this.maxRefcount) throw corrupt(`Refcount of cluster ${idx} would overflow`);
     this.setEntry(b.buf, idx % this.perBlock, next);
     b.dirty = true;
-    if (next === 0 && idx < this.freeHint) this.freeHint = idx;
+    if (next === 0) this.lookFrom(idx);
     if (delta > 0 && idx > this.highestAllocated) this.highestAllocated = idx;
     return next;
   }
 
-  /** Free clusters from `idx` on may be available again (held ones let go: skipFree). */
+  /** Free clusters from `idx` on may be available (a count dropped to 0, held ones let go: skipFree). */
   lookFrom(idx: number): void {
     if (idx < this.freeHint) this.freeHint = idx;
   }
